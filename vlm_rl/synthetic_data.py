@@ -1,0 +1,168 @@
+"""Synthetic visual question answering with verifiable answers: coloured shapes on a canvas.
+
+Each scene holds 1-4 copies of one shape in one colour, grouped in one region of the image. A row asks
+about one attribute (colour, shape, count, position) and has a one-word `answer`. `response` is the
+demonstration an SFT stage learns from; with `noise > 0` a fraction of demonstrations is wrong (as
+human demonstrations are), while `answer` stays the truth a verifiable reward checks against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["square", "circle", "triangle"]
+POSITIONS = ["left", "right", "top", "bottom"]
+COUNT_WORDS = ["one", "two", "three", "four"]
+TASKS = ["colour", "shape", "count", "position"]
+
+RGB = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 215, 20),
+    "purple": (140, 40, 170),
+    "orange": (245, 140, 20),
+}
+
+QUESTIONS = {
+    "colour": "What colour is the {shape}? Answer with one word.",
+    "shape": "What shape is in the picture? Answer with one word.",
+    "count": "How many {shape}s are there? Answer with one word.",
+    "position": "Where is the {colour} {shape}: left, right, top or bottom? Answer with one word.",
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    count: int
+    position: str
+    size: tuple[int, int]
+
+    def answer(self, task: str) -> str:
+        return {
+            "colour": self.colour,
+            "shape": self.shape,
+            "count": COUNT_WORDS[self.count - 1],
+            "position": self.position,
+        }[task]
+
+    def choices(self, task: str) -> list[str]:
+        return {"colour": COLOURS, "shape": SHAPES, "count": COUNT_WORDS, "position": POSITIONS}[task]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    width = rng.choice([84, 112, 140])
+    height = rng.choice([84, 112, 140])
+    return Scene(rng.choice(COLOURS), rng.choice(SHAPES), rng.randint(1, 4), rng.choice(POSITIONS), (width, height))
+
+
+def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
+    """Render the scene: shapes of side ~1/5 of the short edge, laid out inside the named half."""
+    width, height = scene.size
+    image = Image.new("RGB", (width, height), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    side = min(width, height) // 5
+    half = {
+        "left": (0, 0, width // 2, height),
+        "right": (width // 2, 0, width, height),
+        "top": (0, 0, width, height // 2),
+        "bottom": (0, height // 2, width, height),
+    }[scene.position]
+    x0, y0, x1, y1 = half
+    # Slots on a 2x2 grid inside the half, so that shapes never overlap.
+    slots = [(x0 + (x1 - x0) * fx, y0 + (y1 - y0) * fy) for fx in (0.3, 0.7) for fy in (0.3, 0.7)]
+    rng.shuffle(slots)
+    for cx, cy in slots[: scene.count]:
+        cx += rng.randint(-2, 2)
+        cy += rng.randint(-2, 2)
+        box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+        fill = RGB[scene.colour]
+        if scene.shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif scene.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        else:
+            draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+    return image
+
+
+def make_row(scene: Scene, task: str, image_path: str, rng: random.Random, noise: float) -> dict:
+    answer = scene.answer(task)
+    wrong = rng.choice([c for c in scene.choices(task) if c != answer])
+    response = wrong if rng.random() < noise else answer
+    return {
+        "image": image_path,
+        "prompt": QUESTIONS[task].format(shape=scene.shape, colour=scene.colour),
+        "response": response,
+        "answer": answer,
+        "task": task,
+        "wrong_answer": wrong,
+    }
+
+
+def make_synthetic_data(
+    out_dir: str | os.PathLike,
+    n: int = 400,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    noise: float = 0.0,
+    tasks: list[str] | None = None,
+) -> Path:
+    """Write `images/`, `train.jsonl`, `test.jsonl`, `preferences.jsonl`, `preferences_test.jsonl` to `out_dir`.
+
+    Deterministic per seed; the directory appears whole or not at all.
+    """
+    tasks = tasks or TASKS
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"noise must be in [0, 1), got {noise}")
+    rng = random.Random(seed)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "images").mkdir()
+        n_test = int(round(n * test_fraction))
+        rows = []
+        for i in range(n):
+            scene = random_scene(rng)
+            image_path = f"images/{i:06d}.png"
+            draw_scene(scene, rng).save(tmp / image_path)
+            is_test = i >= n - n_test
+            # Test rows keep their true answer as the response: they are for evaluation.
+            rows.append(make_row(scene, rng.choice(tasks), image_path, rng, 0.0 if is_test else noise))
+        train, test = rows[: n - n_test], rows[n - n_test :]
+        _write_jsonl(tmp / "train.jsonl", train)
+        _write_jsonl(tmp / "test.jsonl", test)
+        _write_jsonl(tmp / "preferences.jsonl", [_preference(r) for r in train])
+        _write_jsonl(tmp / "preferences_test.jsonl", [_preference(r) for r in test])
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _preference(row: dict) -> dict:
+    return {"image": row["image"], "prompt": row["prompt"], "chosen": row["answer"], "rejected": row["wrong_answer"]}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,175 @@
+"""Build the embedded default model: a tiny, randomly initialised Qwen2-VL with its processor, offline.
+
+The directory written here loads with `Qwen2VLForConditionalGeneration.from_pretrained` and
+`AutoProcessor.from_pretrained` exactly like a local copy of `Qwen/Qwen2-VL-2B-Instruct`: same model
+class, same tokenizer class, the same special tokens and chat template, a real `Qwen2VLProcessor`.
+Only the sizes are small, so the demo, the tests and the benchmarks run on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+    set_seed,
+)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+from trl.chat_template_utils import qwen2_5_vl_chat_template
+
+from vlm_rl.synthetic_data import COLOURS, COUNT_WORDS, POSITIONS, SHAPES
+
+# Qwen2-VL's special tokens, in the order the real vocabulary lists them after its BPE tokens.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# One image is 28x28 pixels per merged vision token: 4 to 36 tokens per image.
+MIN_PIXELS = 28 * 28 * 4
+MAX_PIXELS = 28 * 28 * 36
+
+BPE_VOCAB_SIZE = 768
+
+
+def _training_corpus() -> list[str]:
+    """Text the tiny tokenizer learns its merges from: chat scaffolding plus the synthetic task's words."""
+    words = COLOURS + SHAPES + POSITIONS + COUNT_WORDS + [str(i) for i in range(10)]
+    lines = [
+        "system\nYou are a helpful assistant.",
+        "user\n",
+        "assistant\n",
+        "What colour is the shape? What shape is it? How many shapes are there?",
+        "Where is the shape? Answer with one word. The answer is",
+        "Describe the image. A picture of a red square on the left.",
+    ]
+    for w in words:
+        lines.append(f"{w} {w.capitalize()} {w}. the {w} a {w},")
+    for colour in COLOURS:
+        for shape in SHAPES:
+            lines.append(f"There is a {colour} {shape} in the picture.")
+    return lines * 4
+
+
+def build_tokenizer() -> Qwen2Tokenizer:
+    """Train a byte-level BPE with Qwen2's pre-tokenizer and wrap it in Qwen2's tokenizer class."""
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_training_corpus(), trainer=trainer)
+    model_json = json.loads(backend.to_str())["model"]
+    vocab = model_json["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        errors="replace",
+        model_max_length=32768,
+        extra_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    tokenizer.chat_template = qwen2_5_vl_chat_template
+    return tokenizer
+
+
+def build_processor() -> Qwen2VLProcessor:
+    tokenizer = build_tokenizer()
+    image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=qwen2_5_vl_chat_template,
+    )
+
+
+def tiny_config(tokenizer: Qwen2Tokenizer) -> Qwen2VLConfig:
+    """A Qwen2-VL config a few hundred thousand parameters large; special ids read from the tokenizer."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    # head_dim = 64 / 4 = 16; M-RoPE sections (temporal, height, width) sum to head_dim / 2.
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            mlp_ratio=2,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tiny Qwen2-VL, its processor and tokenizer to `out_dir` (atomically). Same seed, same bytes."""
+    out_dir = Path(out_dir)
+    processor = build_processor()
+    config = tiny_config(processor.tokenizer)
+    set_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
