@@ -1,0 +1,83 @@
+"""The per-token RL signal: KL penalty, reward shaping, GAE and whitening.
+
+Every tensor is `(B, T)` over response tokens and `mask` is a bool `(B, T)` marking the real ones.
+Outputs are 0 wherever `mask` is False, and rows without any valid token come out all zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vlm_rl.masking import masked_mean, masked_var
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' logprobs.
+
+    "k1": logp - ref (unbiased, can be negative); "k2": 0.5 * (logp - ref)^2;
+    "k3": exp(ref - logp) - (ref - logp) - 1 (unbiased and never negative). Not masked.
+    """
+    log_ratio = logprobs - ref_logprobs  # (B, T)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # exp(-d) - 1 + d, with d = logp - ref
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """`x` normalised to mean 0 and unbiased variance 1 over its valid entries; 0 where `mask` is False.
+
+    With `shift_mean=False` the mean is added back after scaling (TRL's convention). With fewer than
+    two valid entries the variance is undefined and `x` is only centred, not scaled: a single valid
+    entry whitens to 0 (to itself with `shift_mean=False`).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    inv_std = torch.where(mask.sum() >= 2, torch.rsqrt(var + 1e-8), 1.0)
+    whitened = (x - mean) * inv_std  # (B, T)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, 0.0)
+
+
+def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """Per-token rewards `(B, T)`: `-kl_coef * kl` on every valid token, plus `scores[b]` on row b's last one.
+
+    `scores` is `(B,)`. The last valid token is the last True in the row, wherever the mask's holes are.
+    A row with no valid token gets no reward at all: its score is dropped.
+    """
+    B, T = mask.shape
+    rewards = torch.where(mask, -kl_coef * kl, 0.0)  # (B, T)
+    positions = torch.arange(T, device=mask.device).expand(B, T)  # (B, T)
+    last = torch.where(mask, positions, -1).amax(dim=1)  # (B,), -1 for an empty row
+    at_last = positions == last[:, None]  # (B, T), all False for an empty row
+    return rewards + torch.where(at_last, scores[:, None].to(rewards.dtype), 0.0)
+
+
+def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimates and returns `(advantages, returns)`, each `(B, T)`, not whitened.
+
+    The value after a row's last valid token is 0. Masked positions are treated as absent from the
+    sequence: they add nothing, the recursion passes over them, and they get 0 advantage and return.
+    So a row's result does not depend on how much padding surrounds it. `returns = advantages + values`.
+    """
+    B, T = rewards.shape
+    next_value = rewards.new_zeros(B)  # (B,) value of the next valid token, 0 past the end
+    next_advantage = rewards.new_zeros(B)  # (B,)
+    advantages = []
+    for t in reversed(range(T)):
+        valid = mask[:, t]  # (B,)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        next_value = torch.where(valid, values[:, t], next_value)
+        next_advantage = torch.where(valid, advantage, next_advantage)
+        advantages.append(torch.where(valid, advantage, 0.0))
+    advantages = torch.stack(advantages[::-1], dim=1)  # (B, T)
+    returns = torch.where(mask, advantages + values, 0.0)  # (B, T)
+    return advantages, returns
