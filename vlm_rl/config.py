@@ -1,0 +1,104 @@
+"""PPOConfig: every knob of a PPO run, as a TrainingArguments dataclass (YAML file and CLI flags both work)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from vlm_rl.advantages import KL_ESTIMATORS
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """PPO for vision-language models, in the style of TRL's configs.
+
+    Batch arithmetic (per process, as in TRL's PPO):
+        local_batch_size = per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches
+    prompts are rolled out per iteration on each process; each PPO epoch splits them into
+    `num_mini_batches` optimiser steps of `gradient_accumulation_steps` micro-batches each.
+    """
+
+    # Model and data
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "Policy to start from: a local Qwen2-VL directory, a peft adapter directory, or 'tiny' (the embedded tiny model)."},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference model; default: the policy as it is when PPO starts."}
+    )
+    value_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Directory holding value_head.safetensors to start the value head from; default: fresh head (or the policy's own, if it has one)."}
+    )
+    train_data: str = field(
+        default="synthetic", metadata={"help": "Prompt dataset (.jsonl/.json/dataset dir), or 'synthetic' (the embedded shapes VQA set)."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to read when train_data is a dataset directory."})
+    reward: list[str] = field(
+        default_factory=lambda: ["exact_match"],
+        metadata={"help": "Reward spec(s), each optionally SPEC:WEIGHT (see reward_models.load_reward)."},
+    )
+    max_prompt_length: int = field(default=1024, metadata={"help": "Longer prompts (image tokens included) are an error, never cut."})
+    skip_long_prompts: bool = field(default=False, metadata={"help": "Drop prompts longer than max_prompt_length instead of failing."})
+    min_pixels: int | None = field(default=None, metadata={"help": "Override the processor's min_pixels."})
+    max_pixels: int | None = field(default=None, metadata={"help": "Override the processor's max_pixels."})
+
+    # Rollout
+    max_new_tokens: int = field(default=32, metadata={"help": "Response length limit."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (logprobs use the same)."})
+    local_rollout_forward_batch_size: int = field(default=16, metadata={"help": "Micro-batch for the no-grad scoring forwards."})
+    total_episodes: int | None = field(default=None, metadata={"help": "Prompts to roll out in total; default num_train_epochs x dataset size."})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of responses without eos."})
+
+    # PPO
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Optimisation passes over each rollout batch."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Optimiser steps per PPO epoch."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
+    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty weight in the per-token reward."})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1, k2 or k3."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the shaped per-token rewards before GAE."})
+
+    # LoRA
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter; the reference is the base with adapters disabled."})
+    lora_r: int = field(default=16)
+    lora_alpha: int = field(default=32)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Language-model modules to adapt (the vision tower stays frozen)."},
+    )
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision encoder frozen in full fine-tuning."})
+
+    # Logging
+    num_sample_generations: int = field(default=0, metadata={"help": "Print this many sample completions per logging step."})
+
+    # TrainingArguments defaults that differ for PPO
+    learning_rate: float = field(default=3e-6)
+    report_to: str | list[str] | None = field(default="tensorboard")
+    save_steps: float = field(default=0, metadata={"help": "Checkpoint every N PPO iterations (0: only at the end)."})
+    logging_steps: float = field(default=1)
+    remove_unused_columns: bool = field(default=False)
+
+    def __post_init__(self):
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        for name in ("num_ppo_epochs", "num_mini_batches", "max_new_tokens", "local_rollout_forward_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if isinstance(self.reward, str):
+            self.reward = [self.reward]
+        super().__post_init__()
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+
+    @property
+    def local_mini_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps

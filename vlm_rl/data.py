@@ -1,0 +1,291 @@
+"""Load prompt datasets in any supported format into one normal form.
+
+Normal form of a sample (a dict):
+    prompt      chat messages up to (not including) the answer, e.g.
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}]
+    images      list of RGB PIL images, one per {"type": "image"} part, in order
+    completion  the reference response text, or None when the data has none
+    _source     "file:line" of the row, for error messages
+    ...         every other column of the row (e.g. "answer"), unchanged
+
+Accepted inputs (local only):
+    (a) TRL conversational: {"prompt": [messages], "images": [paths|PIL], "completion"?: [messages]|str}
+        or {"messages": [...], "images": [...]} (the last assistant turn becomes the completion)
+    (b) LLaVA: {"image": path|[paths], "conversations": [{"from": "human", "value": "<image>\\n..."}, ...]}
+    (c) plain: {"image": path, "prompt": str, "response"?: str, "answer"?: str}
+from a .jsonl file, a .json file holding a list, a directory written by `Dataset.save_to_disk`,
+or a directory of data files that `datasets.load_dataset` reads. Image paths resolve relative to the
+data file (or the dataset directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLE_FROM_LLAVA = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and field, and what to do."""
+
+
+def _err(where: str, field: str, problem: str, fix: str) -> DataError:
+    return DataError(f"{where}: field '{field}': {problem}. {fix}")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (RGBA, LA, L, P, CMYK, I;16, ...) -> RGB; transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    if image.mode.startswith("I"):
+        image = image.point(lambda v: v / 256).convert("L") if image.mode == "I;16" else image.convert("L")
+    return image.convert("RGB")
+
+
+def open_image(ref: Any, base_dir: Path, where: str, field: str) -> Image.Image:
+    """Open a path (relative to `base_dir`), a {"path"|"bytes"} dict or a PIL image as RGB."""
+    if isinstance(ref, Image.Image):
+        return to_rgb(ref)
+    if isinstance(ref, dict) and ref.get("bytes") is not None:
+        import io
+
+        try:
+            return to_rgb(Image.open(io.BytesIO(ref["bytes"])))
+        except Exception as e:
+            raise _err(where, field, f"image bytes cannot be decoded ({e})", "Re-encode the image as PNG/JPEG.")
+    if isinstance(ref, dict):
+        ref = ref.get("path")
+    if not isinstance(ref, (str, os.PathLike)) or not str(ref):
+        raise _err(where, field, f"expected an image path, got {type(ref).__name__}", "Give a path relative to the data file.")
+    path = Path(ref) if os.path.isabs(ref) else base_dir / ref
+    if not path.exists():
+        raise _err(where, field, f"image file {path} does not exist", "Fix the path (relative to the data file) or remove the row.")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except Exception as e:
+        raise _err(where, field, f"image file {path} cannot be read ({type(e).__name__}: {e})", "Replace or remove the file.")
+
+
+def _split_placeholders(text: str) -> list[dict]:
+    """'<image>\\nWhat is it?' -> [{"type": "image"}, {"type": "text", "text": "\\nWhat is it?"}] (empty text dropped)."""
+    parts: list[dict] = []
+    for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i > 0:
+            parts.append({"type": "image"})
+        chunk = chunk.strip("\n") if i > 0 or chunk.strip() == "" else chunk
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
+
+
+def _count_images(messages: list[dict]) -> int:
+    return sum(
+        1
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+        if isinstance(p, dict) and p.get("type") == "image"
+    )
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if isinstance(content, dict):
+        return _text_of(content.get("content"))
+    raise TypeError(f"cannot read text from {type(content).__name__}")
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _normalise_messages(messages: Any, where: str, field: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise _err(where, field, "expected a non-empty list of chat messages", 'Use [{"role": "user", "content": ...}].')
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise _err(where, f"{field}[{i}]", "a message needs 'role' and 'content'", "Fix the message.")
+        content = m["content"]
+        if isinstance(content, str):
+            content = _split_placeholders(content) if IMAGE_PLACEHOLDER in content else [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            # datasets stores parts with all keys (None where absent); keep only the ones that mean something.
+            content = [
+                {"type": "image"} if p.get("type") == "image" else {"type": "text", "text": p.get("text") or ""}
+                for p in content
+            ]
+        else:
+            raise _err(where, f"{field}[{i}].content", f"expected a string or a list of parts, got {type(content).__name__}", "Fix the message.")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def normalise_row(row: dict, base_dir: Path, where: str) -> dict:
+    """One raw row of any supported format -> the normal form (images still as references)."""
+    if not isinstance(row, dict):
+        raise _err(where, "<row>", f"expected a JSON object, got {type(row).__name__}", "Each line must be one JSON object.")
+    rest = {k: v for k, v in row.items() if k not in ("prompt", "images", "image", "completion", "messages", "conversations", "response")}
+    if "conversations" in row:  # (b) LLaVA
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise _err(where, "conversations", "expected a non-empty list of turns", 'Use [{"from": "human", "value": "<image>\\n..."}, ...].')
+        messages = []
+        for i, t in enumerate(turns):
+            role = ROLE_FROM_LLAVA.get(str(t.get("from", "")).lower()) if isinstance(t, dict) else None
+            if role is None or not isinstance(t.get("value"), str):
+                raise _err(where, f"conversations[{i}]", "a turn needs 'from' (human/gpt/system) and a string 'value'", "Fix the turn.")
+            messages.append({"role": role, "content": t["value"]})
+        image_refs = _as_list(row.get("image"))
+        prompt, completion = _split_completion(messages, where, "conversations")
+    elif "messages" in row:  # (a) TRL conversational, full conversation
+        image_refs = _as_list(row.get("images"))
+        prompt, completion = _split_completion(row["messages"], where, "messages")
+    elif "prompt" in row and isinstance(row["prompt"], list):  # (a) TRL conversational prompt(-completion)
+        image_refs = _as_list(row.get("images"))
+        prompt = row["prompt"]
+        completion = row.get("completion")
+        completion = None if completion is None else _text_of(completion[-1] if isinstance(completion, list) and completion and isinstance(completion[-1], dict) else completion)
+    elif "prompt" in row:  # (c) plain
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise _err(where, "prompt", "expected a non-empty string", "Give the question text.")
+        image_refs = _as_list(row.get("image", row.get("images")))
+        text = row["prompt"]
+        if IMAGE_PLACEHOLDER not in text:
+            text = IMAGE_PLACEHOLDER * len(image_refs) + text
+        prompt = [{"role": "user", "content": text}]
+        completion = row.get("response", row.get("completion"))
+    else:
+        raise _err(where, "prompt", "no prompt found (looked for 'prompt', 'messages', 'conversations')", "Use one of the formats in the README.")
+    prompt = _normalise_messages(prompt, where, "prompt")
+    n_placeholders = _count_images(prompt)
+    if n_placeholders != len(image_refs):
+        raise _err(
+            where,
+            "image" if "image" in row else "images",
+            f"{len(image_refs)} image(s) but {n_placeholders} image placeholder(s) in the prompt",
+            f"Put one {IMAGE_PLACEHOLDER} (or one {{'type': 'image'}} part) per image.",
+        )
+    if completion is not None and not isinstance(completion, str):
+        raise _err(where, "response", f"expected a string, got {type(completion).__name__}", "Give the response text.")
+    return {"prompt": prompt, "images": image_refs, "completion": completion, "_source": where, **rest}
+
+
+def _split_completion(messages: Any, where: str, field: str) -> tuple[list, str | None]:
+    if not isinstance(messages, list) or not messages:
+        raise _err(where, field, "expected a non-empty list", "Fix the conversation.")
+    last = messages[-1]
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        return messages[:-1], _text_of(last["content"])
+    return messages, None
+
+
+class PromptDataset(Sequence):
+    """Samples in the normal form; images are opened (and converted to RGB) when a sample is read."""
+
+    def __init__(self, rows: list[dict], base_dir: Path):
+        self.rows = rows
+        self.base_dir = base_dir
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = self.rows[i]
+        field = "image" if len(row["images"]) <= 1 else "images"
+        images = [open_image(ref, self.base_dir, row["_source"], field) for ref in row["images"]]
+        return {**row, "images": images}
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def check_images(self) -> None:
+        """Open every image once so that a bad file fails now, naming its row, not mid-training."""
+        for i in range(len(self)):
+            self[i]
+
+
+def _read_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). Fix or remove the line.") from None
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of samples, got {type(data).__name__}.")
+        for i, row in enumerate(data):
+            yield f"{path}[{i}]", row
+
+
+def _read_dataset_dir(path: Path, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: no split '{split}' (has {list(ds)}). Pass --split.")
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(str(path), split=split)
+    for i, row in enumerate(ds):
+        yield f"{path}[{split}][{i}]", row
+
+
+def load_samples(path: str | os.PathLike, split: str = "train", check_images: bool = True) -> PromptDataset:
+    """Read a dataset of any supported format into normal-form samples (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory. Give a .jsonl/.json file or a dataset directory.")
+    if path.is_dir():
+        rows_in, base_dir = _read_dataset_dir(path, split), path
+    elif path.suffix in (".jsonl", ".json"):
+        rows_in, base_dir = _read_json_rows(path), path.parent
+    else:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'. Use .jsonl, .json or a dataset directory.")
+    rows = [normalise_row(row, base_dir, where) for where, row in rows_in]
+    if not rows:
+        raise DataError(f"{path}: no samples found.")
+    dataset = PromptDataset(rows, base_dir)
+    if check_images:
+        dataset.check_images()
+    return dataset
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The text of the last user turn, for logs, reports and text-only rewards."""
+    users = [m for m in messages if m["role"] == "user"] or messages
+    return _text_of(users[-1]["content"])
+

@@ -1,0 +1,135 @@
+"""The rollout batch: padded query|response, masks, image tensors, and selection into micro-batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from trl.trainer.utils import split_pixel_values_by_grid
+
+from vlm_rl.generation import first_eos_mask
+
+
+class PromptTooLongError(ValueError):
+    """A prompt (image tokens included) exceeds max_prompt_length; prompts are never cut through their images."""
+
+
+def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None = None) -> dict:
+    """Chat-template and process a batch of normal-form samples, left-padded.
+
+    Returns `input_ids, attention_mask, mm_token_type_ids (B, T_q)`, `pixel_values (N_patches, D)`,
+    `image_grid_thw (N_images, 3)` when there are images, plus `num_images` (list, per sample).
+    """
+    texts = [processor.apply_chat_template(s["prompt"], add_generation_prompt=True, tokenize=False) for s in samples]
+    images = [image for s in samples for image in s["images"]]
+    batch = processor(
+        text=texts,
+        images=images or None,
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
+    batch = dict(batch)
+    if "mm_token_type_ids" not in batch:
+        batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    batch["num_images"] = [len(s["images"]) for s in samples]
+    if max_prompt_length is not None:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        too_long = [(s.get("_source", f"sample {i}"), n) for i, (s, n) in enumerate(zip(samples, lengths)) if n > max_prompt_length]
+        if too_long:
+            names = ", ".join(f"{src} ({n} tokens)" for src, n in too_long)
+            raise PromptTooLongError(
+                f"prompt longer than max_prompt_length={max_prompt_length}: {names}. Raise max_prompt_length, "
+                "lower the processor's max_pixels, or set skip_long_prompts to drop such samples"
+            )
+    return batch
+
+
+@dataclass
+class Rollout:
+    """One generated batch. Queries are left-padded, responses right-padded after their first eos."""
+
+    query_response: torch.Tensor  # (B, T_q + T_r)
+    attention_mask: torch.Tensor  # (B, T_q + T_r)
+    mm_token_type_ids: torch.Tensor  # (B, T_q + T_r)
+    response_mask: torch.Tensor  # (B, T_r) bool
+    has_eos: torch.Tensor  # (B,) bool
+    pixel_values: torch.Tensor | None  # (N_patches, D)
+    image_grid_thw: torch.Tensor | None  # (N_images, 3)
+    num_images: list[int]
+    context_length: int
+    sources: list[str]
+
+    @classmethod
+    def from_generation(
+        cls, query: dict, response_ids: torch.Tensor, eos_ids: list[int], pad_id: int, sources: list[str]
+    ) -> Rollout:
+        """Cut each response after its first eos (the rest becomes pad, masked out) and join it to its query."""
+        response_mask, has_eos = first_eos_mask(response_ids, eos_ids)  # (B, T_r), (B,)
+        response_ids = response_ids.masked_fill(~response_mask, pad_id)
+        return cls(
+            query_response=torch.cat([query["input_ids"], response_ids], dim=1),
+            attention_mask=torch.cat([query["attention_mask"], response_mask.to(query["attention_mask"].dtype)], dim=1),
+            mm_token_type_ids=torch.cat([query["mm_token_type_ids"], torch.zeros_like(response_ids)], dim=1),
+            response_mask=response_mask,
+            has_eos=has_eos,
+            pixel_values=query.get("pixel_values"),
+            image_grid_thw=query.get("image_grid_thw"),
+            num_images=list(query["num_images"]),
+            context_length=query["input_ids"].shape[1],
+            sources=list(sources),
+        )
+
+    def __len__(self) -> int:
+        return self.query_response.shape[0]
+
+    @property
+    def responses(self) -> torch.Tensor:  # (B, T_r)
+        return self.query_response[:, self.context_length :]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:  # (B,)
+        return self.response_mask.sum(dim=1)
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for a forward over query|response (the same ones `generate` saw, plus the response)."""
+        inputs = {
+            "input_ids": self.query_response,
+            "attention_mask": self.attention_mask,
+            "mm_token_type_ids": self.mm_token_type_ids,
+        }
+        if self.pixel_values is not None and self.pixel_values.shape[0] > 0:
+            inputs["pixel_values"] = self.pixel_values
+            inputs["image_grid_thw"] = self.image_grid_thw
+        return inputs
+
+    def select(self, indices: list[int] | torch.Tensor) -> Rollout:
+        """The rows `indices`, with `pixel_values`/`image_grid_thw` split per sample by its images' grids."""
+        indices = [int(i) for i in indices]
+        pixel_values, image_grid_thw = None, None
+        if self.image_grid_thw is not None and sum(self.num_images) > 0:
+            split = split_pixel_values_by_grid(
+                {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw, "num_images": self.num_images}
+            )
+            pixel_values = torch.cat([split["pixel_values"][i] for i in indices], dim=0)
+            image_grid_thw = torch.cat([split["image_grid_thw"][i] for i in indices], dim=0)
+        index = torch.tensor(indices, device=self.query_response.device)
+        return replace(
+            self,
+            query_response=self.query_response[index],
+            attention_mask=self.attention_mask[index],
+            mm_token_type_ids=self.mm_token_type_ids[index],
+            response_mask=self.response_mask[index],
+            has_eos=self.has_eos[index],
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            num_images=[self.num_images[i] for i in indices],
+            sources=[self.sources[i] for i in indices],
+        )
+
+    def to(self, device: torch.device | str) -> Rollout:
+        moved = {
+            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name)
+            for f in fields(self)
+        }
+        return Rollout(**moved)

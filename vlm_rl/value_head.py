@@ -1,0 +1,71 @@
+"""The policy with a value head on its last hidden state (shared backbone), and the head's save/load."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlm_rl.logprobs import response_hidden_states, response_logprobs
+from vlm_rl.rollout import Rollout
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ValueHead(nn.Module):
+    """A scalar per token from the backbone's hidden state; kept in fp32. Starts at V = 0."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
+        return self.summary(hidden.float()).squeeze(-1)
+
+
+class PolicyAndValue(nn.Module):
+    """One module, so that accelerate/DDP wraps (and synchronises) the policy and the value head together."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(self, rollout: Rollout, temperature: float, where: str = "policy forward") -> tuple[torch.Tensor, ...]:
+        """-> logprobs, entropy, values: each `(B, T_r)`, 0 where the response mask is False."""
+        hidden = response_hidden_states(self.policy, rollout, where)  # (B, T_r, H)
+        logprobs, entropy = response_logprobs(self.policy, rollout, temperature, hidden=hidden)
+        values = self.value_head(hidden).masked_fill(~rollout.response_mask, 0.0)  # (B, T_r)
+        return logprobs, entropy, values
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    return getattr(config, "text_config", config).hidden_size
+
+
+def save_value_head(value_head: ValueHead, directory: str | os.PathLike) -> Path:
+    """Write `value_head.safetensors` into `directory` (atomically)."""
+    path = Path(directory) / VALUE_HEAD_FILE
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_value_head(directory: str | os.PathLike, hidden_size: int) -> ValueHead:
+    """The value head saved beside a policy; a clear error when it is missing or of another size."""
+    path = Path(directory) / VALUE_HEAD_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the checkpoint has no value head (start one with a fresh head instead)")
+    head = ValueHead(hidden_size)
+    state = load_file(str(path))
+    if state["summary.weight"].shape != head.summary.weight.shape:
+        raise ValueError(f"{path}: value head is for hidden size {state['summary.weight'].shape[1]}, the policy has {hidden_size}")
+    head.load_state_dict(state)
+    return head
