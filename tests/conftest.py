@@ -10,7 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: tiny-model matmuls are 100x slower with 2 threads on small VMs (benchmarks/cpu_threads.py).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

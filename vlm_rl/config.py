@@ -73,12 +73,18 @@ class PPOConfig(TrainingArguments):
     )
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision encoder frozen in full fine-tuning."})
 
+    # Runtime
+    torch_num_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU intra-op threads. 1 is fastest for tiny models: on small VMs thread wake-ups cost more than the matmuls (benchmarks/cpu_threads.py)."},
+    )
+
     # Logging
     num_sample_generations: int = field(default=0, metadata={"help": "Print this many sample completions per logging step."})
 
     # TrainingArguments defaults that differ for PPO
     learning_rate: float = field(default=3e-6)
-    report_to: str | list[str] | None = field(default="tensorboard")
+    report_to: None | str | list[str] = field(default="tensorboard")
     save_steps: float = field(default=0, metadata={"help": "Checkpoint every N PPO iterations (0: only at the end)."})
     logging_steps: float = field(default=1)
     remove_unused_columns: bool = field(default=False)

@@ -52,3 +52,18 @@ def check_multimodal(
                 f"{where}: sample {sample_names[i]} has {tokens_per_sample[i]} <|image_pad|> tokens but its "
                 f"{n} image(s) give {expected} vision features; the prompt and its images are out of step"
             )
+
+
+def check_model_inputs(model: torch.nn.Module, inputs: dict, num_images: list[int], sample_names: list[str], where: str) -> None:
+    """`check_multimodal` for a Qwen2-VL (also peft-wrapped) and its forward/generate keyword arguments."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_multimodal(
+        inputs["input_ids"],
+        inputs.get("pixel_values"),
+        inputs.get("image_grid_thw"),
+        num_images,
+        image_token_id=base.config.image_token_id,
+        merge_size=base.config.vision_config.spatial_merge_size,
+        sample_names=sample_names,
+        where=where,
+    )

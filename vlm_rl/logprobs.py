@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from vlm_rl.integrity import check_multimodal
+from vlm_rl.integrity import check_model_inputs
 from vlm_rl.rollout import Rollout
 
 
@@ -23,32 +23,18 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base.model, base.lm_head
 
 
-def check_rollout_images(model: nn.Module, rollout: Rollout, where: str) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    check_multimodal(
-        rollout.query_response,
-        rollout.pixel_values,
-        rollout.image_grid_thw,
-        rollout.num_images,
-        image_token_id=config.image_token_id,
-        merge_size=config.vision_config.spatial_merge_size,
-        sample_names=rollout.sources,
-        where=where,
-    )
-
-
 def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> torch.Tensor:
     """Last hidden states at the positions that predict response tokens. (B, T_r, H)
 
     M-RoPE positions are recomputed from this batch's own attention_mask, mm_token_type_ids and
     image_grid_thw (no past_key_values), so a `rope_deltas` cached by an earlier `generate` never leaks in.
     """
-    check_rollout_images(model, rollout, where)
+    inputs = rollout.model_inputs()
+    check_model_inputs(model, inputs, rollout.num_images, rollout.sources, where)
     backbone, _ = causal_lm_parts(model)
     if hasattr(backbone, "rope_deltas"):
         backbone.rope_deltas = None
-    hidden = backbone(**rollout.model_inputs(), use_cache=False).last_hidden_state  # (B, T_q + T_r, H)
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T_q + T_r, H)
     c = rollout.context_length
     return hidden[:, c - 1 : -1]  # (B, T_r, H): position t predicts token t + 1
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from vlm_rl.atomic import atomic_dir
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["square", "circle", "triangle"]
@@ -131,9 +131,7 @@ def make_synthetic_data(
         raise ValueError(f"noise must be in [0, 1), got {noise}")
     rng = random.Random(seed)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         n_test = int(round(n * test_fraction))
         rows = []
@@ -149,12 +147,6 @@ def make_synthetic_data(
         _write_jsonl(tmp / "test.jsonl", test)
         _write_jsonl(tmp / "preferences.jsonl", [_preference(r) for r in train])
         _write_jsonl(tmp / "preferences_test.jsonl", [_preference(r) for r in test])
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -166,3 +158,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+def resolve_data_path(spec: str, split: str = "train") -> str:
+    """'synthetic' -> the embedded shapes VQA set's `split` file (built once into the cache); else `spec`."""
+    if spec != "synthetic":
+        return str(spec)
+    from vlm_rl.tiny import cache_dir
+
+    path = cache_dir() / "shapes-n400-seed0"
+    if not (path / "train.jsonl").exists():
+        make_synthetic_data(path, n=400, seed=0)
+    return str(path / f"{split}.jsonl")

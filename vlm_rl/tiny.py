@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,10 +20,11 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
-    set_seed,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 from trl.chat_template_utils import qwen2_5_vl_chat_template
+
+from vlm_rl.atomic import atomic_dir
 
 from vlm_rl.synthetic_data import COLOURS, COUNT_WORDS, POSITIONS, SHAPES
 
@@ -157,19 +156,25 @@ def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     processor = build_processor()
     config = tiny_config(processor.tokenizer)
-    set_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2VLForConditionalGeneration(config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
+
+
+def cache_dir() -> Path:
+    """Where the embedded defaults are built on first use: $VLM_RL_CACHE, else ~/.cache/vlm_rl."""
+    return Path(os.environ.get("VLM_RL_CACHE", Path.home() / ".cache" / "vlm_rl"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """'tiny' -> the embedded tiny Qwen2-VL (built once into the cache); anything else is returned as is."""
+    if name_or_path != "tiny":
+        return str(name_or_path)
+    path = cache_dir() / "tiny-qwen2-vl-seed0"
+    if not (path / "config.json").exists():
+        make_tiny_model(path, seed=0)
+    return str(path)

@@ -43,6 +43,17 @@ class PolicyAndValue(nn.Module):
         values = self.value_head(hidden).masked_fill(~rollout.response_mask, 0.0)  # (B, T_r)
         return logprobs, entropy, values
 
+    # What TRL's unwrap_model_for_generation and transformers' Trainer ask of a model, answered by the policy.
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.policy, "is_gradient_checkpointing", False))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.policy.gradient_checkpointing_disable()
+
 
 def hidden_size_of(model: nn.Module) -> int:
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config

@@ -1,0 +1,280 @@
+"""HTTP reward client: score completions with a reward served by :mod:`reward_models.server`.
+
+Protocol (JSON over HTTP, standard library only):
+
+* ``GET {url}/health`` -> ``{"status": "ok", "reward": NAME}``.
+* ``POST {url}/score`` with ``{"prompts": [...], "completions": [...], "images": [[IMAGE, ...], ...],
+  "kwargs": {COLUMN: [...], ...}}`` -> ``{"scores": [float | null, ...]}``. An IMAGE is a base64
+  PNG string, or ``{"path": "/abs/path.png"}`` for a file the server reads itself. ``images`` is
+  left out when the caller passes none. Errors come back as ``{"error": MESSAGE}`` with status
+  400 (bad request), 404, 413 or 500 (the reward failed).
+
+:class:`RemoteReward` sends the batch in chunks of ``batch_size``, each with a ``timeout``, retrying
+connection errors, timeouts and 5xx answers up to ``retries`` times with exponential backoff. When
+the server still cannot be reached it raises :class:`RemoteRewardError` naming the URL: it never
+makes up scores.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import ipaddress
+import json
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from typing import Any
+
+from reward_models.base import Reward, validate_scores
+
+__all__ = ["RemoteReward", "RemoteRewardError", "encode_image"]
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteRewardError(RuntimeError):
+    """The reward server could not be reached, or answered with an error."""
+
+
+def encode_image(image: Any) -> str:
+    """A PIL image (or an image file path) as a base64-encoded PNG of its RGB version."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as f:
+            image = f.convert("RGB")
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"images must be PIL images or file paths, got {type(image).__name__}")
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _jsonable_prompts(prompts: Any) -> Any:
+    """Prompts as JSON: image objects inside message parts become ``{"type": "image"}``."""
+
+    def convert(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            if obj.get("type") == "image" or ("image" in obj and not isinstance(obj["image"], (str, type(None)))):
+                return {"type": "image"}  # the image itself travels in "images"
+            return {str(k): convert(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [convert(v) for v in obj]
+        return obj
+
+    return convert(prompts)
+
+
+def _to_jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple, str)):
+        value = value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, tuple):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    return value
+
+
+class RemoteReward(Reward):
+    """A reward computed by a reward server (``python -m reward_models.server SPEC --port PORT``).
+
+    Args:
+        url: the server's base URL, e.g. ``http://127.0.0.1:8000`` (requests go to ``url/score``).
+        timeout: seconds allowed for each HTTP request.
+        retries: how many times a request is retried after a connection error, a timeout or a
+            5xx answer (so at most ``retries + 1`` attempts); 4xx answers are not retried.
+        batch_size: completions per request.
+        backoff: seconds before the first retry; doubled after each (capped at 30 s).
+        name: the reward's name for metrics (default ``"remote"``).
+        send_image_paths: send images given as file paths as ``{"path": ...}`` for the server to
+            read (same filesystem only) instead of encoding them here.
+
+    Keyword columns that are lists with one entry per sample are split into the batches; other
+    JSON-serialisable keyword arguments are sent whole with every batch; anything else (e.g. a
+    trainer-state object) is left out, with a warning when it is a per-sample column.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 60.0,
+        retries: int = 3,
+        batch_size: int = 64,
+        backoff: float = 0.5,
+        name: str = "remote",
+        send_image_paths: bool = False,
+    ):
+        parsed = urllib.parse.urlsplit(url.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"reward server URL must look like http://host:port, got {url!r}")
+        try:
+            parsed.port
+        except ValueError as e:
+            raise ValueError(f"bad port in reward server URL {url!r}: {e}") from e
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.url = url.strip().rstrip("/")
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.batch_size = int(batch_size)
+        self.backoff = float(backoff)
+        self.name = name
+        self.send_image_paths = send_image_paths
+        # Loopback requests must not go through an HTTP proxy configured in the environment.
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback_host(parsed.hostname) else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __repr__(self) -> str:
+        return f"RemoteReward({self.url!r}, name={self.name!r})"
+
+    # ---------------------------------------------------------------- HTTP
+
+    def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
+        url = f"{self.url}{path}"
+        data = None if payload is None else json.dumps(payload, allow_nan=False).encode("utf-8")
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        last_error = ""
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), 30.0))
+            request = urllib.request.Request(url, data=data, headers=headers, method=method)
+            try:
+                with self._opener.open(request, timeout=self.timeout) as response:
+                    body = response.read()
+            except urllib.error.HTTPError as e:
+                message = _error_message(e)
+                if e.code >= 500:
+                    last_error = f"HTTP {e.code}: {message}"
+                    logger.warning("reward server %s answered %s (attempt %d/%d)", url, last_error, attempt + 1, attempts)
+                    continue
+                raise RemoteRewardError(f"reward server {url} rejected the request: HTTP {e.code}: {message}") from None
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout) as e:
+                reason = getattr(e, "reason", e)
+                last_error = f"{type(reason).__name__}: {reason}"
+                logger.warning("reward server %s: %s (attempt %d/%d)", url, last_error, attempt + 1, attempts)
+                continue
+            try:
+                answer = json.loads(body)
+            except ValueError:
+                raise RemoteRewardError(
+                    f"{url} did not answer with JSON (is it a reward server?): {body[:200]!r}"
+                ) from None
+            if not isinstance(answer, dict):
+                raise RemoteRewardError(f"{url} answered {type(answer).__name__}, expected a JSON object")
+            return answer
+        raise RemoteRewardError(
+            f"reward server {self.url} is unreachable or failing: {attempts} attempt(s) to {method} {path} "
+            f"failed (last error: {last_error}). Start it with `python -m reward_models.server SPEC --port PORT` "
+            f"and check that the URL, port and timeout ({self.timeout:g} s) are right."
+        )
+
+    def health(self) -> dict:
+        """``GET /health``: the server's status and reward name, e.g. ``{"status": "ok", "reward": "exact_match"}``."""
+        return self._request("GET", "/health")
+
+    # ---------------------------------------------------------------- scoring
+
+    def _encode_images(self, images: Any, n: int, cache: dict[int, Any]) -> list[list[Any]]:
+        if len(images) != n:
+            raise ValueError(f"reward {self.name!r}: got {len(images)} image lists for {n} completions")
+        out = []
+        for sample in images:
+            if sample is None:
+                sample = []
+            elif not isinstance(sample, (list, tuple)):
+                sample = [sample]
+            encoded = []
+            for image in sample:
+                if self.send_image_paths and isinstance(image, (str, os.PathLike)):
+                    encoded.append({"path": os.path.abspath(os.fspath(image))})
+                    continue
+                key = id(image)
+                if key not in cache:
+                    cache[key] = (image, encode_image(image))  # keep the image alive: ids stay unique
+                encoded.append(cache[key][1])
+            out.append(encoded)
+        return out
+
+    def _split_kwargs(self, kwargs: dict, n: int) -> tuple[dict, dict]:
+        columns, constants = {}, {}
+        for key, value in kwargs.items():
+            is_column = isinstance(value, (list, tuple)) and len(value) == n
+            value = _to_jsonable(value)
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                if is_column:
+                    warnings.warn(f"reward {self.name!r}: column {key!r} is not JSON-serialisable; not sent to {self.url}")
+                continue
+            (columns if is_column else constants)[key] = value
+        return columns, constants
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
+        n = len(completions)
+        images = kwargs.pop("images", None)
+        for reserved in ("prompts", "completions"):
+            kwargs.pop(reserved, None)
+        columns, constants = self._split_kwargs(kwargs, n)
+        prompts = _jsonable_prompts(list(prompts)) if prompts is not None else [None] * n
+        if len(prompts) != n:
+            raise ValueError(f"reward {self.name!r}: got {len(prompts)} prompts for {n} completions")
+        completions = _to_jsonable(list(completions))
+        if images is not None and len(images) != n:
+            raise ValueError(f"reward {self.name!r}: got {len(images)} image lists for {n} completions")
+        cache: dict[int, Any] = {}
+        scores: list[float | None] = []
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            payload: dict[str, Any] = {
+                "prompts": prompts[start:stop],
+                "completions": completions[start:stop],
+                "kwargs": {**constants, **{k: v[start:stop] for k, v in columns.items()}},
+            }
+            if images is not None:
+                payload["images"] = self._encode_images(images[start:stop], stop - start, cache)
+            answer = self._request("POST", "/score", payload)
+            if "scores" not in answer:
+                raise RemoteRewardError(f"reward server {self.url} answered without 'scores': {str(answer)[:200]}")
+            try:
+                scores.extend(validate_scores(self.name, answer["scores"], stop - start))
+            except ValueError as e:
+                raise RemoteRewardError(f"reward server {self.url} sent bad scores: {e}") from e
+        return scores
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    try:
+        body = error.read()
+    except Exception:  # noqa: BLE001
+        return str(error.reason)
+    try:
+        return str(json.loads(body).get("error", body[:500]))
+    except (ValueError, AttributeError):
+        return body[:500].decode("utf-8", "replace") or str(error.reason)

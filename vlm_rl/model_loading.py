@@ -1,0 +1,99 @@
+"""Load the policy, its reference and its processor the same way for a tiny model and for Qwen2-VL-2B.
+
+The reference is the model as it is when PPO starts:
+  full fine-tuning          a frozen copy of the starting checkpoint (or `ref_model_name_or_path`);
+  fresh LoRA adapter        no copy: the policy with its adapters disabled;
+  continuing an SFT adapter a frozen copy of the starting adapter, merged into its own base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+from vlm_rl.tiny import resolve_model_path
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).exists()
+
+
+def torch_dtype_for(bf16: bool, fp16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def load_base_model(path: str, dtype: torch.dtype) -> Qwen2VLForConditionalGeneration:
+    """A full Qwen2-VL checkpoint, or the base named by an adapter with the adapter merged in."""
+    path = resolve_model_path(path)
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        base_path = json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        base = Qwen2VLForConditionalGeneration.from_pretrained(resolve_model_path(base_path), dtype=dtype)
+        return PeftModel.from_pretrained(base, path).merge_and_unload()
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json or {ADAPTER_CONFIG}; give a local Qwen2-VL directory (no hub downloads)")
+    return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+
+
+def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The processor saved with the model (for an adapter: with the adapter, else with its base)."""
+    path = resolve_model_path(path)
+    source = path
+    if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
+        source = resolve_model_path(json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+    kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    processor = AutoProcessor.from_pretrained(source, **kwargs)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
+    """(trainable policy, frozen reference or None when the reference is the policy with adapters disabled)."""
+    dtype = torch_dtype_for(config.bf16, config.fp16)
+    start = resolve_model_path(config.model_name_or_path)
+    if is_adapter_dir(start):
+        from peft import PeftModel
+
+        base_path = json.loads((Path(start) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        base = Qwen2VLForConditionalGeneration.from_pretrained(resolve_model_path(base_path), dtype=dtype)
+        policy = PeftModel.from_pretrained(base, start, is_trainable=True)
+        reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
+    elif config.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        base = Qwen2VLForConditionalGeneration.from_pretrained(start, dtype=dtype)
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            # Only the language model's projections: the regex keeps LoRA out of the vision tower.
+            target_modules=rf".*language_model.*\.({'|'.join(config.lora_target_modules)})$",
+            task_type="CAUSAL_LM",
+        )
+        policy = get_peft_model(base, lora)
+        reference = freeze(load_base_model(config.ref_model_name_or_path, dtype)) if config.ref_model_name_or_path else None
+    else:
+        policy = Qwen2VLForConditionalGeneration.from_pretrained(start, dtype=dtype)
+        if config.freeze_vision_tower:
+            for p in policy.model.visual.parameters():
+                p.requires_grad_(False)
+        reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs or {"use_reentrant": False})
+        policy.config.use_cache = False
+    return policy, reference

@@ -1,0 +1,62 @@
+"""`vlm-rl ppo` / `accelerate launch scripts/ppo.py`: build everything from a PPOConfig and train."""
+
+from __future__ import annotations
+
+from trl import TrlParser
+
+from vlm_rl.config import PPOConfig
+from vlm_rl.data import load_samples
+from vlm_rl.model_loading import load_policy_and_reference, load_processor
+from vlm_rl.synthetic_data import resolve_data_path
+from vlm_rl.trainer import PPOTrainer
+from vlm_rl.value_head import hidden_size_of, load_value_head
+
+
+def build_trainer(config: PPOConfig) -> PPOTrainer:
+    """Policy, reference, value head, processor, reward and data for `config`, wired into a PPOTrainer."""
+    from accelerate import PartialState
+
+    from reward_models.base import load_rewards
+    from vlm_rl.model_loading import is_adapter_dir
+    from vlm_rl.tiny import resolve_model_path
+
+    with PartialState().main_process_first():  # rank 0 builds the embedded defaults; the others then read them
+        model_path = resolve_model_path(config.model_name_or_path)
+        data_path = resolve_data_path(config.train_data, config.train_split)
+    config.model_name_or_path = model_path
+    processor = load_processor(model_path, config.min_pixels, config.max_pixels)
+    policy, reference = load_policy_and_reference(config)
+    value_head = None
+    head_dir = config.value_model_name_or_path or (model_path if not is_adapter_dir(model_path) else None)
+    if head_dir is not None:
+        try:
+            value_head = load_value_head(head_dir, hidden_size_of(policy))
+        except FileNotFoundError:
+            if config.value_model_name_or_path:
+                raise
+    dataset = load_samples(data_path, split=config.train_split)
+    return PPOTrainer(
+        args=config,
+        processing_class=processor,
+        model=policy,
+        ref_model=reference,
+        reward=load_rewards(config.reward),
+        train_dataset=dataset,
+        value_head=value_head,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    (config,) = TrlParser((PPOConfig,)).parse_args_and_config(args=argv)
+    if config.torch_num_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_num_threads)
+    trainer = build_trainer(config)
+    trainer.train()
+    if trainer.is_world_process_zero():
+        print(f"PPO done: {trainer.state.global_step} iterations; policy, value head and processor in {config.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
