@@ -223,6 +223,8 @@ class PPOTrainer(Trainer):
         self.state.is_local_process_zero = self.is_local_process_zero()
         self.state.is_world_process_zero = self.is_world_process_zero()
         checkpoint = self.resolve_checkpoint(resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint)
+        # Each process samples with its own stream (after resuming, the saved per-process RNG state takes over).
+        torch.manual_seed(args.seed + accelerator.process_index)
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)

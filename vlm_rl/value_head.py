@@ -46,7 +46,8 @@ class PolicyAndValue(nn.Module):
     # What TRL's unwrap_model_for_generation and transformers' Trainer ask of a model, answered by the policy.
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.policy, "is_gradient_checkpointing", False))
+        policy = self.policy
+        return bool(getattr(policy, "is_activation_checkpointing", getattr(policy, "is_gradient_checkpointing", False)))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
