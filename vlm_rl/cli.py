@@ -45,7 +45,10 @@ def make_data_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     from vlm_rl.synthetic_data import make_synthetic_data
 
-    path = make_synthetic_data(args.out_dir, n=args.n, seed=args.seed, test_fraction=args.test_fraction, noise=args.noise, tasks=args.tasks)
+    try:
+        path = make_synthetic_data(args.out_dir, n=args.n, seed=args.seed, test_fraction=args.test_fraction, noise=args.noise, tasks=args.tasks)
+    except ValueError as e:  # a bad --n/--noise/--test-fraction: a usage error, not a traceback
+        parser.error(str(e))
     print(f"synthetic data written to {path}")
 
 

@@ -5,7 +5,8 @@ Normal form of a sample (a dict):
                 [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}]
     images      list of RGB PIL images, one per {"type": "image"} part, in order
     completion  the reference response text, or None when the data has none
-    _source     "file:line" of the row, for error messages
+    _source     "file:line" of the row, for error messages ("file:line (item i)" in a .json list,
+                "dir[split][i]" in a saved dataset)
     ...         every other column of the row (e.g. "answer"), unchanged
 
 Accepted inputs (local only):
@@ -13,8 +14,8 @@ Accepted inputs (local only):
         or {"messages": [...], "images": [...]} (the last assistant turn becomes the completion)
     (b) LLaVA: {"image": path|[paths], "conversations": [{"from": "human", "value": "<image>\\n..."}, ...]}
     (c) plain: {"image": path, "prompt": str, "response"?: str, "answer"?: str}
-from a .jsonl file, a .json file holding a list, a directory written by `Dataset.save_to_disk`,
-or a directory of data files that `datasets.load_dataset` reads. Image paths resolve relative to the
+from a .jsonl file, a .json file holding a list, a directory written by `Dataset.save_to_disk`, a directory
+holding `{split}.jsonl`/`{split}.json`, or a directory of data files that `datasets.load_dataset` reads. Image paths resolve relative to the
 data file (or the dataset directory).
 """
 
@@ -44,14 +45,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode (RGBA, LA, L, P, CMYK, I;16, ...) -> RGB; transparency is composited on white."""
     if image.mode == "RGB":
         return image
-    if image.mode == "P" and "transparency" in image.info:
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("PA", "RGBa"):
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image, mask=image.getchannel("A"))
         return background
     if image.mode.startswith("I"):
-        image = image.point(lambda v: v / 256).convert("L") if image.mode == "I;16" else image.convert("L")
+        # 16-bit (I;16, I;16B, ...; or I holding values above 255) -> 8-bit by the high byte; convert("L") would clip.
+        import numpy as np
+
+        values = np.asarray(image).astype(np.int64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values >> 8
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 
@@ -130,6 +137,9 @@ def _normalise_messages(messages: Any, where: str, field: str) -> list[dict]:
         if isinstance(content, str):
             content = _split_placeholders(content) if IMAGE_PLACEHOLDER in content else [{"type": "text", "text": content}]
         elif isinstance(content, list):
+            bad = [j for j, p in enumerate(content) if not isinstance(p, dict)]
+            if bad:
+                raise _err(where, f"{field}[{i}].content[{bad[0]}]", "expected a part like {'type': 'text', 'text': ...}", "Fix the message.")
             # datasets stores parts with all keys (None where absent); keep only the ones that mean something.
             content = [
                 {"type": "image"} if p.get("type") == "image" else {"type": "text", "text": p.get("text") or ""}
@@ -159,13 +169,16 @@ def normalise_row(row: dict, base_dir: Path, where: str) -> dict:
         image_refs = _as_list(row.get("image"))
         prompt, completion = _split_completion(messages, where, "conversations")
     elif "messages" in row:  # (a) TRL conversational, full conversation
-        image_refs = _as_list(row.get("images"))
+        image_refs = _as_list(row.get("images", row.get("image")))
         prompt, completion = _split_completion(row["messages"], where, "messages")
     elif "prompt" in row and isinstance(row["prompt"], list):  # (a) TRL conversational prompt(-completion)
-        image_refs = _as_list(row.get("images"))
+        image_refs = _as_list(row.get("images", row.get("image")))
         prompt = row["prompt"]
         completion = row.get("completion")
-        completion = None if completion is None else _text_of(completion[-1] if isinstance(completion, list) and completion and isinstance(completion[-1], dict) else completion)
+        if completion is not None:
+            if isinstance(completion, list) and completion and isinstance(completion[-1], dict) and "content" in completion[-1]:
+                completion = completion[-1]["content"]  # a list of messages: the last one's content
+            completion = _text_in(completion, where, "completion")
     elif "prompt" in row:  # (c) plain
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
             raise _err(where, "prompt", "expected a non-empty string", "Give the question text.")
@@ -196,8 +209,15 @@ def _split_completion(messages: Any, where: str, field: str) -> tuple[list, str 
         raise _err(where, field, "expected a non-empty list", "Fix the conversation.")
     last = messages[-1]
     if isinstance(last, dict) and last.get("role") == "assistant":
-        return messages[:-1], _text_of(last["content"])
+        return messages[:-1], _text_in(last.get("content"), where, f"{field}[{len(messages) - 1}].content")
     return messages, None
+
+
+def _text_in(content: Any, where: str, field: str) -> str:
+    try:
+        return _text_of(content)
+    except TypeError:
+        raise _err(where, field, f"expected a string or a list of text parts, got {type(content).__name__}", "Give the response text.") from None
 
 
 class PromptDataset(Sequence):
@@ -239,27 +259,49 @@ def _read_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). Fix or remove the line.") from None
     else:
+        text = path.read_text(encoding="utf-8")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of samples, got {type(data).__name__}.")
-        for i, row in enumerate(data):
-            yield f"{path}[{i}]", row
+        for i, (lineno, row) in enumerate(zip(_json_list_lines(text), data)):
+            yield f"{path}:{lineno} (item {i})", row
+
+
+def _json_list_lines(text: str) -> Iterator[int]:
+    """The line each element of a (valid) top-level JSON list starts on."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        yield text.count("\n", 0, pos) + 1
+        _, pos = decoder.raw_decode(text, pos)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
 def _read_dataset_dir(path: Path, split: str) -> Iterator[tuple[str, Any]]:
     import datasets
 
-    if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+    if _is_saved_dataset(path):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{path}: no split '{split}' (has {list(ds)}). Pass --split.")
             ds = ds[split]
     else:
-        ds = datasets.load_dataset(str(path), split=split)
+        try:
+            ds = datasets.load_dataset(str(path), split=split)
+        except Exception as e:
+            raise DataError(f"{path}: datasets.load_dataset cannot read this directory ({type(e).__name__}: {e}). Give the data file itself (.jsonl/.json).") from None
     for i, row in enumerate(ds):
         yield f"{path}[{split}][{i}]", row
 
@@ -269,6 +311,11 @@ def load_samples(path: str | os.PathLike, split: str = "train", check_images: bo
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory. Give a .jsonl/.json file or a dataset directory.")
+    if path.is_dir() and not _is_saved_dataset(path):
+        # A directory of data files named by split (e.g. the synthetic set: DIR/train.jsonl, DIR/test.jsonl).
+        split_files = [path / f"{split}{ext}" for ext in (".jsonl", ".json") if (path / f"{split}{ext}").is_file()]
+        if split_files:
+            path = split_files[0]
     if path.is_dir():
         rows_in, base_dir = _read_dataset_dir(path, split), path
     elif path.suffix in (".jsonl", ".json"):

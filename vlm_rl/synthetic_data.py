@@ -1,6 +1,6 @@
 """Synthetic visual question answering with verifiable answers: coloured shapes on a canvas.
 
-Each scene holds 1-4 copies of one shape in one colour, grouped in one region of the image. A row asks
+Each scene holds 1-4 copies of one shape in one colour, in a row through one half of the image. A row asks
 about one attribute (colour, shape, count, position) and has a one-word `answer`. `response` is the
 demonstration an SFT stage learns from; with `noise > 0` a fraction of demonstrations is wrong (as
 human demonstrations are), while `answer` stays the truth a verifiable reward checks against.
@@ -68,22 +68,21 @@ def random_scene(rng: random.Random) -> Scene:
 
 
 def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
-    """Render the scene: shapes of side ~1/5 of the short edge, laid out inside the named half."""
+    """Render the scene: `count` shapes (side 1/6 of the short edge) in one evenly spaced row through the middle of
+    the named half, so that shapes never touch (the count is unambiguous) and the group sits in that half only
+    (a "top" scene is not also a "left" scene)."""
     width, height = scene.size
     image = Image.new("RGB", (width, height), (250, 250, 250))
     draw = ImageDraw.Draw(image)
-    side = min(width, height) // 5
-    half = {
-        "left": (0, 0, width // 2, height),
-        "right": (width // 2, 0, width, height),
-        "top": (0, 0, width, height // 2),
-        "bottom": (0, height // 2, width, height),
-    }[scene.position]
-    x0, y0, x1, y1 = half
-    # Slots on a 2x2 grid inside the half, so that shapes never overlap.
-    slots = [(x0 + (x1 - x0) * fx, y0 + (y1 - y0) * fy) for fx in (0.3, 0.7) for fy in (0.3, 0.7)]
-    rng.shuffle(slots)
-    for cx, cy in slots[: scene.count]:
+    side = min(width, height) // 6
+    k = scene.count
+    if scene.position in ("left", "right"):
+        x = width * (0.25 if scene.position == "left" else 0.75)
+        centres = [(x, height * (j + 0.5) / k) for j in range(k)]
+    else:
+        y = height * (0.25 if scene.position == "top" else 0.75)
+        centres = [(width * (j + 0.5) / k, y) for j in range(k)]
+    for cx, cy in centres:
         cx += rng.randint(-2, 2)
         cy += rng.randint(-2, 2)
         box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
@@ -129,6 +128,10 @@ def make_synthetic_data(
         raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"noise must be in [0, 1), got {noise}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     rng = random.Random(seed)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -166,7 +169,8 @@ def resolve_data_path(spec: str, split: str = "train") -> str:
         return str(spec)
     from vlm_rl.tiny import cache_dir
 
-    path = cache_dir() / "shapes-n400-seed0"
+    # Versioned like the tiny model's cache (v2: shapes in a row through the middle of their half, never touching).
+    path = cache_dir() / "shapes-v2-n400-seed0"
     if not (path / "train.jsonl").exists():
         make_synthetic_data(path, n=400, seed=0)
     return str(path / f"{split}.jsonl")

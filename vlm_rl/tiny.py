@@ -99,6 +99,10 @@ def build_tokenizer() -> Qwen2Tokenizer:
         model_max_length=32768,
         extra_special_tokens=SPECIAL_TOKENS[1:],
     )
+    # As Qwen2-VL-*-Instruct: eos is the end of a turn (= the model config's eos_token_id), pad is <|endoftext|>.
+    # Left at Qwen2Tokenizer's default (<|endoftext|>), transformers' Trainer rewrites the model config's eos_token_id
+    # to <|endoftext|> at train() time. Set after construction so that the special tokens keep Qwen2's id order.
+    tokenizer.eos_token = "<|im_end|>"
     tokenizer.chat_template = qwen2_5_vl_chat_template
     return tokenizer
 
@@ -174,7 +178,9 @@ def resolve_model_path(name_or_path: str) -> str:
     """'tiny' -> the embedded tiny Qwen2-VL (built once into the cache); anything else is returned as is."""
     if name_or_path != "tiny":
         return str(name_or_path)
-    path = cache_dir() / "tiny-qwen2-vl-seed0"
+    # The name carries a version: bump it whenever the files change, so that no stale cache is reused
+    # (v2: the tokenizer's eos is <|im_end|>).
+    path = cache_dir() / "tiny-qwen2-vl-v2-seed0"
     if not (path / "config.json").exists():
         make_tiny_model(path, seed=0)
     return str(path)
