@@ -19,6 +19,8 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(0o755)
+        for path in tmp.rglob("*"):  # some writers (mkstemp-based) leave 0600 files; outputs are meant to be shared
+            path.chmod(path.stat().st_mode | (0o055 if path.is_dir() else 0o044))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

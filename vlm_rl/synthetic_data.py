@@ -62,20 +62,24 @@ class Scene:
 
 
 def random_scene(rng: random.Random) -> Scene:
-    width = rng.choice([84, 112, 140])
-    height = rng.choice([84, 112, 140])
+    width = rng.choice([56, 84])
+    height = rng.choice([56, 84])
     return Scene(rng.choice(COLOURS), rng.choice(SHAPES), rng.randint(1, 4), rng.choice(POSITIONS), (width, height))
 
 
 def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
-    """Render the scene: `count` shapes (side 1/6 of the short edge) in one evenly spaced row through the middle of
-    the named half, so that shapes never touch (the count is unambiguous) and the group sits in that half only
-    (a "top" scene is not also a "left" scene)."""
+    """Render the scene: `count` shapes in one evenly spaced row through the middle of the named half, so that
+    shapes never touch (the count is unambiguous) and the group sits in that half only (a "top" scene is not
+    also a "left" scene). Each shape fills 3/4 of its slot: as large as the layout allows, because a tiny
+    vision encoder cannot find a shape that covers a sliver of one vision token."""
     width, height = scene.size
     image = Image.new("RGB", (width, height), (250, 250, 250))
     draw = ImageDraw.Draw(image)
-    side = min(width, height) // 6
     k = scene.count
+    if scene.position in ("left", "right"):
+        side = int(0.75 * min(width / 2, height / k))
+    else:
+        side = int(0.75 * min(height / 2, width / k))
     if scene.position in ("left", "right"):
         x = width * (0.25 if scene.position == "left" else 0.75)
         centres = [(x, height * (j + 0.5) / k) for j in range(k)]

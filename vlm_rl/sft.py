@@ -1,0 +1,362 @@
+"""Supervised fine-tuning (SFT) of a Qwen2-VL on image + question -> answer demonstrations, with TRL's `SFTTrainer`.
+
+The SFT stage gives PPO a policy that already answers in the right format. It is TRL's `SFTTrainer` with its
+vision-language support, nothing home-made:
+
+* Samples (the normal form of `vlm_rl.data.load_samples`: `prompt` = user chat messages, `images` = PIL images,
+  `completion` = the demonstration text) become a `datasets.Dataset` in TRL's *conversational prompt-completion*
+  format: `{"prompt": [user messages], "completion": [{"role": "assistant", ...}], "images": [PIL]}`.
+* With `images` present, `SFTTrainer` skips its tokenisation pass and uses `DataCollatorForVisionLanguageModeling`,
+  which renders the chat template per batch, runs the processor (pixel values, `image_grid_thw`,
+  `mm_token_type_ids`) and, for prompt-completion data, sets `labels = -100` on every prompt token
+  (`completion_only_loss`, on by default for that format): the loss is on the assistant's answer and its
+  `<|im_end|>` only, never on the system/user turn or the image tokens.
+* LoRA (optional) is a `peft.LoraConfig` on the language model's projections; the vision tower stays frozen.
+
+The output directory loads with `Qwen2VLForConditionalGeneration.from_pretrained(output_dir)` and
+`AutoProcessor.from_pretrained(output_dir)`. With LoRA it holds the adapter (transformers loads the base named in
+`adapter_config.json` and applies it when peft is installed); `merge_lora=True` (or `merge_lora(adapter, out)`) writes
+a plain merged model instead, keeping the adapter in `output_dir/adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from trl import SFTConfig
+
+logger = logging.getLogger(__name__)
+
+# The language model's linear layers in Qwen2-VL. The vision tower's layers are named qkv/proj/fc1/fc2, so these
+# names put LoRA on the language model only.
+QWEN2_VL_LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class VLMSFTConfig(SFTConfig):
+    """TRL's `SFTConfig` plus the model, the data and LoRA: one dataclass, parsed from YAML + CLI by `TrlParser`.
+
+    Defaults that differ from `SFTConfig`: `bf16` is on only where a CUDA GPU supports it (fp32 on CPU).
+    `report_to` keeps transformers' default, "none". Everything else (`learning_rate`, `max_steps`,
+    `per_device_train_batch_size`, `gradient_checkpointing`, `max_length`, `completion_only_loss`, ...) is TRL's.
+    """
+
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "Local Qwen2-VL directory, or 'tiny' (the embedded tiny Qwen2-VL, built once into a cache)."},
+    )
+    train_data: str = field(
+        default="synthetic",
+        metadata={
+            "help": "Demonstrations (.jsonl/.json/dataset dir, read by vlm_rl.data.load_samples), or 'synthetic' "
+            "(the embedded shapes VQA set)."
+        },
+    )
+    train_split: str = field(default="train", metadata={"help": "Split of train_data ('synthetic': train or test)."})
+    eval_data: str | None = field(default=None, metadata={"help": "Optional evaluation data, same formats."})
+    eval_split: str = field(default="test", metadata={"help": "Split of eval_data ('synthetic': train or test)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
+    freeze_vision_tower: bool = field(
+        default=False, metadata={"help": "Full fine-tuning only: keep the vision encoder and its merger frozen."}
+    )
+    # LoRA (names as in TRL's ModelConfig).
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(QWEN2_VL_LM_LORA_TARGETS),
+        metadata={"help": "Language-model modules LoRA adapts (matched under `language_model` only)."},
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. lm_head)."}
+    )
+    torch_num_threads: int | None = field(
+        default=None, metadata={"help": "CPU intra-op threads (torch.set_num_threads); None leaves torch's default."}
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "With use_peft: write the merged full model to output_dir (the adapter goes to output_dir/adapter)."
+        },
+    )
+    # Overridden defaults.
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. Default: on where a CUDA GPU supports it, off (fp32) on CPU."},
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = (
+                not self.fp16
+                and not self.use_cpu
+                and torch.cuda.is_available()
+                and torch.cuda.is_bf16_supported()
+            )
+        super().__post_init__()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _clean_content(content: Any) -> list[dict[str, Any]] | str:
+    """Message content with only the keys the chat template reads; image placeholders carry no payload.
+
+    Arrow stores a list of content parts as one struct type, so keys must be uniform-ish and PIL objects must not
+    hide inside messages (they live in the `images` column).
+    """
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    parts = []
+    for part in content:
+        kind = part.get("type") or ("image" if "image" in part else "text")
+        if kind == "image":
+            parts.append({"type": "image"})
+        elif kind == "text":
+            parts.append({"type": "text", "text": part.get("text") or ""})
+        else:
+            raise ValueError(f"unsupported content part type {kind!r} (only 'image' and 'text' are)")
+    return parts
+
+
+def _completion_messages(completion: Any) -> list[dict[str, Any]]:
+    if isinstance(completion, str):
+        return [{"role": "assistant", "content": [{"type": "text", "text": completion}]}]
+    if isinstance(completion, list):  # already chat messages
+        return [{"role": m["role"], "content": _clean_content(m["content"])} for m in completion]
+    raise TypeError(f"completion must be a string or chat messages, got {type(completion).__name__}")
+
+
+def to_sft_example(sample: dict[str, Any]) -> dict[str, Any]:
+    """One normal-form sample -> TRL's conversational prompt-completion example (+ its images)."""
+    completion = sample.get("completion")
+    if completion is None or completion == "" or completion == []:
+        raise ValueError("SFT needs a demonstration: this sample has no `completion` (response) text")
+    prompt = sample["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    messages = [{"role": m["role"], "content": _clean_content(m["content"])} for m in prompt]
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"the prompt must end with a user turn, not {messages[-1]['role']!r}")
+    images = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in sample.get("images") or []]
+    n_placeholders = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
+    if n_placeholders != len(images):
+        raise ValueError(f"{len(images)} image(s) but {n_placeholders} image placeholder(s) in the prompt")
+    return {"prompt": messages, "completion": _completion_messages(completion), "images": images}
+
+
+def to_sft_dataset(samples: Iterable[dict[str, Any]]):
+    """Normal-form samples -> `datasets.Dataset` with columns `prompt`, `completion`, `images` (SFTTrainer's input).
+
+    Images are stored PNG-encoded in memory (datasets' Image feature) and decoded per batch by the collator.
+    """
+    import datasets
+
+    rows = [to_sft_example(s) for s in samples]
+    if not rows:
+        raise ValueError("no SFT samples")
+    return datasets.Dataset.from_list(rows)
+
+
+def _load(spec: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    from accelerate import PartialState
+
+    from vlm_rl.data import load_samples  # data.py is the one loader of every dataset format
+    from vlm_rl.synthetic_data import resolve_data_path
+
+    with PartialState().main_process_first():  # rank 0 builds the embedded synthetic set; the others then read it
+        path = resolve_data_path(spec, split)
+    samples = load_samples(path, split=split)
+    return samples[:limit] if limit is not None else list(samples)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lora_config_from(config: VLMSFTConfig):
+    """The `peft.LoraConfig` for `config`, or None without `use_peft`."""
+    if not config.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        # A regex: only the language model's projections (Qwen2.5-VL's vision MLP also has gate/up/down_proj).
+        target_modules=rf".*language_model.*\.({'|'.join(config.lora_target_modules)})$",
+        modules_to_save=config.lora_modules_to_save,
+        bias="none",
+    )
+
+
+def _load_model(config: VLMSFTConfig):
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(config.model_init_kwargs or {})
+    model = create_model_from_path(config.model_name_or_path, **kwargs)
+    if config.freeze_vision_tower and not config.use_peft:
+        inner = getattr(model, "model", model)
+        visual = getattr(inner, "visual", None) or getattr(model, "visual", None)
+        if visual is None:
+            raise ValueError("freeze_vision_tower: the model has no `visual` module")
+        visual.requires_grad_(False)
+    return model
+
+
+def _resolve_model_path(name_or_path: str) -> str:
+    """'tiny' -> the embedded tiny model; local directories become absolute, so that an adapter's
+    `base_model_name_or_path` works from any working directory."""
+    from accelerate import PartialState
+
+    from vlm_rl.tiny import resolve_model_path
+
+    with PartialState().main_process_first():  # rank 0 builds the embedded tiny model; the others then read it
+        name_or_path = resolve_model_path(name_or_path)
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.exists() else name_or_path
+
+
+def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Merge a LoRA adapter into its base model and write a plain model + processor directory to `out_dir`."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoProcessor
+    from trl.trainer.utils import create_model_from_path
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    model = PeftModel.from_pretrained(create_model_from_path(base), adapter_dir).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    # The processor saved with the adapter (run_sft saves it there), else the base model's.
+    processor_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
+    AutoProcessor.from_pretrained(processor_src).save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_trainer(
+    config: VLMSFTConfig,
+    train_samples: Sequence[dict[str, Any]] | None = None,
+    eval_samples: Sequence[dict[str, Any]] | None = None,
+    callbacks: list | None = None,
+):
+    """The configured `trl.SFTTrainer` (model, processor, datasets, LoRA), not yet trained."""
+    from transformers import AutoProcessor
+    from trl import SFTTrainer
+
+    if not config.model_name_or_path:
+        raise ValueError("model_name_or_path is required")
+    config.model_name_or_path = _resolve_model_path(config.model_name_or_path)
+    if train_samples is None:
+        if not config.train_data:
+            raise ValueError("train_data (or train_samples) is required")
+        train_samples = _load(config.train_data, config.train_split, config.max_train_samples)
+    elif config.max_train_samples is not None:
+        train_samples = list(train_samples)[: config.max_train_samples]
+    if eval_samples is None and config.eval_data:
+        eval_samples = _load(config.eval_data, config.eval_split)
+
+    train_dataset = to_sft_dataset(train_samples)
+    eval_dataset = to_sft_dataset(eval_samples) if eval_samples else None
+    processor = AutoProcessor.from_pretrained(config.model_name_or_path)
+    model = _load_model(config)
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=lora_config_from(config),
+        callbacks=callbacks,
+    )
+
+
+def run_sft(
+    config: VLMSFTConfig,
+    train_samples: Sequence[dict[str, Any]] | None = None,
+    eval_samples: Sequence[dict[str, Any]] | None = None,
+    callbacks: list | None = None,
+) -> Path:
+    """Fine-tune `config.model_name_or_path` on the demonstrations; return `config.output_dir`.
+
+    `train_samples` / `eval_samples` (normal-form dicts) override `config.train_data` / `config.eval_data`.
+    The output directory holds the model (or LoRA adapter; merged model with `merge_lora`), the processor and
+    `sft_metrics.json` (the log history).
+    """
+    trainer = build_trainer(config, train_samples, eval_samples, callbacks)
+    # transformers' Trainer rewrites the model config's eos/bos/pad ids to the tokenizer's at train() time
+    # (align_special_tokens). Keep the base model's config ids in the saved model; the generation config keeps
+    # the union of eos ids, which only adds stop tokens.
+    text_config = trainer.model.config.get_text_config()
+    special_ids = {k: getattr(text_config, k, None) for k in ("eos_token_id", "bos_token_id", "pad_token_id")}
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    for k, v in special_ids.items():
+        setattr(text_config, k, v)
+    out = Path(config.output_dir)
+    trainer.save_model(str(out))  # model or adapter, + processing_class
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(out)
+        with open(out / "sft_metrics.json", "w", encoding="utf-8") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
+        if config.use_peft and config.merge_lora:
+            adapter = out / "adapter"
+            adapter.mkdir(exist_ok=True)
+            for item in list(out.iterdir()):
+                if item.name.startswith("adapter_") or item.name == "README.md":
+                    shutil.move(str(item), adapter / item.name)
+            trainer.processing_class.save_pretrained(adapter)
+            merge_lora(adapter, out)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> VLMSFTConfig:
+    """CLI + optional `--config file.yaml` (YAML values are defaults the command line overrides)."""
+    from trl import TrlParser
+
+    parser = TrlParser(VLMSFTConfig)
+    (config,) = parser.parse_args_and_config(args=argv)
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """`vlm-rl sft ...` / `accelerate launch scripts/sft.py ...`."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = parse_args(argv)
+    if config.torch_num_threads:
+        torch.set_num_threads(config.torch_num_threads)
+    out = run_sft(config)
+    print(f"SFT model written to {out}")
+    return out
+
+
+__all__ = [
+    "QWEN2_VL_LM_LORA_TARGETS",
+    "VLMSFTConfig",
+    "build_trainer",
+    "lora_config_from",
+    "main",
+    "merge_lora",
+    "parse_args",
+    "run_sft",
+    "to_sft_dataset",
+    "to_sft_example",
+]
