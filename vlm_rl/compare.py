@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm_rl.compare_stats import read_training_curves, summarize
-from vlm_rl.data import load_samples, prompt_text
+from vlm_rl.data import load_samples, prompt_text, reward_kwargs
 from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.logprobs import response_logprobs
 from vlm_rl.masking import masked_mean
@@ -47,6 +47,18 @@ def generate_all(model, processor, samples: list[dict], config, batch_size: int,
         responses = generate_responses(model, {k2: v for k2, v in query.items() if k2 != "num_images"}, config)
         rollouts.append(Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), [s["_source"] for s in batch]))
     return rollouts
+
+
+def score_generations(
+    reward, samples: list[dict], completions: list[str], eos: list[bool], lengths: list[int], kls: list[float]
+) -> tuple[list[dict], list[float | None]]:
+    """One model's per-prompt records for `summarize`, and its combined reward per prompt."""
+    _, combined = reward.score([s["prompt"] for s in samples], completions, **reward_kwargs(samples))
+    records = [
+        {"prompt_id": i, "reward": r, "eos": e, "length": n, "kl_to_first": kl}
+        for i, (r, e, n, kl) in enumerate(zip(combined, eos, lengths, kls, strict=True))
+    ]
+    return records, combined
 
 
 def run_compare(
@@ -89,16 +101,7 @@ def run_compare(
                 own, _ = response_logprobs(model, rollout, temperature if do_sample else 1.0)
                 ref, _ = response_logprobs(first_model, rollout, temperature if do_sample else 1.0)
                 kls += masked_mean(own - ref, rollout.response_mask, dim=1).tolist()
-        _, combined = reward.score(
-            [s["prompt"] for s in samples],
-            completions,
-            images=[s["images"] for s in samples],
-            **{k: [s.get(k) for s in samples] for k in samples[0] if k not in ("prompt", "images", "_source")},
-        )
-        records[name] = [
-            {"prompt_id": i, "reward": r, "eos": e, "length": n, "kl_to_first": kl}
-            for i, (r, e, n, kl) in enumerate(zip(combined, eos, lengths, kls))
-        ]
+        records[name], combined = score_generations(reward, samples, completions, eos, lengths, kls)
         texts[name], scores[name] = completions, combined
         if first_model is None:
             first_model = model

@@ -336,3 +336,9 @@ def prompt_text(messages: list[dict]) -> str:
     users = [m for m in messages if m["role"] == "user"] or messages
     return _text_of(users[-1]["content"])
 
+
+
+def reward_kwargs(samples: list[dict]) -> dict[str, list]:
+    """What a reward receives besides prompts and completions: `images` and every other column (TRL's convention)."""
+    columns = [k for k in samples[0] if k not in ("prompt", "images", "_source")]
+    return {"images": [s["images"] for s in samples], **{k: [s.get(k) for s in samples] for k in columns}}

@@ -33,7 +33,7 @@ class DemoConfig:
     ppo_batch_size: int = 64
     ppo_mini_batches: int = 4
     ppo_epochs: int = 2
-    ppo_learning_rate: float = 3e-4
+    ppo_learning_rate: float = 1e-3
     kl_coef: float = 0.02
     temperature: float = 1.0
     max_new_tokens: int = 4

@@ -25,7 +25,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from vlm_rl.advantages import compute_gae, kl_penalty, shape_rewards, whiten
 from vlm_rl.atomic import atomic_dir
 from vlm_rl.config import PPOConfig
-from vlm_rl.data import PromptDataset
+from vlm_rl.data import PromptDataset, reward_kwargs
 from vlm_rl.integrity import check_model_inputs
 from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.logprobs import response_logprobs
@@ -33,9 +33,6 @@ from vlm_rl.losses import policy_loss, value_loss
 from vlm_rl.masking import masked_mean
 from vlm_rl.rollout import PromptTooLongError, Rollout, encode_prompts
 from vlm_rl.value_head import PolicyAndValue, ValueHead, hidden_size_of, load_value_head, save_value_head
-
-OMIT_FROM_REWARD_KWARGS = ("prompt", "images", "_source")
-
 
 class PPOTrainer(Trainer):
     """PPO with a shared-backbone value head for Qwen2-VL; `accelerate launch` it like any TRL trainer."""
@@ -131,12 +128,7 @@ class PPOTrainer(Trainer):
             values.append(v)
             ref_logprobs.append(self.reference_logprobs(mb))
         completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
-        columns, combined = self.reward.score(
-            [s["prompt"] for s in samples],
-            completions,
-            images=[s["images"] for s in samples],
-            **{k: [s.get(k) for s in samples] for k in samples[0] if k not in OMIT_FROM_REWARD_KWARGS},
-        )
+        columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **reward_kwargs(samples))
         device = rollout.query_response.device
         unscored = torch.tensor([c is None for c in combined], device=device)
         scores = torch.tensor([0.0 if c is None else float(c) for c in combined], device=device)  # (B,)
