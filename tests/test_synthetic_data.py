@@ -192,7 +192,7 @@ def test_answers_match_the_pictures(scenes_dir):
     for r in rows:
         with Image.open(scenes_dir / r["image"]) as image:
             assert image.mode == "RGB"
-            assert image.size[0] in (84, 112, 140) and image.size[1] in (84, 112, 140)
+            assert image.size[0] in (56, 84) and image.size[1] in (56, 84)
             scene = read_scene(image)
         assert r["answer"] == scene[r["task"]], (r, scene)
         assert r["answer"] in CHOICES[r["task"]]

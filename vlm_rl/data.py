@@ -338,7 +338,8 @@ def prompt_text(messages: list[dict]) -> str:
 
 
 
-def reward_kwargs(samples: list[dict]) -> dict[str, list]:
-    """What a reward receives besides prompts and completions: `images` and every other column (TRL's convention)."""
-    columns = [k for k in samples[0] if k not in ("prompt", "images", "_source")]
+def reward_kwargs(samples: list[dict], exclude: tuple[str, ...] = ()) -> dict[str, list]:
+    """What a reward receives besides prompts and completions: `images` and every other column (TRL's convention),
+    `_source` ("file:line") included."""
+    columns = [k for k in samples[0] if k not in ("prompt", "images", *exclude)]
     return {"images": [s["images"] for s in samples], **{k: [s.get(k) for s in samples] for k in columns}}

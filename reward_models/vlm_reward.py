@@ -1,0 +1,334 @@
+"""A learned reward model that sees the image: a Qwen2-VL backbone + a scalar head.
+
+Architecture
+------------
+``VLMRewardModel`` holds the ``Qwen2VLModel`` of a ``Qwen2VLForConditionalGeneration`` (vision tower +
+language model, *no* LM head: a reward model is not a policy) and ``head``, an fp32 ``nn.Linear(H, 1)``.
+A sample is rendered exactly as the policy sees it during PPO::
+
+    chat_template(prompt, add_generation_prompt=True) + response + "<|im_end|>"
+
+and its reward is the head applied to the last hidden state of the *last real token* (the ``<|im_end|>``).
+That position is read from the attention mask (the highest index whose mask is 1), never from
+``token != pad_id``: ``<|endoftext|>`` is both pad and an eos. Batches are right-padded by default (then the
+real tokens' positions do not depend on the batch, also for text-only samples), left padding works too
+(``padding_side="left"``); ``tests/reward_models/test_vlm_reward.py`` checks both are padding invariant.
+
+The object is a reward (``reward_models.base``) and a module at once:
+
+* ``rm(prompts, completions, images=[[PIL], ...], **columns) -> list[float]``: no grad, in batches of
+  ``batch_size``, with the multimodal integrity check before every forward (TRL's reward signature);
+* ``rm(input_ids=..., attention_mask=..., ...) -> (B,) tensor``: the differentiable forward used in training
+  (dispatched to ``nn.Module.__call__``, so hooks, DDP and accelerate wrappers work as usual).
+
+Saved layout (``save_pretrained(dir)``, atomic: the directory appears whole or not at all)
+-----------------------------------------------------------------------------------------
+::
+
+    config.json, model.safetensors   the backbone as a ``Qwen2VLModel`` checkpoint (no LM head);
+                                     ``Qwen2VLModel.from_pretrained(dir)`` loads it
+    tokenizer / processor files      ``AutoProcessor.from_pretrained(dir)`` loads them
+    reward_head.safetensors          {"weight": (1, H), "bias": (1,)}, fp32
+    reward_config.json               the marker ``load_reward(dir)`` looks for, plus metadata
+
+LoRA: with ``use_peft`` the backbone is wrapped by peft during training; ``save_pretrained`` always writes the
+adapters *merged* into plain backbone weights, so loading a reward model never needs peft or the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from reward_models.base import Reward, completion_texts
+from vlm_rl.atomic import atomic_dir
+from vlm_rl.integrity import check_model_inputs
+
+REWARD_CONFIG_NAME = "reward_config.json"
+REWARD_HEAD_FILE = "reward_head.safetensors"
+REWARD_MODEL_TYPE = "vlm_reward"
+FORMAT_VERSION = 1
+IM_END = "<|im_end|>"
+
+# The language model's linear layers; the vision tower's are named qkv/proj/fc1/fc2, so LoRA stays out of it.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class RewardInputError(ValueError):
+    """A sample the reward model cannot encode (e.g. longer than max_length); the message names it."""
+
+
+def _as_messages(prompt: Any, n_images: int) -> list[dict]:
+    """A chat-message prompt as it is; a plain string becomes one user turn with its images first."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
+    if isinstance(prompt, list):
+        return prompt
+    raise TypeError(f"a prompt must be chat messages or a string, got {type(prompt).__name__}")
+
+
+def _as_image_list(images: Any) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]  # one PIL image
+
+
+def encode_for_reward(
+    processor,
+    prompts: Sequence[Any],
+    completions: Sequence[str],
+    images: Sequence[Any] | None = None,
+    padding_side: str = "right",
+    max_length: int | None = None,
+    sample_names: Sequence[str] | None = None,
+) -> dict:
+    """Chat template(prompt) + completion + ``<|im_end|>`` through the processor, padded on ``padding_side``.
+
+    Returns ``input_ids, attention_mask, mm_token_type_ids (B, T)``, and when there are images
+    ``pixel_values (N_patches, D)``, ``image_grid_thw (N_images, 3)``; plus ``num_images`` (list per sample).
+    """
+    n = len(completions)
+    images = [None] * n if images is None else list(images)
+    if len(prompts) != n or len(images) != n:
+        raise ValueError(f"got {len(prompts)} prompts, {n} completions and {len(images)} image lists")
+    per_sample = [_as_image_list(im) for im in images]
+    texts = []
+    for prompt, completion, ims in zip(prompts, completions, per_sample):
+        rendered = processor.apply_chat_template(_as_messages(prompt, len(ims)), add_generation_prompt=True, tokenize=False)
+        texts.append(rendered + completion + IM_END)
+    flat = [im for ims in per_sample for im in ims]
+    batch = dict(
+        processor(text=texts, images=flat or None, return_tensors="pt", padding=True, padding_side=padding_side)
+    )
+    if "mm_token_type_ids" not in batch:
+        batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    batch["num_images"] = [len(ims) for ims in per_sample]
+    if max_length is not None:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        names = list(sample_names) if sample_names is not None else [f"sample {i}" for i in range(n)]
+        too_long = [f"{name} ({k} tokens)" for name, k in zip(names, lengths) if k > max_length]
+        if too_long:
+            raise RewardInputError(
+                f"longer than the reward model's max_length={max_length}: {', '.join(too_long)}; "
+                "sequences are never cut (that could cut image tokens): raise max_length or lower max_pixels"
+            )
+    return batch
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position whose mask is 1, for right or left padding. (B, T) -> (B,)"""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=1)
+
+
+class VLMRewardModel(nn.Module, Reward):
+    """Qwen2-VL backbone + fp32 scalar head on the last real token (see the module docstring)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        processor,
+        name: str = "vlm_rm",
+        batch_size: int = 8,
+        padding_side: str = "right",
+        max_length: int | None = None,
+        metadata: dict | None = None,
+    ):
+        super().__init__()
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.backbone = backbone
+        hidden = self.base_backbone.config.text_config.hidden_size
+        self.head = nn.Linear(hidden, 1, dtype=torch.float32)
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.processor = processor
+        self.name = name
+        self.batch_size = batch_size
+        self.padding_side = padding_side
+        self.max_length = max_length
+        self.metadata = dict(metadata or {})
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_base(cls, model_name_or_path: str, dtype: torch.dtype = torch.float32, **kwargs) -> VLMRewardModel:
+        """A fresh reward model on the backbone of a Qwen2-VL checkpoint ('tiny', a directory or a peft adapter)."""
+        from vlm_rl.model_loading import load_base_model, load_processor
+        from vlm_rl.tiny import resolve_model_path
+
+        path = resolve_model_path(model_name_or_path)
+        full = load_base_model(path, dtype)
+        backbone = full.model  # Qwen2VLModel: vision tower + language model; the LM head is dropped
+        del full
+        processor = load_processor(path)
+        metadata = {"base_model_name_or_path": str(model_name_or_path), **kwargs.pop("metadata", {})}
+        return cls(backbone, processor, metadata=metadata, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> VLMRewardModel:
+        """Load a directory written by ``save_pretrained``. ``device`` None: the current CUDA device if any, else CPU."""
+        from transformers import AutoProcessor, Qwen2VLModel
+
+        path = Path(path)
+        config_path = path / REWARD_CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{path}: no {REWARD_CONFIG_NAME}; not a reward model written by VLMRewardModel.save_pretrained")
+        config = json.loads(config_path.read_text())
+        if config.get("reward_model_type") != REWARD_MODEL_TYPE:
+            raise ValueError(f"{config_path}: reward_model_type is {config.get('reward_model_type')!r}, expected {REWARD_MODEL_TYPE!r}")
+        if int(config.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{config_path}: format_version {config['format_version']} is newer than this code ({FORMAT_VERSION})")
+        backbone = Qwen2VLModel.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+        processor = AutoProcessor.from_pretrained(path)
+        model = cls(
+            backbone,
+            processor,
+            name=config.get("name", "vlm_rm"),
+            batch_size=int(config.get("batch_size", 8)),
+            padding_side=config.get("padding_side", "right"),
+            max_length=config.get("max_length"),
+            metadata=config.get("metadata", {}),
+        )
+        state = load_file(str(path / REWARD_HEAD_FILE))
+        if state["weight"].shape != model.head.weight.shape:
+            raise ValueError(f"{path / REWARD_HEAD_FILE}: head of shape {tuple(state['weight'].shape)}, backbone wants {tuple(model.head.weight.shape)}")
+        model.head.load_state_dict({k: v.float() for k, v in state.items()})
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return model.to(device).eval()
+
+    def enable_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] = LORA_TARGETS) -> None:
+        """Wrap the backbone with LoRA adapters on the language model's projections; the head stays fully trainable."""
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=rf".*language_model.*\.({'|'.join(target_modules)})$",
+        )
+        self.backbone = get_peft_model(self.backbone, lora)
+
+    @property
+    def base_backbone(self) -> nn.Module:
+        """The Qwen2VLModel, also when peft wraps it."""
+        return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+
+    def save_pretrained(self, path: str | os.PathLike, extra: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+        """Write backbone (LoRA merged), processor, head and reward_config.json to ``path`` atomically.
+
+        ``extra`` is merged into reward_config.json's ``metadata``; ``extra_files`` ({name: text}) are written
+        into the same directory before it appears (e.g. ``eval_results.json``).
+        """
+        path = Path(path)
+        backbone = self.backbone
+        if hasattr(backbone, "merge_and_unload"):
+            import copy
+
+            backbone = copy.deepcopy(backbone).merge_and_unload()  # the training copy keeps its adapters
+        with atomic_dir(path) as tmp:
+            backbone.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / REWARD_HEAD_FILE))
+            config = {
+                "reward_model_type": REWARD_MODEL_TYPE,
+                "format_version": FORMAT_VERSION,
+                "name": self.name,
+                "architecture": "Qwen2VLModel backbone + fp32 Linear(hidden, 1) on the last real token",
+                "input_format": "chat_template(prompt, add_generation_prompt=True) + response + '<|im_end|>'",
+                "hidden_size": self.head.in_features,
+                "batch_size": self.batch_size,
+                "padding_side": self.padding_side,
+                "max_length": self.max_length,
+                "metadata": {**self.metadata, **(extra or {})},
+            }
+            (tmp / REWARD_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+        return path
+
+    # ------------------------------------------------------------------ forward and scoring
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def encode(self, prompts, completions, images=None, sample_names=None) -> dict:
+        return encode_for_reward(
+            self.processor, prompts, completions, images, self.padding_side, self.max_length, sample_names
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor,  # (B, T)
+        mm_token_type_ids: torch.Tensor | None = None,  # (B, T)
+        pixel_values: torch.Tensor | None = None,  # (N_patches, D)
+        image_grid_thw: torch.Tensor | None = None,  # (N_images, 3)
+        num_images: list[int] | None = None,
+        sample_names: list[str] | None = None,
+        where: str = "reward model forward",
+    ) -> torch.Tensor:
+        """Rewards ``(B,)`` in fp32. With ``num_images`` given, the image tensors are checked against the tokens first."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if mm_token_type_ids is not None:
+            inputs["mm_token_type_ids"] = mm_token_type_ids
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            inputs["pixel_values"] = pixel_values
+            inputs["image_grid_thw"] = image_grid_thw
+        if num_images is not None:
+            names = list(sample_names) if sample_names is not None else [f"sample {i}" for i in range(input_ids.shape[0])]
+            check_model_inputs(self.base_backbone, inputs, num_images, names, where)
+        base = self.base_backbone
+        if hasattr(base, "rope_deltas"):
+            base.rope_deltas = None  # positions come from this batch's own mask and grids
+        hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        index = last_token_index(attention_mask)  # (B,)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
+        return self.head(last.float()).squeeze(-1)  # (B,)
+
+    def __call__(self, *args, **kwargs):
+        """Tensor inputs -> the module forward; ``(prompts, completions, images=..., **columns)`` -> scores."""
+        if "input_ids" in kwargs or (args and isinstance(args[0], torch.Tensor)):
+            return nn.Module.__call__(self, *args, **kwargs)
+        return self.score(*args, **kwargs)
+
+    @torch.no_grad()
+    def score(self, prompts, completions, images=None, **kwargs) -> list[float]:
+        """One reward per completion (TRL's reward signature); batched, no grad, integrity-checked."""
+        completions = completion_texts(completions)
+        n = len(completions)
+        if prompts is None or len(prompts) != n:
+            raise ValueError(f"{self.name}: got {0 if prompts is None else len(prompts)} prompts for {n} completions")
+        images = [None] * n if images is None else list(images)
+        sources = kwargs.get("_source") or [None] * n
+        names = [str(s) if s is not None else f"sample {i}" for i, s in enumerate(sources)]
+        was_training = self.training
+        self.eval()
+        scores: list[float] = []
+        try:
+            for start in range(0, n, self.batch_size):
+                sl = slice(start, start + self.batch_size)
+                batch = self.encode(prompts[sl], completions[sl], images[sl], names[sl])
+                num_images = batch.pop("num_images")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                rewards = self.forward(**batch, num_images=num_images, sample_names=names[sl], where=f"reward model {self.name!r}")
+                scores.extend(rewards.float().cpu().tolist())
+        finally:
+            self.train(was_training)
+        return scores
+
+    def __repr__(self) -> str:
+        return f"VLMRewardModel(name={self.name!r}, hidden_size={self.head.in_features})"

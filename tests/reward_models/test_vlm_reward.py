@@ -1,0 +1,171 @@
+"""The learned reward model: save/load, image dependence after training, padding invariance, registry, LoRA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reward_models.base import load_reward, load_rewards
+from reward_models.vlm_reward import (
+    REWARD_CONFIG_NAME,
+    REWARD_HEAD_FILE,
+    VLMRewardModel,
+    encode_for_reward,
+    last_token_index,
+)
+from vlm_rl.data import load_samples
+from vlm_rl.integrity import MultimodalIntegrityError
+
+N_PAIRS = 16
+
+
+@pytest.fixture(scope="module")
+def pairs_file(synthetic_data_dir, tmp_path_factory) -> Path:
+    """The first 16 preference pairs of the synthetic set, image paths made absolute."""
+    rows = [json.loads(line) for line in (synthetic_data_dir / "preferences.jsonl").read_text().splitlines()][:N_PAIRS]
+    for row in rows:
+        row["image"] = str(synthetic_data_dir / row["image"])
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tiny_model_dir, pairs_file, tmp_path_factory) -> tuple[Path, dict]:
+    """A reward model trained briefly with `vlm-rl train-reward` on the 16 pairs (evaluated on the same pairs)."""
+    from reward_models.train_reward import main
+
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    results = main([
+        "--model_name_or_path", str(tiny_model_dir), "--train_data", str(pairs_file), "--eval_data", str(pairs_file),
+        "--output_dir", str(out), "--learning_rate", "2e-3", "--max_steps", "40", "--per_device_train_batch_size", "16",
+        "--lr_scheduler_type", "constant", "--cache_encodings", "--use_cpu", "--seed", "0",
+    ])
+    return out, results
+
+
+@pytest.fixture(scope="module")
+def pairs(pairs_file):
+    return list(load_samples(pairs_file))
+
+
+def score(rm, samples, completions=None, images=None):
+    completions = completions if completions is not None else [s["chosen"] for s in samples]
+    images = images if images is not None else [s["images"] for s in samples]
+    return rm([s["prompt"] for s in samples], completions, images=images)
+
+
+def test_training_writes_model_and_eval_results(trained_dir):
+    out, results = trained_dir
+    for name in (REWARD_CONFIG_NAME, REWARD_HEAD_FILE, "eval_results.json", "config.json", "model.safetensors", "tokenizer_config.json"):
+        assert (out / name).exists(), name
+    config = json.loads((out / REWARD_CONFIG_NAME).read_text())
+    assert config["reward_model_type"] == "vlm_reward" and config["name"] == "vlm_rm"
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["eval_accuracy"] == results["eval_accuracy"] and saved["eval_pairs"] == N_PAIRS
+    assert saved["global_step"] == 40 and "epochs" in saved
+
+
+def test_trained_model_ranks_chosen_above_rejected(trained_dir, pairs):
+    rm = VLMRewardModel.from_pretrained(trained_dir[0])
+    chosen = score(rm, pairs)
+    rejected = score(rm, pairs, completions=[s["rejected"] for s in pairs])
+    wins = sum(c > r for c, r in zip(chosen, rejected))
+    assert wins >= 13, f"chosen ranked above rejected on only {wins}/{N_PAIRS} training pairs"
+    assert trained_dir[1]["eval_accuracy"] == pytest.approx(wins / N_PAIRS)  # the trainer's eval agrees
+
+
+def test_score_depends_on_the_image(trained_dir, pairs):
+    rm = VLMRewardModel.from_pretrained(trained_dir[0])
+    sample = pairs[0]
+    others = [s for s in pairs[1:] if s["images"][0].size == sample["images"][0].size][:1] or pairs[1:2]
+    own = score(rm, [sample])[0]
+    swapped = score(rm, [sample], images=[others[0]["images"]])[0]
+    assert abs(own - swapped) > 1e-4  # same prompt and response, another image
+
+
+def test_save_load_round_trip_gives_identical_scores(tiny_model_dir, pairs, tmp_path):
+    rm = VLMRewardModel.from_base(str(tiny_model_dir))
+    with torch.no_grad():
+        rm.head.weight.normal_()  # a head that is not the initial one
+    before = score(rm, pairs[:6])
+    rm.save_pretrained(tmp_path / "rm")
+    loaded = VLMRewardModel.from_pretrained(tmp_path / "rm")
+    assert score(loaded, pairs[:6]) == before
+    assert loaded.name == rm.name and loaded.padding_side == rm.padding_side
+    loaded.save_pretrained(tmp_path / "rm")  # overwriting is atomic too
+    assert score(VLMRewardModel.from_pretrained(tmp_path / "rm"), pairs[:6]) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_padding_invariance(tiny_model_dir, pairs, padding_side):
+    rm = VLMRewardModel.from_base(str(tiny_model_dir), padding_side=padding_side, batch_size=8)
+    sizes = {}
+    for s in pairs:
+        sizes.setdefault(s["images"][0].size, s)
+    distinct = list(sizes.values())[:3]  # different image sizes: different numbers of image tokens
+    assert len(distinct) >= 2
+    target = distinct[0]
+    batch = [distinct[1], target, *distinct[2:]]
+    completions = ["a much longer response than the others, with many more tokens in it", target["chosen"], "x"][: len(batch)]
+    text_only = "What is two plus two?"  # a prompt without an image in the same batch
+    alone = rm([target["prompt"]], [target["chosen"]], images=[target["images"]])[0]
+    together = rm(
+        [s["prompt"] for s in batch] + [text_only],
+        completions + ["four"],
+        images=[s["images"] for s in batch] + [[]],
+    )
+    assert together[1] == pytest.approx(alone, abs=1e-5)
+    assert together[-1] == pytest.approx(rm([text_only], ["four"], images=[[]])[0], abs=1e-5)
+    enc = encode_for_reward(rm.processor, [s["prompt"] for s in batch], completions, [s["images"] for s in batch], padding_side)
+    im_end = rm.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    last = last_token_index(enc["attention_mask"])
+    assert (enc["input_ids"][torch.arange(len(batch)), last] == im_end).all()  # the head reads <|im_end|>
+
+
+def test_last_token_index_uses_the_mask_not_the_pad_id():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [2, 4, 4]
+
+
+def test_images_out_of_step_with_the_prompt_fail_loudly(tiny_model_dir, pairs):
+    rm = VLMRewardModel.from_base(str(tiny_model_dir))
+    with pytest.raises((MultimodalIntegrityError, ValueError)):
+        rm([pairs[0]["prompt"]], ["red"], images=[[]])  # the prompt has an image placeholder, no image given
+
+
+def test_load_reward_and_load_rewards(trained_dir, pairs):
+    out = str(trained_dir[0])
+    rm = load_reward(out)
+    assert isinstance(rm, VLMRewardModel) and rm.name == "vlm_rm" and rm.__name__ == "vlm_rm"
+    combined = load_rewards([out + ":0.5", "exact_match"])
+    assert combined.names == ["vlm_rm", "exact_match"] and combined.weights == {"vlm_rm": 0.5, "exact_match": 1.0}
+    samples = pairs[:4]
+    columns, total = combined.score(
+        [s["prompt"] for s in samples], [s["chosen"] for s in samples], images=[s["images"] for s in samples],
+        answer=[s["chosen"] for s in samples],
+    )
+    assert columns["exact_match"] == [1.0] * 4
+    assert total == pytest.approx([0.5 * v + 1.0 for v in columns["vlm_rm"]])
+    assert columns["vlm_rm"] == pytest.approx(score(rm, samples))
+
+
+def test_lora_is_saved_merged(tiny_model_dir, pairs, tmp_path):
+    rm = VLMRewardModel.from_base(str(tiny_model_dir))
+    rm.enable_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in rm.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)  # a trained-looking adapter (B starts at zero)
+    assert not any("visual" in n for n, p in rm.backbone.named_parameters() if "lora_" in n)
+    before = score(rm, pairs[:4])
+    rm.save_pretrained(tmp_path / "rm")
+    assert not (tmp_path / "rm" / "adapter_config.json").exists()
+    loaded = VLMRewardModel.from_pretrained(tmp_path / "rm")
+    assert not hasattr(loaded.backbone, "peft_config")
+    assert score(loaded, pairs[:4]) == pytest.approx(before, abs=1e-5)
+    assert hasattr(rm.backbone, "peft_config")  # the training model keeps its adapters
