@@ -98,7 +98,7 @@ def _to_jsonable(value: Any) -> Any:
 
 
 class RemoteReward(Reward):
-    """A reward computed by a reward server (``python -m reward_models.server SPEC --port PORT``).
+    """A reward computed by a reward server (``vlm-rl serve-reward SPEC --port PORT``).
 
     Args:
         url: the server's base URL, e.g. ``http://127.0.0.1:8000`` (requests go to ``url/score``).
@@ -191,7 +191,7 @@ class RemoteReward(Reward):
             return answer
         raise RemoteRewardError(
             f"reward server {self.url} is unreachable or failing: {attempts} attempt(s) to {method} {path} "
-            f"failed (last error: {last_error}). Start it with `python -m reward_models.server SPEC --port PORT` "
+            f"failed (last error: {last_error}). Start it with `vlm-rl serve-reward SPEC --port PORT` "
             f"and check that the URL, port and timeout ({self.timeout:g} s) are right."
         )
 

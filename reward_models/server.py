@@ -287,7 +287,7 @@ def serve(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m reward_models.server", description="Serve a reward over HTTP (POST /score, GET /health)."
+        prog="vlm-rl serve-reward", description="Serve a reward over HTTP (POST /score, GET /health)."
     )
     parser.add_argument("spec", nargs="+", help="reward spec(s), as for load_reward; several are summed with their :WEIGHT")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless --allow-remote)")

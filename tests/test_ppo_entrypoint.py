@@ -52,3 +52,11 @@ def test_two_processes_sample_different_prompts_and_stay_in_sync(tmp_path, tiny_
     assert not set(ranks[0]["sources"]) & set(ranks[1]["sources"])  # each rank rolls out its own prompts
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were all-reduced: identical weights
     assert len(json.loads((out / "trainer_state.json").read_text())["log_history"]) == 2  # 16 episodes / (2 x 4)
+
+
+def test_repeated_reward_flags_are_all_kept():
+    from vlm_rl.ppo import merge_repeated_flag
+
+    argv = ["--reward", "exact_match:1.0", "--output_dir", "x", "--reward", "length:0.5", "rm_dir:0.2"]
+    assert merge_repeated_flag(argv, "--reward") == ["--output_dir", "x", "--reward", "exact_match:1.0", "length:0.5", "rm_dir:0.2"]
+    assert merge_repeated_flag(["--output_dir", "x"], "--reward") == ["--output_dir", "x"]

@@ -46,7 +46,25 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
     )
 
 
+def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
+    """`--reward a --reward b` -> `--reward a b`: argparse's nargs='+' would silently keep only the last one."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest + [flag, *values] if values else rest
+
+
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "--reward")
     (config,) = TrlParser((PPOConfig,)).parse_args_and_config(args=argv)
     if config.torch_num_threads:
         import torch

@@ -128,7 +128,7 @@ def test_server_down_is_a_clear_error_after_bounded_retries():
     message = str(info.value)
     assert f"http://127.0.0.1:{port}" in message
     assert "3 attempt(s)" in message
-    assert "python -m reward_models.server" in message
+    assert "vlm-rl serve-reward" in message
     with pytest.raises(RemoteRewardError, match="unreachable"):
         client.health()
 
