@@ -86,8 +86,28 @@ def _references(kwargs: dict, column: str, n: int, reward_name: str) -> list[lis
     return refs
 
 
+class ReferenceMatch(Reward):
+    """1.0 when the completion `matches` one of the sample's acceptable references, 0.0 when none does,
+    None when the sample has no reference. The references are the `answer_column` (a string or a list)."""
+
+    name = "reference_match"
+
+    def __init__(self, answer_column: str = "answer"):
+        self.answer_column = answer_column
+
+    def matches(self, text: str, reference: str) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
+        refs = _references(kwargs, self.answer_column, len(completions), self.name)
+        return [
+            None if ref is None else 1.0 if any(self.matches(text, r) for r in ref) else 0.0
+            for text, ref in zip(completion_texts(completions), refs)
+        ]
+
+
 @register_reward("exact_match")
-class ExactMatch(Reward):
+class ExactMatch(ReferenceMatch):
     """1.0 when the normalised completion equals the normalised reference, else 0.0.
 
     Exact semantics: ``score = 1.0 if normalize_answer(completion) == normalize_answer(ref)`` for
@@ -98,23 +118,12 @@ class ExactMatch(Reward):
 
     name = "exact_match"
 
-    def __init__(self, answer_column: str = "answer"):
-        self.answer_column = answer_column
-
-    def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
-        refs = _references(kwargs, self.answer_column, len(completions), self.name)
-        scores: list[float | None] = []
-        for text, ref in zip(completion_texts(completions), refs):
-            if ref is None:
-                scores.append(None)
-            else:
-                got = normalize_answer(text)
-                scores.append(1.0 if any(got == normalize_answer(r) for r in ref) else 0.0)
-        return scores
+    def matches(self, text: str, reference: str) -> bool:
+        return normalize_answer(text) == normalize_answer(reference)
 
 
 @register_reward("contains_answer")
-class ContainsAnswer(Reward):
+class ContainsAnswer(ReferenceMatch):
     """1.0 when the normalised reference occurs as whole words in the normalised completion, else 0.0.
 
     Exact semantics: both texts are normalised (:func:`normalize_answer`) and split into words;
@@ -129,26 +138,12 @@ class ContainsAnswer(Reward):
 
     name = "contains_answer"
 
-    def __init__(self, answer_column: str = "answer"):
-        self.answer_column = answer_column
-
-    @staticmethod
-    def _contains(words: list[str], ref: list[str]) -> bool:
+    def matches(self, text: str, reference: str) -> bool:
+        words, ref = normalize_answer(text).split(), normalize_answer(reference).split()
         if not ref:
             return not words
         k = len(ref)
         return any(words[i : i + k] == ref for i in range(len(words) - k + 1))
-
-    def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
-        refs = _references(kwargs, self.answer_column, len(completions), self.name)
-        scores: list[float | None] = []
-        for text, ref in zip(completion_texts(completions), refs):
-            if ref is None:
-                scores.append(None)
-            else:
-                words = normalize_answer(text).split()
-                scores.append(1.0 if any(self._contains(words, normalize_answer(r).split()) for r in ref) else 0.0)
-        return scores
 
 
 @register_reward("format")
