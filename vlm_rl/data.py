@@ -248,7 +248,8 @@ class PromptDataset(Sequence):
             self[i]
 
 
-def _read_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def read_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """("file:line", raw row) for each row of a .jsonl file or a .json list; malformed JSON is a DataError."""
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
@@ -288,7 +289,8 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _read_dataset_dir(path: Path, split: str) -> Iterator[tuple[str, Any]]:
+def read_dataset_dir(path: Path, split: str) -> Iterator[tuple[str, Any]]:
+    """("dir[split][i]", raw row) for each row of a dataset directory (save_to_disk output or data files)."""
     import datasets
 
     if _is_saved_dataset(path):
@@ -317,9 +319,9 @@ def load_samples(path: str | os.PathLike, split: str = "train", check_images: bo
         if split_files:
             path = split_files[0]
     if path.is_dir():
-        rows_in, base_dir = _read_dataset_dir(path, split), path
+        rows_in, base_dir = read_dataset_dir(path, split), path
     elif path.suffix in (".jsonl", ".json"):
-        rows_in, base_dir = _read_json_rows(path), path.parent
+        rows_in, base_dir = read_json_rows(path), path.parent
     else:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'. Use .jsonl, .json or a dataset directory.")
     rows = [normalise_row(row, base_dir, where) for where, row in rows_in]

@@ -62,13 +62,13 @@ def _read_rows(path: Path, split: str) -> tuple[Iterator[InputRow], Path]:
         raise DataError(f"{path}: no such file or directory. Give a .jsonl/.json file or a dataset directory.")
     if path.is_dir():
         def rows() -> Iterator[InputRow]:
-            for i, (where, row) in enumerate(data_module._read_dataset_dir(path, split)):
+            for i, (where, row) in enumerate(data_module.read_dataset_dir(path, split)):
                 yield InputRow(i, where, dict(row))
 
         return rows(), path
     if path.suffix == ".json":
         def rows() -> Iterator[InputRow]:
-            for i, (where, row) in enumerate(data_module._read_json_rows(path)):
+            for i, (where, row) in enumerate(data_module.read_json_rows(path)):
                 yield InputRow(i, where, row if isinstance(row, dict) else None, None if isinstance(row, dict) else f"{where}: expected a JSON object, got {type(row).__name__}")
 
         return rows(), path.parent
