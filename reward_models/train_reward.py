@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_rl.data import DataError
+from vlm_rl.model_loading import LORA_TARGET_MODULES
 
 
 @dataclass
@@ -90,7 +91,7 @@ class RewardTrainingConfig:
     lora_alpha: int = field(default=32)
     lora_dropout: float = field(default=0.05)
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: list(LORA_TARGET_MODULES)
     )
 
     seed: int = field(default=0)

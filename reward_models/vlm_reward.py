@@ -50,6 +50,7 @@ from torch import nn
 from reward_models.base import Reward, completion_texts
 from vlm_rl.atomic import atomic_dir
 from vlm_rl.integrity import check_model_inputs
+from vlm_rl.model_loading import LORA_TARGET_MODULES, language_model_lora_config
 
 REWARD_CONFIG_NAME = "reward_config.json"
 REWARD_HEAD_FILE = "reward_head.safetensors"
@@ -58,7 +59,6 @@ FORMAT_VERSION = 1
 IM_END = "<|im_end|>"
 
 # The language model's linear layers; the vision tower's are named qkv/proj/fc1/fc2, so LoRA stays out of it.
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class RewardInputError(ValueError):
@@ -209,17 +209,11 @@ class VLMRewardModel(nn.Module, Reward):
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         return model.to(device).eval()
 
-    def enable_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] = LORA_TARGETS) -> None:
+    def enable_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] = tuple(LORA_TARGET_MODULES)) -> None:
         """Wrap the backbone with LoRA adapters on the language model's projections; the head stays fully trainable."""
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            target_modules=rf".*language_model.*\.({'|'.join(target_modules)})$",
-        )
-        self.backbone = get_peft_model(self.backbone, lora)
+        self.backbone = get_peft_model(self.backbone, language_model_lora_config(r, alpha, dropout, list(target_modules)))
 
     @property
     def base_backbone(self) -> nn.Module:

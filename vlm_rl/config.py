@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from vlm_rl.advantages import KL_ESTIMATORS
+from vlm_rl.model_loading import LORA_TARGET_MODULES
 
 
 @dataclass
@@ -68,7 +69,7 @@ class PPOConfig(TrainingArguments):
     lora_alpha: int = field(default=32)
     lora_dropout: float = field(default=0.05)
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        default_factory=lambda: list(LORA_TARGET_MODULES),
         metadata={"help": "Language-model modules to adapt (the vision tower stays frozen)."},
     )
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision encoder frozen in full fine-tuning."})

@@ -19,10 +19,31 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 from vlm_rl.tiny import resolve_model_path
 
 ADAPTER_CONFIG = "adapter_config.json"
+# Qwen2-VL's language-model projections; `language_model_lora_config` keeps LoRA out of the vision tower.
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).exists()
+
+
+def adapter_base_path(adapter_dir: str | os.PathLike) -> str:
+    """The (resolved) base model a peft adapter directory was trained on."""
+    return resolve_model_path(json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+
+
+def language_model_lora_config(r: int, alpha: int, dropout: float, target_modules: list[str], **kwargs):
+    """A peft LoraConfig on the language model's `target_modules` only: the regex skips the vision tower
+    (Qwen2.5-VL's vision MLP also has gate/up/down_proj)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=rf".*language_model.*\.({'|'.join(target_modules)})$",
+        **kwargs,
+    )
 
 
 def torch_dtype_for(bf16: bool, fp16: bool) -> torch.dtype:
@@ -35,8 +56,7 @@ def load_base_model(path: str, dtype: torch.dtype) -> Qwen2VLForConditionalGener
     if is_adapter_dir(path):
         from peft import PeftModel
 
-        base_path = json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-        base = Qwen2VLForConditionalGeneration.from_pretrained(resolve_model_path(base_path), dtype=dtype)
+        base = Qwen2VLForConditionalGeneration.from_pretrained(adapter_base_path(path), dtype=dtype)
         return PeftModel.from_pretrained(base, path).merge_and_unload()
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json or {ADAPTER_CONFIG}; give a local Qwen2-VL directory (no hub downloads)")
@@ -48,7 +68,7 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
     path = resolve_model_path(path)
     source = path
     if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
-        source = resolve_model_path(json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+        source = adapter_base_path(path)
     kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     processor = AutoProcessor.from_pretrained(source, **kwargs)
     processor.tokenizer.padding_side = "left"
@@ -69,21 +89,15 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
     if is_adapter_dir(start):
         from peft import PeftModel
 
-        base_path = json.loads((Path(start) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-        base = Qwen2VLForConditionalGeneration.from_pretrained(resolve_model_path(base_path), dtype=dtype)
+        base = Qwen2VLForConditionalGeneration.from_pretrained(adapter_base_path(start), dtype=dtype)
         policy = PeftModel.from_pretrained(base, start, is_trainable=True)
         reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
     elif config.use_peft:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         base = Qwen2VLForConditionalGeneration.from_pretrained(start, dtype=dtype)
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            # Only the language model's projections: the regex keeps LoRA out of the vision tower.
-            target_modules=rf".*language_model.*\.({'|'.join(config.lora_target_modules)})$",
-            task_type="CAUSAL_LM",
+        lora = language_model_lora_config(
+            config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules, task_type="CAUSAL_LM"
         )
         policy = get_peft_model(base, lora)
         reference = freeze(load_base_model(config.ref_model_name_or_path, dtype)) if config.ref_model_name_or_path else None

@@ -32,11 +32,12 @@ from typing import Any, Iterable, Sequence
 import torch
 from trl import SFTConfig
 
+from vlm_rl.model_loading import LORA_TARGET_MODULES
+
 logger = logging.getLogger(__name__)
 
 # The language model's linear layers in Qwen2-VL. The vision tower's layers are named qkv/proj/fc1/fc2, so these
 # names put LoRA on the language model only.
-QWEN2_VL_LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -72,7 +73,7 @@ class VLMSFTConfig(SFTConfig):
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: list(QWEN2_VL_LM_LORA_TARGETS),
+        default_factory=lambda: list(LORA_TARGET_MODULES),
         metadata={"help": "Language-model modules LoRA adapts (matched under `language_model` only)."},
     )
     lora_modules_to_save: list[str] | None = field(
@@ -189,15 +190,14 @@ def lora_config_from(config: VLMSFTConfig):
     """The `peft.LoraConfig` for `config`, or None without `use_peft`."""
     if not config.use_peft:
         return None
-    from peft import LoraConfig
+    from vlm_rl.model_loading import language_model_lora_config
 
-    return LoraConfig(
+    return language_model_lora_config(
+        config.lora_r,
+        config.lora_alpha,
+        config.lora_dropout,
+        config.lora_target_modules,
         task_type="CAUSAL_LM",
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        # A regex: only the language model's projections (Qwen2.5-VL's vision MLP also has gate/up/down_proj).
-        target_modules=rf".*language_model.*\.({'|'.join(config.lora_target_modules)})$",
         modules_to_save=config.lora_modules_to_save,
         bias="none",
     )
@@ -349,7 +349,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 __all__ = [
-    "QWEN2_VL_LM_LORA_TARGETS",
     "VLMSFTConfig",
     "build_trainer",
     "lora_config_from",
