@@ -111,9 +111,10 @@ class RemoteReward(Reward):
         send_image_paths: send images given as file paths as ``{"path": ...}`` for the server to
             read (same filesystem only) instead of encoding them here.
 
-    Keyword columns that are lists with one entry per sample are split into the batches; other
-    JSON-serialisable keyword arguments are sent whole with every batch; anything else (e.g. a
-    trainer-state object) is left out, with a warning when it is a per-sample column.
+    Keyword columns that are lists (also tuples, tensors, arrays) with one entry per sample, e.g.
+    ``answer`` or ``completion_ended``, are split into the batches; other JSON-serialisable keyword
+    arguments are sent whole with every batch; anything else (e.g. a trainer-state object) is left
+    out, with a warning when it is a per-sample column.
     """
 
     def __init__(
@@ -225,8 +226,8 @@ class RemoteReward(Reward):
     def _split_kwargs(self, kwargs: dict, n: int) -> tuple[dict, dict]:
         columns, constants = {}, {}
         for key, value in kwargs.items():
-            is_column = isinstance(value, (list, tuple)) and len(value) == n
-            value = _to_jsonable(value)
+            value = _to_jsonable(value)  # tensors and arrays become lists: columns too
+            is_column = isinstance(value, list) and len(value) == n
             try:
                 json.dumps(value, allow_nan=False)
             except (TypeError, ValueError):

@@ -6,9 +6,13 @@ Architecture
 language model, *no* LM head: a reward model is not a policy) and ``head``, an fp32 ``nn.Linear(H, 1)``.
 A sample is rendered exactly as the policy sees it during PPO::
 
-    chat_template(prompt, add_generation_prompt=True) + response + "<|im_end|>"
+    chat_template(prompt, add_generation_prompt=True) + response + "<|im_end|>"   # the response ended
+    chat_template(prompt, add_generation_prompt=True) + response                  # it was cut off
 
-and its reward is the head applied to the last hidden state of the *last real token* (the ``<|im_end|>``).
+and its reward is the head applied to the last hidden state of the *last real token* (the ``<|im_end|>``, or
+the last response token of a cut-off response). Whether a response ended comes from the reward keyword
+``completion_ended`` (one bool per sample: True when it ended with an eos token, False when it was cut off
+at the length limit); without it every response counts as ended (e.g. scoring finished responses offline).
 That position is read from the attention mask (the highest index whose mask is 1), never from
 ``token != pad_id``: ``<|endoftext|>`` is both pad and an eos. Batches are right-padded by default (then the
 real tokens' positions do not depend on the batch, also for text-only samples), left padding works too
@@ -90,9 +94,12 @@ def encode_for_reward(
     padding_side: str = "right",
     max_length: int | None = None,
     sample_names: Sequence[str] | None = None,
+    completion_ended: Sequence[bool] | None = None,
 ) -> dict:
-    """Chat template(prompt) + completion + ``<|im_end|>`` through the processor, padded on ``padding_side``.
+    """Chat template(prompt) + completion (+ ``<|im_end|>`` if it ended) through the processor, padded on ``padding_side``.
 
+    ``completion_ended`` (one bool per sample, default all True): False marks a response cut off at the length
+    limit, rendered without the closing ``<|im_end|>``.
     Returns ``input_ids, attention_mask, mm_token_type_ids (B, T)``, and when there are images
     ``pixel_values (N_patches, D)``, ``image_grid_thw (N_images, 3)``; plus ``num_images`` (list per sample).
     """
@@ -100,11 +107,14 @@ def encode_for_reward(
     images = [None] * n if images is None else list(images)
     if len(prompts) != n or len(images) != n:
         raise ValueError(f"got {len(prompts)} prompts, {n} completions and {len(images)} image lists")
+    ended = [True] * n if completion_ended is None else [bool(e) for e in completion_ended]
+    if len(ended) != n:
+        raise ValueError(f"got {len(ended)} completion_ended flags for {n} completions")
     per_sample = [_as_image_list(im) for im in images]
     texts = []
-    for prompt, completion, ims in zip(prompts, completions, per_sample):
+    for prompt, completion, ims, end in zip(prompts, completions, per_sample, ended):
         rendered = processor.apply_chat_template(_as_messages(prompt, len(ims)), add_generation_prompt=True, tokenize=False)
-        texts.append(rendered + completion + IM_END)
+        texts.append(rendered + completion + (IM_END if end else ""))
     flat = [im for ims in per_sample for im in ims]
     batch = dict(
         processor(text=texts, images=flat or None, return_tensors="pt", padding=True, padding_side=padding_side)
@@ -241,7 +251,7 @@ class VLMRewardModel(nn.Module, Reward):
                 "format_version": FORMAT_VERSION,
                 "name": self.name,
                 "architecture": "Qwen2VLModel backbone + fp32 Linear(hidden, 1) on the last real token",
-                "input_format": "chat_template(prompt, add_generation_prompt=True) + response + '<|im_end|>'",
+                "input_format": "chat_template(prompt, add_generation_prompt=True) + response + ('<|im_end|>' if it ended)",
                 "hidden_size": self.head.in_features,
                 "batch_size": self.batch_size,
                 "padding_side": self.padding_side,
@@ -259,9 +269,10 @@ class VLMRewardModel(nn.Module, Reward):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def encode(self, prompts, completions, images=None, sample_names=None) -> dict:
+    def encode(self, prompts, completions, images=None, sample_names=None, completion_ended=None) -> dict:
+        """`encode_for_reward` with this model's processor, padding side and max_length."""
         return encode_for_reward(
-            self.processor, prompts, completions, images, self.padding_side, self.max_length, sample_names
+            self.processor, prompts, completions, images, self.padding_side, self.max_length, sample_names, completion_ended
         )
 
     def forward(
@@ -300,13 +311,20 @@ class VLMRewardModel(nn.Module, Reward):
         return self.score(*args, **kwargs)
 
     @torch.no_grad()
-    def score(self, prompts, completions, images=None, **kwargs) -> list[float]:
-        """One reward per completion (TRL's reward signature); batched, no grad, integrity-checked."""
+    def score(self, prompts, completions, images=None, completion_ended=None, **kwargs) -> list[float]:
+        """One reward per completion (TRL's reward signature); batched, no grad, integrity-checked.
+
+        ``completion_ended`` (one bool per completion; default all True): False for a response cut off at the
+        length limit, which is then scored without a closing ``<|im_end|>``.
+        """
         completions = completion_texts(completions)
         n = len(completions)
         if prompts is None or len(prompts) != n:
             raise ValueError(f"{self.name}: got {0 if prompts is None else len(prompts)} prompts for {n} completions")
         images = [None] * n if images is None else list(images)
+        ended = [True] * n if completion_ended is None else list(completion_ended)
+        if len(ended) != n:
+            raise ValueError(f"{self.name}: got {len(ended)} completion_ended flags for {n} completions")
         sources = kwargs.get("_source") or [None] * n
         names = [str(s) if s is not None else f"sample {i}" for i, s in enumerate(sources)]
         was_training = self.training
@@ -315,7 +333,7 @@ class VLMRewardModel(nn.Module, Reward):
         try:
             for start in range(0, n, self.batch_size):
                 sl = slice(start, start + self.batch_size)
-                batch = self.encode(prompts[sl], completions[sl], images[sl], names[sl])
+                batch = self.encode(prompts[sl], completions[sl], images[sl], names[sl], ended[sl])
                 num_images = batch.pop("num_images")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 rewards = self.forward(**batch, num_images=num_images, sample_names=names[sl], where=f"reward model {self.name!r}")

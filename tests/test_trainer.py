@@ -6,14 +6,11 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-from reward_models.base import load_rewards
+from trainer_helpers import completion_length, make_trainer, start
 from vlm_rl.advantages import shape_rewards
-from vlm_rl.config import PPOConfig
 from vlm_rl.data import load_samples
 from vlm_rl.generation import eos_token_ids, pad_token_id
-from vlm_rl.model_loading import load_policy_and_reference, load_processor
 from vlm_rl.rollout import Rollout, encode_prompts
-from vlm_rl.trainer import PPOTrainer
 from vlm_rl.value_head import load_value_head
 
 TRL_METRICS = [
@@ -35,54 +32,11 @@ TRL_METRICS = [
 ]
 
 
-def completion_length(prompts, completions, **kwargs):
-    """A reward that always varies across samples, so that every PPO step has a signal."""
-    return [float(len(c)) for c in completions]
-
-
-def make_trainer(tmp_path, model_dir, data_dir, reward=("exact_match",), **overrides) -> PPOTrainer:
-    settings = dict(
-        output_dir=str(tmp_path / "run"),
-        model_name_or_path=str(model_dir),
-        train_data=str(data_dir / "train.jsonl"),
-        use_cpu=True,
-        report_to="none",
-        seed=0,
-        max_new_tokens=4,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        num_mini_batches=1,
-        local_rollout_forward_batch_size=8,
-        num_ppo_epochs=1,
-        learning_rate=1e-3,
-        total_episodes=16,
-        save_steps=0,
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    config = PPOConfig(**settings)
-    policy, reference = load_policy_and_reference(config)
-    return PPOTrainer(
-        args=config,
-        processing_class=load_processor(config.model_name_or_path),
-        model=policy,
-        ref_model=reference,
-        reward=load_rewards(list(reward)),
-        train_dataset=load_samples(config.train_data),
-    )
-
-
-def start(trainer):
-    """The part of train() that prepares the model and optimizer, for tests that drive one iteration by hand."""
-    trainer.create_optimizer_and_scheduler(num_training_steps=trainer.num_total_batches)
-    trainer.model_wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
-    trainer.model_wrapped.eval()
-
-
 def test_rollout_logprobs_equal_training_forward_at_epoch_0(tmp_path, tiny_model_dir, synthetic_data_dir):
     trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir)
     start(trainer)
-    rollout, samples = trainer.make_rollout(trainer.batch_samples(0))
+    samples = trainer.batch_samples(0)
+    rollout = trainer.make_rollout(samples)
     scored = trainer.score(rollout, samples)
     trainer.model_wrapped.train()
     logprobs, _, values = trainer.model_wrapped(rollout.select(range(len(rollout))), trainer.args.temperature)
@@ -116,7 +70,8 @@ def test_ppo_step_changes_trainable_parameters_only(tmp_path, tiny_model_dir, sy
     policy = trainer.model.policy
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     ref_before = {n: p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
-    rollout, samples = trainer.make_rollout(trainer.batch_samples(0))
+    samples = trainer.batch_samples(0)
+    rollout = trainer.make_rollout(samples)
     scored = trainer.score(rollout, samples)
     scored["scores"] = torch.linspace(-1, 1, len(rollout))  # a reward signal even if nothing is right yet
     trainer.optimise(rollout, {**scored, **trainer.advantages(rollout, scored)})
@@ -140,7 +95,7 @@ def test_train_logs_checkpoints_and_resumes_exactly(tmp_path, tiny_model_dir, sy
     for name in TRL_METRICS:
         assert all(name in h for h in history), name
     checkpoint = run / "checkpoint-1"
-    for f in ["model.safetensors", "value_head.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth", "tokenizer.json"]:
+    for f in ["model.safetensors", "value_head.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state_0.pth", "manifest.json", "ppo_config.yaml", "tokenizer.json"]:
         assert (checkpoint / f).exists(), f
     Qwen2VLForConditionalGeneration.from_pretrained(checkpoint)
     AutoProcessor.from_pretrained(checkpoint)
@@ -169,7 +124,7 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tmp_path, tiny_model_
     assert not any("visual" in n for n in trainable)
     trainer.train()
     base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
-    rollout, _ = trainer.make_rollout(trainer.batch_samples(0))
+    rollout = trainer.make_rollout(trainer.batch_samples(0))
     from vlm_rl.logprobs import response_logprobs
 
     with torch.no_grad():

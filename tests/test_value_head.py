@@ -35,3 +35,13 @@ def test_missing_or_mismatched_head_is_a_clear_error(tmp_path):
     save_value_head(ValueHead(16), tmp_path)
     with pytest.raises(ValueError, match="hidden size 16, the policy has 32"):
         load_value_head(tmp_path, 32)
+
+
+def test_value_head_stays_fp32_under_bf16_autocast():
+    head = ValueHead(8)
+    torch.nn.init.normal_(head.summary.weight)
+    hidden = torch.randn(2, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = head(hidden.bfloat16())
+    assert values.dtype == torch.float32
+    assert torch.equal(values, head(hidden.bfloat16().float()))  # exactly the fp32 computation

@@ -6,10 +6,12 @@ Outputs are 0 wherever `mask` is False, and rows without any valid token come ou
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from vlm_rl.masking import masked_mean, masked_var
+from vlm_rl.masking import masked_sum
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -30,16 +32,22 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """`x` normalised to mean 0 and unbiased variance 1 over its valid entries; 0 where `mask` is False.
 
     With `shift_mean=False` the mean is added back after scaling (TRL's convention). With fewer than
     two valid entries the variance is undefined and `x` is only centred, not scaled: a single valid
     entry whitens to 0 (to itself with `shift_mean=False`).
+
+    `all_reduce_sum` (e.g. a sum over ranks) turns the statistics global: with each rank holding a
+    shard of the batch, the count, the sum and the sum of squared deviations are summed over ranks, so
+    every rank whitens with the statistics of the whole batch, as if it were on one process.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
-    inv_std = torch.where(mask.sum() >= 2, torch.rsqrt(var + 1e-8), 1.0)
+    total = all_reduce_sum or (lambda t: t)
+    count = total(mask.sum().to(x.dtype))
+    mean = total(masked_sum(x, mask)) / count.clamp(min=1)
+    var = total(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
+    inv_std = torch.where(count >= 2, torch.rsqrt(var + 1e-8), 1.0)
     whitened = (x - mean) * inv_std  # (B, T)
     if not shift_mean:
         whitened = whitened + mean

@@ -52,8 +52,12 @@ def generate_all(model, processor, samples: list[dict], config, batch_size: int,
 def score_generations(
     reward, samples: list[dict], completions: list[str], eos: list[bool], lengths: list[int], kls: list[float]
 ) -> tuple[list[dict], list[float | None]]:
-    """One model's per-prompt records for `summarize`, and its combined reward per prompt."""
-    _, combined = reward.score([s["prompt"] for s in samples], completions, **reward_kwargs(samples))
+    """One model's per-prompt records for `summarize`, and its combined reward per prompt.
+
+    The rewards receive `completion_ended=eos`: whether each response ended with an eos token.
+    """
+    columns = {**reward_kwargs(samples), "completion_ended": list(eos)}
+    _, combined = reward.score([s["prompt"] for s in samples], completions, **columns)
     records = [
         {"prompt_id": i, "reward": r, "eos": e, "length": n, "kl_to_first": kl}
         for i, (r, e, n, kl) in enumerate(zip(combined, eos, lengths, kls, strict=True))

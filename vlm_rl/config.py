@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from vlm_rl.advantages import KL_ESTIMATORS
+from vlm_rl.errors import UserError
 from vlm_rl.model_loading import LORA_TARGET_MODULES
+
+
+class ConfigError(UserError, ValueError):
+    """A PPOConfig field with a value that makes no sense; the message names the field."""
 
 
 @dataclass
@@ -17,7 +23,9 @@ class PPOConfig(TrainingArguments):
     Batch arithmetic (per process, as in TRL's PPO):
         local_batch_size = per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches
     prompts are rolled out per iteration on each process; each PPO epoch splits them into
-    `num_mini_batches` optimiser steps of `gradient_accumulation_steps` micro-batches each.
+    `num_mini_batches` optimiser steps of `gradient_accumulation_steps` micro-batches each. An
+    iteration is `num_ppo_epochs x num_mini_batches` optimiser steps whatever the micro-batch split,
+    and a mini-batch's gradient does not depend on that split or on the number of processes.
     """
 
     # Model and data
@@ -49,7 +57,13 @@ class PPOConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (logprobs use the same)."})
     local_rollout_forward_batch_size: int = field(default=16, metadata={"help": "Micro-batch for the no-grad scoring forwards."})
     total_episodes: int | None = field(default=None, metadata={"help": "Prompts to roll out in total; default num_train_epochs x dataset size."})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of responses without eos."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of responses without eos (recommended with learned rewards)."}
+    )
+    max_unscored_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Stop with an error when a reward cannot score (returns None for) more than this fraction of a batch."},
+    )
 
     # PPO
     num_ppo_epochs: int = field(default=4, metadata={"help": "Optimisation passes over each rollout batch."})
@@ -58,7 +72,9 @@ class PPOConfig(TrainingArguments):
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty weight in the per-token reward."})
-    kl_estimator: str = field(default="k1", metadata={"help": "k1, k2 or k3."})
+    kl_estimator: str = field(
+        default="k1", metadata={"help": "k1 (the only unbiased gradient of KL as a per-token reward), k2 or k3."}
+    )
     gamma: float = field(default=1.0, metadata={"help": "Discount."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the shaped per-token rewards before GAE."})
@@ -73,6 +89,18 @@ class PPOConfig(TrainingArguments):
         metadata={"help": "Language-model modules to adapt (the vision tower stays frozen)."},
     )
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision encoder frozen in full fine-tuning."})
+
+    # Precision and robustness
+    bf16_weights: bool = field(
+        default=False,
+        metadata={"help": "With --bf16, keep the trained weights in bf16 too (saves memory; small updates are lost to rounding). Default: fp32 master weights, bf16 compute."},
+    )
+    max_skipped_steps: int = field(
+        default=3, metadata={"help": "Stop after this many optimiser steps in a row skipped for a non-finite loss or gradient norm."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start afresh in an output_dir that already holds a run (its checkpoints are replaced)."}
+    )
 
     # Runtime
     torch_num_threads: int | None = field(
@@ -92,12 +120,33 @@ class PPOConfig(TrainingArguments):
 
     def __post_init__(self):
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        for name in ("num_ppo_epochs", "num_mini_batches", "max_new_tokens", "local_rollout_forward_batch_size"):
+            raise ConfigError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.kl_estimator != "k1" and self.kl_coef > 0:
+            warnings.warn(
+                f"kl_estimator={self.kl_estimator!r} in the per-token reward: only k1 gives an unbiased gradient of "
+                "KL(policy || reference) when the penalty is a reward (k3 is unbiased as a value, not as a reward)",
+                stacklevel=2,
+            )
+        at_least_one = (
+            "per_device_train_batch_size", "gradient_accumulation_steps", "num_ppo_epochs", "num_mini_batches",
+            "max_new_tokens", "local_rollout_forward_batch_size", "max_prompt_length", "max_skipped_steps",
+        )
+        for name in at_least_one:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.total_episodes is not None and self.total_episodes < 1:
+            raise ConfigError(f"total_episodes must be >= 1, got {self.total_episodes}")
+        for name in ("kl_coef", "vf_coef", "learning_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("temperature", "cliprange", "cliprange_value"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam", "max_unscored_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.bf16_weights and not self.bf16:
+            raise ConfigError("bf16_weights needs --bf16 (it keeps the trained weights in the bf16 compute dtype)")
         if isinstance(self.reward, str):
             self.reward = [self.reward]
         super().__post_init__()

@@ -2,7 +2,7 @@
 
 Only the hidden states that predict response tokens go through the LM head: a VLM prompt holds hundreds
 of image tokens, and their logits over a 151k vocabulary are never materialised. Logits are divided by
-the sampling temperature and taken in fp32, so that they are the distribution the rollout sampled from.
+the sampling temperature and taken in fp32 (also under bf16 autocast), so that they are the distribution the rollout sampled from.
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ def response_logprobs(
     if hidden is None:
         hidden = response_hidden_states(model, rollout, where)
     _, lm_head = causal_lm_parts(model)
-    logits = lm_head(hidden).float() / temperature  # (B, T_r, V)
-    logprobs = selective_log_softmax(logits, rollout.responses)  # (B, T_r)
-    entropy = entropy_from_logits(logits)  # (B, T_r)
+    logits = lm_head(hidden)  # (B, T_r, V), in the compute dtype (bf16 under autocast)
+    with torch.autocast(device_type=logits.device.type, enabled=False):  # the log-softmax in fp32
+        logits = logits.float() / temperature
+        logprobs = selective_log_softmax(logits, rollout.responses)  # (B, T_r)
+        entropy = entropy_from_logits(logits)  # (B, T_r)
     mask = rollout.response_mask
     return logprobs.masked_fill(~mask, 0.0), entropy.masked_fill(~mask, 0.0)

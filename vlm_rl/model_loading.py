@@ -83,8 +83,15 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
-    """(trainable policy, frozen reference or None when the reference is the policy with adapters disabled)."""
-    dtype = torch_dtype_for(config.bf16, config.fp16)
+    """(trainable policy, frozen reference or None when the reference is the policy with adapters disabled).
+
+    Mixed precision as in the Trainer: `--bf16`/`--fp16` set the compute dtype (autocast), while the
+    weights the optimiser updates stay fp32 (the master weights), unless `bf16_weights` asks for
+    bf16 weights to save memory. Frozen weights (the reference, a LoRA policy's base) are held in the
+    compute dtype; LoRA adapters are fp32 (peft's `autocast_adapter_dtype`).
+    """
+    dtype = torch_dtype_for(config.bf16, config.fp16)  # compute dtype, for frozen weights
+    trained_dtype = dtype if config.bf16_weights else torch.float32
     start = resolve_model_path(config.model_name_or_path)
     if is_adapter_dir(start):
         from peft import PeftModel
@@ -102,7 +109,7 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
         policy = get_peft_model(base, lora)
         reference = freeze(load_base_model(config.ref_model_name_or_path, dtype)) if config.ref_model_name_or_path else None
     else:
-        policy = Qwen2VLForConditionalGeneration.from_pretrained(start, dtype=dtype)
+        policy = Qwen2VLForConditionalGeneration.from_pretrained(start, dtype=trained_dtype)
         if config.freeze_vision_tower:
             for p in policy.model.visual.parameters():
                 p.requires_grad_(False)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 from trl import TrlParser
 
 from vlm_rl.config import PPOConfig
 from vlm_rl.data import load_samples
 from vlm_rl.model_loading import load_policy_and_reference, load_processor
+from vlm_rl.preemption import Preempted
 from vlm_rl.synthetic_data import resolve_data_path
 from vlm_rl.trainer import PPOTrainer
 from vlm_rl.value_head import hidden_size_of, load_value_head
@@ -62,8 +65,6 @@ def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     argv = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "--reward")
     (config,) = TrlParser((PPOConfig,)).parse_args_and_config(args=argv)
     if config.torch_num_threads:
@@ -71,7 +72,12 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(config.torch_num_threads)
     trainer = build_trainer(config)
-    trainer.train()
+    try:
+        trainer.train()
+    except Preempted as stopped:
+        if trainer.is_world_process_zero():
+            print(stopped, file=sys.stderr, flush=True)
+        sys.exit(stopped.exit_code)
     if trainer.is_world_process_zero():
         print(f"PPO done: {trainer.state.global_step} iterations; policy, value head and processor in {config.output_dir}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -43,6 +44,15 @@ def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None
                 "lower the processor's max_pixels, or set skip_long_prompts to drop such samples"
             )
     return batch
+
+
+def prompt_lengths(processor, samples: Sequence[dict], batch_size: int = 32) -> list[int]:
+    """Each sample's prompt length in tokens, image tokens included, as `encode_prompts` makes it."""
+    lengths = []
+    for start in range(0, len(samples), batch_size):
+        batch = encode_prompts(processor, [samples[i] for i in range(start, min(start + batch_size, len(samples)))])
+        lengths += batch["attention_mask"].sum(dim=1).tolist()
+    return lengths
 
 
 @dataclass

@@ -1,19 +1,28 @@
 """PPOTrainer: rollout -> score -> advantages -> PPO epochs, orchestrated with accelerate.
 
 Built on transformers' Trainer for what users expect of a TRL trainer (report_to, callbacks, the progress
-bar, TrainerState and trainer_state.json, checkpoint rotation, RNG state) and on TRL's utilities for the
-rest. The math lives in advantages.py and losses.py; this file only wires it together.
+bar, TrainerState and trainer_state.json, checkpoint rotation) and on TRL's utilities for the rest. The
+math lives in advantages.py and losses.py, checkpoints in checkpoint.py; this file only wires it together.
+
+What stays right at scale: one optimiser step (and one gradient clip) per mini-batch, whatever its split
+into micro-batches; the loss is a token mean over the whole mini-batch on every rank (so the gradient does
+not depend on the split or on the number of ranks); advantages are whitened over the global batch; fp32
+master weights under bf16 autocast; samples a reward cannot score take no part in the update.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainerState
@@ -22,17 +31,32 @@ from transformers.trainer_utils import rotate_checkpoints
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
+from vlm_rl import checkpoint as ckpt
 from vlm_rl.advantages import compute_gae, kl_penalty, shape_rewards, whiten
-from vlm_rl.atomic import atomic_dir
-from vlm_rl.config import PPOConfig
+from vlm_rl.atomic import atomic_file
+from vlm_rl.config import ConfigError, PPOConfig
 from vlm_rl.data import PromptDataset, reward_kwargs
-from vlm_rl.integrity import check_model_inputs
+from vlm_rl.errors import UserError
 from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
+from vlm_rl.integrity import check_model_inputs
 from vlm_rl.logprobs import response_logprobs
 from vlm_rl.losses import policy_loss, value_loss
 from vlm_rl.masking import masked_mean
-from vlm_rl.rollout import PromptTooLongError, Rollout, encode_prompts
+from vlm_rl.preemption import Preempted, StopOnSignal, resume_command
+from vlm_rl.rollout import Rollout, encode_prompts, prompt_lengths
 from vlm_rl.value_head import PolicyAndValue, ValueHead, hidden_size_of, load_value_head, save_value_head
+
+logger = logging.getLogger(__name__)
+CONFIG_FILE = "ppo_config.yaml"
+
+
+class RewardCoverageError(UserError):
+    """A reward returned None ("cannot score") for more of a batch than `max_unscored_fraction` allows."""
+
+
+class NonFiniteError(RuntimeError):
+    """`max_skipped_steps` optimiser steps in a row had a non-finite loss or gradient norm."""
+
 
 class PPOTrainer(Trainer):
     """PPO with a shared-backbone value head for Qwen2-VL; `accelerate launch` it like any TRL trainer."""
@@ -55,6 +79,8 @@ class PPOTrainer(Trainer):
         self.reward = reward
         self.ref_model = ref_model
         value_head = value_head if value_head is not None else ValueHead(hidden_size_of(model))
+        if args.skip_long_prompts:
+            train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
         super().__init__(
             model=PolicyAndValue(model, value_head),
             args=args,
@@ -70,13 +96,14 @@ class PPOTrainer(Trainer):
         self.generation_config = make_generation_config(tokenizer, args.max_new_tokens, temperature=args.temperature)
         self.global_batch_size = args.local_batch_size * self.accelerator.num_processes
         self.batches_per_epoch = len(train_dataset) // self.global_batch_size
+        batch = "(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x processes)"
         if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"the dataset has {len(train_dataset)} prompts, fewer than one batch of {self.global_batch_size} "
-                "(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x processes)"
-            )
+            raise ConfigError(f"the dataset has {len(train_dataset)} prompts, fewer than one batch of {self.global_batch_size} {batch}")
         total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset))
+        if total_episodes < self.global_batch_size:
+            raise ConfigError(f"total_episodes={total_episodes} is less than one batch of {self.global_batch_size} {batch}")
         self.num_total_batches = math.ceil(total_episodes / self.global_batch_size)
+        self.skipped_in_a_row = 0
 
     # ---- data -------------------------------------------------------------------------------------
 
@@ -87,32 +114,25 @@ class PPOTrainer(Trainer):
         start = k * self.global_batch_size + self.accelerator.process_index * self.args.local_batch_size
         return [self.train_dataset[int(i)] for i in order[start : start + self.args.local_batch_size]]
 
-    def encode(self, samples: list[dict]) -> tuple[dict, list[dict]]:
-        try:
-            return encode_prompts(self.processor, samples, self.args.max_prompt_length), samples
-        except PromptTooLongError:
-            if not self.args.skip_long_prompts:
-                raise
-        kept = [s for s in samples if len(encode_prompts(self.processor, [s])["input_ids"][0]) <= self.args.max_prompt_length]
-        if not kept:
-            raise PromptTooLongError(f"every prompt of this batch exceeds max_prompt_length={self.args.max_prompt_length}")
-        return encode_prompts(self.processor, kept, self.args.max_prompt_length), kept
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over all processes (itself on one); `t` must live on `accelerator.device`."""
+        return t if self.accelerator.num_processes == 1 else self.accelerator.reduce(t.clone(), reduction="sum")
 
     # ---- one PPO iteration --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def make_rollout(self, samples: list[dict]) -> tuple[Rollout, list[dict]]:
+    def make_rollout(self, samples: list[dict]) -> Rollout:
         """Steps 1-2: encode the prompts (left-padded) and generate all responses in one batched call."""
-        query, samples = self.encode(samples)
+        query = encode_prompts(self.processor, samples, self.args.max_prompt_length)
         query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
         generate_inputs = {k: v for k, v in query.items() if k != "num_images"}
         sources = [s["_source"] for s in samples]
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as unwrapped:
+        ) as unwrapped, self.accelerator.autocast():  # sample from the distribution the bf16 forwards compute
             check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], sources, "rollout generate")
             responses = generate_responses(unwrapped.policy, generate_inputs, self.generation_config)  # (B, T_r)
-        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources), samples
+        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources)
 
     @torch.no_grad()
     def score(self, rollout: Rollout, samples: list[dict]) -> dict[str, torch.Tensor | dict]:
@@ -127,81 +147,155 @@ class PPOTrainer(Trainer):
             entropy.append(ent)
             values.append(v)
             ref_logprobs.append(self.reference_logprobs(mb))
+        # Rule rewards read the text; a learned reward model also needs to know whether the response ended.
         completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
-        columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **reward_kwargs(samples))
+        kwargs = {**reward_kwargs(samples), "completion_ended": rollout.has_eos.tolist()}
+        columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **kwargs)
         device = rollout.query_response.device
-        unscored = torch.tensor([c is None for c in combined], device=device)
-        scores = torch.tensor([0.0 if c is None else float(c) for c in combined], device=device)  # (B,)
+        unscored = torch.tensor([c is None for c in combined], device=device)  # (B,)
+        self.check_reward_coverage(columns, unscored)
         return {
             "logprobs": torch.cat(logprobs),  # (B, T_r)
             "ref_logprobs": torch.cat(ref_logprobs),  # (B, T_r)
             "values": torch.cat(values),  # (B, T_r)
             "entropy": torch.cat(entropy),  # (B, T_r)
-            "scores": scores,
+            "scores": torch.tensor([0.0 if c is None else float(c) for c in combined], device=device),  # (B,)
             "unscored": unscored,
             "reward_columns": columns,
             "completions": completions,
         }
 
+    def check_reward_coverage(self, columns: dict[str, list], unscored: torch.Tensor) -> None:
+        """Stop when the rewards could not score more than `max_unscored_fraction` of the global batch."""
+        device = self.accelerator.device
+        n = self.sum_over_ranks(torch.tensor(float(len(unscored)), device=device))
+        fraction = (self.sum_over_ranks(unscored.float().sum().to(device)) / n).item()
+        if fraction <= self.args.max_unscored_fraction:
+            return
+        per_reward = {
+            name: (self.sum_over_ranks(torch.tensor(float(sum(v is None for v in col)), device=device)) / n).item()
+            for name, col in columns.items()
+        }
+        names = ", ".join(f"{name!r} returned None for {f:.0%}" for name, f in per_reward.items() if f > 0)
+        raise RewardCoverageError(
+            f"{fraction:.0%} of this batch could not be scored (max_unscored_fraction={self.args.max_unscored_fraction}): "
+            f"{names}. A reward that cannot score that much of the data is broken or mismatched to it; fix the reward "
+            "or the data, or raise max_unscored_fraction"
+        )
+
     def reference_logprobs(self, mb: Rollout) -> torch.Tensor:
         """Logprobs under the model as it was when PPO started (see model_loading for the three cases)."""
-        if self.ref_model is not None:
-            return response_logprobs(self.ref_model, mb, self.args.temperature, where="reference forward")[0]
-        policy = self.accelerator.unwrap_model(self.model_wrapped).policy
-        with policy.disable_adapter():
-            return response_logprobs(policy, mb, self.args.temperature, where="reference forward (adapters disabled)")[0]
+        with self.accelerator.autocast():  # the same compute dtype as the policy's forwards
+            if self.ref_model is not None:
+                return response_logprobs(self.ref_model, mb, self.args.temperature, where="reference forward")[0]
+            policy = self.accelerator.unwrap_model(self.model_wrapped).policy
+            with policy.disable_adapter():
+                return response_logprobs(policy, mb, self.args.temperature, where="reference forward (adapters disabled)")[0]
 
     def advantages(self, rollout: Rollout, scored: dict) -> dict[str, torch.Tensor]:
-        """Steps 4-5: shaped per-token rewards, GAE, whitened advantages."""
+        """Steps 4-5: shaped per-token rewards, GAE, advantages whitened over the global batch.
+
+        Unscored samples are left out (`train_mask` is False on all their tokens): they get no reward,
+        no advantage, no share of the whitening statistics and no loss.
+        """
         args = self.args
         mask = rollout.response_mask  # (B, T_r)
+        train_mask = mask & ~scored["unscored"][:, None]  # (B, T_r)
         scores = scored["scores"]
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~rollout.has_eos).float()
         kl = torch.where(mask, kl_penalty(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator), 0.0)  # (B, T_r)
-        rewards = shape_rewards(scores, kl, mask, args.kl_coef)  # (B, T_r)
+        rewards = shape_rewards(scores, kl, train_mask, args.kl_coef)  # (B, T_r)
         if args.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
-        advantages, returns = compute_gae(rewards, scored["values"], mask, args.gamma, args.lam)
-        return {"kl": kl, "scores": scores, "advantages": whiten(advantages, mask), "returns": returns}
+            rewards = whiten(rewards, train_mask, shift_mean=False, all_reduce_sum=self.sum_over_ranks)
+        advantages, returns = compute_gae(rewards, scored["values"], train_mask, args.gamma, args.lam)
+        advantages = whiten(advantages, train_mask, all_reduce_sum=self.sum_over_ranks)
+        return {"kl": kl, "scores": scores, "train_mask": train_mask, "advantages": advantages, "returns": returns}
 
     def optimise(self, rollout: Rollout, old: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-        """Step 6: num_ppo_epochs x mini-batches x gradient-accumulated micro-batches."""
-        args = self.args
+        """Step 6: num_ppo_epochs x mini-batches, one optimiser step per mini-batch."""
         stats = defaultdict(list)
         self.model_wrapped.train()
-        for _ in range(args.num_ppo_epochs):
+        for _ in range(self.args.num_ppo_epochs):
             order = torch.randperm(len(rollout))
-            for mini_start in range(0, len(rollout), args.local_mini_batch_size):
-                mini = order[mini_start : mini_start + args.local_mini_batch_size]
-                for micro_start in range(0, len(mini), args.per_device_train_batch_size):
-                    idx = mini[micro_start : micro_start + args.per_device_train_batch_size].tolist()
-                    mb = rollout.select(idx)
-                    with self.accelerator.accumulate(self.model_wrapped):
-                        logprobs, entropy, values = self.model_wrapped(mb, args.temperature, where="training forward")
-                        pg_loss, pg_stats = policy_loss(logprobs, old["logprobs"][idx], old["advantages"][idx], mb.response_mask, args.cliprange)
-                        vf_loss, vf_stats = value_loss(values, old["values"][idx], old["returns"][idx], mb.response_mask, args.cliprange_value)
-                        loss = pg_loss + args.vf_coef * vf_loss
-                        self.accelerator.backward(loss)
-                        if self.accelerator.sync_gradients and args.max_grad_norm is not None and args.max_grad_norm > 0:
-                            self.accelerator.clip_grad_norm_(self.model_wrapped.parameters(), args.max_grad_norm)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad()
-                    stats["policy/approxkl_avg"].append(pg_stats["approxkl"])
-                    stats["policy/clipfrac_avg"].append(pg_stats["clipfrac"])
-                    stats["loss/policy_avg"].append(pg_loss.detach())
-                    stats["loss/value_avg"].append(vf_loss.detach())
-                    stats["val/clipfrac_avg"].append(vf_stats["clipfrac"])
-                    stats["policy/entropy_avg"].append(masked_mean(entropy.detach(), mb.response_mask))
-                    stats["val/ratio"].append(pg_stats["ratio"])
+            for start in range(0, len(rollout), self.args.local_mini_batch_size):
+                self.optimiser_step(rollout, old, order[start : start + self.args.local_mini_batch_size], stats)
         self.model_wrapped.eval()
         return stats
+
+    def optimiser_step(self, rollout: Rollout, old: dict[str, torch.Tensor], mini: torch.Tensor, stats: dict) -> None:
+        """One optimiser step on the mini-batch `mini`: its micro-batches' gradients accumulated without
+        synchronising, the loss a token mean over the mini-batch's valid tokens on all ranks, then one
+        all-reduce, one clip and one step (skipped when the loss or the gradient norm is not finite)."""
+        args, accelerator = self.args, self.accelerator
+        device = accelerator.device
+        num_items = self.sum_over_ranks(old["train_mask"][mini].sum().float().to(device))
+        if num_items == 0:  # every sample of this mini-batch is unscored, on every rank
+            return
+        micro_batches = mini.split(args.per_device_train_batch_size)
+        totals = torch.zeros(2, device=device)  # this rank's share of the mini-batch's policy and value losses
+        finite = True
+        for k, micro in enumerate(micro_batches):
+            idx = micro.tolist()
+            mb = rollout.select(idx)
+            mask = old["train_mask"][idx]  # (b, T_r)
+            last = k == len(micro_batches) - 1
+            with nullcontext() if last else accelerator.no_sync(self.model_wrapped):
+                logprobs, entropy, values = self.model_wrapped(mb, args.temperature, where="training forward")
+                pg_loss, pg_stats = policy_loss(logprobs, old["logprobs"][idx], old["advantages"][idx], mask, args.cliprange, num_items)
+                vf_loss, vf_stats = value_loss(values, old["values"][idx], old["returns"][idx], mask, args.cliprange_value, num_items)
+                loss = pg_loss + args.vf_coef * vf_loss
+                finite &= bool(torch.isfinite(loss))
+                # DDP averages gradients over ranks; the token mean is already over all ranks' tokens.
+                accelerator.backward(loss * accelerator.num_processes)
+            totals += torch.stack([pg_loss.detach(), vf_loss.detach()])
+            if mask.any():
+                stats["policy/approxkl_avg"].append(pg_stats["approxkl"])
+                stats["policy/clipfrac_avg"].append(pg_stats["clipfrac"])
+                stats["val/clipfrac_avg"].append(vf_stats["clipfrac"])
+                stats["policy/entropy_avg"].append(masked_mean(entropy.detach(), mask))
+                stats["val/ratio"].append(pg_stats["ratio"])
+        grad_norm = accelerator.clip_grad_norm_(self.model_wrapped.parameters(), args.max_grad_norm or math.inf)
+        not_finite = self.sum_over_ranks(torch.tensor(float(not finite), device=device)) > 0
+        if not_finite or not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad()
+            self.skip_step(grad_norm)
+            stats["train/skipped_steps"].append(torch.ones((), device=device))
+            return
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.skipped_in_a_row = 0
+        # Logged as the mean over ranks, so each rank reports its share x ranks: the mean is the mini-batch's loss.
+        stats["loss/policy_avg"].append(totals[0] * accelerator.num_processes)
+        stats["loss/value_avg"].append(totals[1] * accelerator.num_processes)
+        stats["train/grad_norm"].append(grad_norm.detach().float())
+        stats["train/skipped_steps"].append(torch.zeros((), device=device))
+
+    def skip_step(self, grad_norm: torch.Tensor) -> None:
+        """Count a skipped step; after `max_skipped_steps` in a row, write a checkpoint and stop."""
+        self.skipped_in_a_row += 1
+        logger.warning(
+            f"iteration {self.state.global_step + 1}: non-finite loss or gradient norm ({float(grad_norm)}); optimiser step "
+            f"skipped ({self.skipped_in_a_row} in a row, at most {self.args.max_skipped_steps})"
+        )
+        if self.skipped_in_a_row < self.args.max_skipped_steps:
+            return
+        path = Path(self.args.output_dir) / f"{ckpt.PREFIX}{self.state.global_step}"
+        if not path.exists():  # the weights are still those of the last good step: skipped steps changed nothing
+            path = self.save_checkpoint()
+        raise NonFiniteError(
+            f"{self.args.max_skipped_steps} optimiser steps in a row had a non-finite loss or gradient norm; stopped. "
+            f"{path} holds the weights from before them. Lower the learning rate, check the reward for extreme values, "
+            "or try fp32/bf16 instead of fp16"
+        )
 
     # ---- the loop ---------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         args = self.args
         accelerator = self.accelerator
+        checkpoint = self.resolve_checkpoint(resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint)
+        replaced = self.claim_output_dir() if checkpoint is None else None
         self.create_optimizer_and_scheduler(num_training_steps=self.num_total_batches)
         self.model_wrapped, self.optimizer = accelerator.prepare(self.model, self.optimizer)
         self.model_wrapped.eval()
@@ -214,92 +308,163 @@ class PPOTrainer(Trainer):
         )
         self.state.is_local_process_zero = self.is_local_process_zero()
         self.state.is_world_process_zero = self.is_world_process_zero()
-        checkpoint = self.resolve_checkpoint(resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint)
         # Each process samples with its own stream (after resuming, the saved per-process RNG state takes over).
         torch.manual_seed(args.seed + accelerator.process_index)
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
+        if self.is_world_process_zero():
+            with atomic_file(Path(args.output_dir) / CONFIG_FILE) as f:
+                yaml.safe_dump(self.run_config(), f, sort_keys=True)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start_time = time.time()
         episodes_at_start = self.state.global_step * self.global_batch_size
 
-        for iteration in range(self.state.global_step, self.num_total_batches):
-            samples = self.batch_samples(iteration)
-            rollout, samples = self.make_rollout(samples)
-            scored = self.score(rollout, samples)
-            old = {**scored, **self.advantages(rollout, scored)}
-            stats = self.optimise(rollout, old)
-            self.lr_scheduler.step()
-
-            self.state.global_step = iteration + 1
-            self.state.epoch = (iteration + 1) / self.batches_per_epoch
-            episode = self.state.global_step * self.global_batch_size
-            metrics = self.metrics(rollout, old, stats)
-            metrics["eps"] = (episode - episodes_at_start) / max(time.time() - start_time, 1e-9)
-            metrics["episode"] = episode
-            metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
-            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            if self.state.global_step % max(1, int(args.logging_steps)) == 0 or self.state.global_step == self.num_total_batches:
-                self.log(metrics)
-                if args.num_sample_generations and self.is_world_process_zero():
-                    self.print_samples(samples, old)
-            if args.save_steps and self.state.global_step % int(args.save_steps) == 0:
-                self.save_checkpoint()
-            if self.control.should_training_stop:
-                break
+        with StopOnSignal() as stop:
+            for iteration in range(self.state.global_step, self.num_total_batches):
+                metrics = self.iteration(iteration)
+                self.state.global_step = iteration + 1
+                self.state.epoch = (iteration + 1) / self.batches_per_epoch
+                episode = self.state.global_step * self.global_batch_size
+                metrics["eps"] = (episode - episodes_at_start) / max(time.time() - start_time, 1e-9)
+                metrics["episode"] = episode
+                metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                if self.state.global_step % max(1, int(args.logging_steps)) == 0 or self.state.global_step == self.num_total_batches:
+                    self.log(metrics)
+                saved = args.save_steps and self.state.global_step % int(args.save_steps) == 0
+                if saved:
+                    self.save_checkpoint()
+                if self.stop_requested(stop):
+                    path = self.save_checkpoint() if not saved else Path(args.output_dir) / f"{ckpt.PREFIX}{self.state.global_step}"
+                    launcher = "accelerate launch [your launch flags]" if accelerator.num_processes > 1 else None
+                    raise Preempted(
+                        f"stopped by a signal after iteration {self.state.global_step}; resumable checkpoint {path}. "
+                        f"To resume:\n  {resume_command(str(path), launcher=launcher)}",
+                        stop.signum or 15,
+                    )
+                if self.control.should_training_stop:
+                    break
 
         if not (args.save_steps and self.state.global_step % int(args.save_steps) == 0):
             self.save_checkpoint()
         self.save_final(args.output_dir)
+        if replaced is not None and self.is_world_process_zero():
+            shutil.rmtree(replaced, ignore_errors=True)  # the previous run, kept aside until this one finished
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return self.state
 
+    def iteration(self, iteration: int) -> dict[str, float]:
+        """One PPO iteration: rollout, score, advantages, optimisation, LR step; returns its metrics."""
+        samples = self.batch_samples(iteration)
+        rollout = self.make_rollout(samples)
+        scored = self.score(rollout, samples)
+        old = {**scored, **self.advantages(rollout, scored)}
+        if self.sum_over_ranks(old["train_mask"].any(dim=1).sum().to(self.accelerator.device)) == 0:
+            logger.warning(f"iteration {iteration + 1}: no sample of the batch could be scored; the update is skipped")
+            stats = {}
+        else:
+            stats = self.optimise(rollout, old)
+        self.lr_scheduler.step()
+        metrics = self.metrics(rollout, old, stats)
+        if self.args.num_sample_generations and self.is_world_process_zero() and (iteration + 1) % max(1, int(self.args.logging_steps)) == 0:
+            self.print_samples(iteration + 1, samples, old)
+        return metrics
+
+    def stop_requested(self, stop: StopOnSignal) -> bool:
+        """True on every rank as soon as any rank received SIGTERM/SIGINT."""
+        flag = torch.tensor(float(stop.signum is not None), device=self.accelerator.device)
+        return bool(self.sum_over_ranks(flag) > 0)
+
     def metrics(self, rollout: Rollout, old: dict, stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-        """TRL's PPO metric names, averaged over processes. KL and entropy are per sequence (summed over tokens)."""
-        gather = lambda t: self.accelerator.gather_for_metrics(t.detach().float().reshape(-1)).mean().item()  # noqa: E731
+        """TRL's PPO metric names, over all processes. KL and entropy are per sequence (summed over tokens);
+        scores are means over the samples the rewards could score."""
+        device = self.accelerator.device
+        gather = lambda t: self.accelerator.gather_for_metrics(t.detach().float().reshape(-1).to(device)).mean().item()  # noqa: E731
+        total = lambda t: self.sum_over_ranks(t.detach().float().sum().to(device)).item()  # noqa: E731
         mask = rollout.response_mask
+        scored = ~old["unscored"]  # (B,)
+        n_scored = total(scored)
         non_score = (-self.args.kl_coef * old["kl"]).sum(1)  # (B,)
         out = {
             "objective/kl": gather(old["kl"].sum(1)),
             "objective/entropy": gather(old["entropy"].sum(1)),
             "objective/non_score_reward": gather(non_score),
-            "objective/rlhf_reward": gather(old["scores"] + non_score),
-            "objective/scores": gather(old["scores"]),
+            "objective/rlhf_reward": total(torch.where(scored, old["scores"] + non_score, 0.0)) / max(n_scored, 1),
+            "objective/scores": total(torch.where(scored, old["scores"], 0.0)) / max(n_scored, 1),
             "objective/unscored": gather(old["unscored"]),
-            "val/num_eos_tokens": gather(rollout.has_eos.sum()) * self.accelerator.num_processes,
+            "val/num_eos_tokens": total(rollout.has_eos),
             "val/response_length": gather(mask.sum(1)),
         }
         for name, column in old["reward_columns"].items():
-            values = [v for v in column if v is not None]
-            out[f"objective/scores/{name}"] = gather(torch.tensor(sum(values) / len(values) if values else float("nan")))
+            values = torch.tensor([0.0 if v is None else float(v) for v in column], device=device)
+            have = torch.tensor([v is not None for v in column], device=device)
+            count = total(have)
+            out[f"objective/scores/{name}"] = total(values) / count if count else float("nan")
         for name, values in stats.items():
             out[name] = gather(torch.stack(values).mean())
-        ratios = torch.stack(stats["val/ratio"])
-        out["val/ratio_var"] = gather(ratios.var() if len(ratios) > 1 else torch.zeros(()))
+        if "train/skipped_steps" in stats:
+            out["train/skipped_steps"] = total(torch.stack(stats["train/skipped_steps"]).sum()) / self.accelerator.num_processes
+        if stats.get("val/ratio"):
+            ratios = torch.stack(stats["val/ratio"])
+            out["val/ratio_var"] = gather(ratios.var() if len(ratios) > 1 else torch.zeros((), device=device))
         return out
 
-    def print_samples(self, samples: list[dict], old: dict) -> None:
+    def print_samples(self, step: int, samples: list[dict], old: dict) -> None:
         from vlm_rl.data import prompt_text
 
         for s, completion, score in list(zip(samples, old["completions"], old["scores"].tolist()))[: self.args.num_sample_generations]:
-            print(f"[{self.state.global_step}] {prompt_text(s['prompt'])!r} -> {completion!r} (score {score:+.3f})")
+            print(f"[{step}] {prompt_text(s['prompt'])!r} -> {completion!r} (score {score:+.3f})")
 
-    # ---- checkpoints ------------------------------------------------------------------------------
+    # ---- output directory and checkpoints ---------------------------------------------------------
 
-    def save_checkpoint(self) -> Path:
-        """`output_dir/checkpoint-N/`: the policy (full or adapter), value head, processor, optimizer, scheduler, RNG, state."""
-        path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+    def run_config(self) -> dict:
+        """This run's full resolved config, as written to `ppo_config.yaml` (plus the number of processes)."""
+        return ckpt.plain({**self.args.to_dict(), "num_processes": self.accelerator.num_processes})
+
+    def claim_output_dir(self) -> Path | None:
+        """Refuse an output_dir holding an earlier run unless `overwrite_output_dir`; then move that run aside
+        (into a hidden directory, removed when this run finishes) and return where it went."""
+        out = Path(self.args.output_dir)
+        previous = ckpt.list_checkpoints(out) + [p for p in (out / "trainer_state.json",) if p.exists()]
+        if not previous:
+            return None
+        if not self.args.overwrite_output_dir:
+            raise UserError(
+                f"{out} already holds a PPO run ({', '.join(p.name for p in previous)}): pass "
+                "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another --output_dir"
+            )
+        aside = out / f".replaced-{int(time.time())}"
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
-            with atomic_dir(path) as tmp:
-                self.save_model_files(tmp)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-                self.state.save_to_json(str(tmp / "trainer_state.json"))
-                self._save_rng_state(str(tmp))
+            aside.mkdir()
+            for p in previous:
+                os.replace(p, aside / p.name)
+        self.accelerator.wait_for_everyone()
+        return aside
+
+    def save_checkpoint(self) -> Path:
+        """`output_dir/checkpoint-N/`: the policy (full or adapter), value head, processor, optimizer, scheduler,
+        one RNG state per rank, trainer state and config; built in a staging directory, manifest last, renamed."""
+        out = Path(self.args.output_dir)
+        step = self.state.global_step
+        staging, final = ckpt.staging_dir(out, step), out / f"{ckpt.PREFIX}{step}"
+        if self.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)  # a leftover of an interrupted save of this same step
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        ckpt.save_rng_state(staging, self.accelerator.process_index)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            self.save_model_files(staging)
+            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
+            self.state.save_to_json(str(staging / "trainer_state.json"))
+            (staging / CONFIG_FILE).write_text(yaml.safe_dump(self.run_config(), sort_keys=True))
+            ckpt.write_manifest(staging, step=step, num_processes=self.accelerator.num_processes)
+            ckpt.publish(staging, final)
             rotate_checkpoints(self.args.output_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
         self.accelerator.wait_for_everyone()
-        return path
+        return final
 
     def save_model_files(self, directory: Path) -> None:
         wrapped = self.accelerator.unwrap_model(self.model_wrapped)
@@ -312,45 +477,91 @@ class PPOTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
             out = Path(output_dir)
-            with atomic_dir(out / ".final-staging") as tmp:
-                self.save_model_files(tmp)
-                self.state.save_to_json(str(tmp / "trainer_state.json"))
-            staging = out / ".final-staging"
+            staging = out / ".final.staging"
+            shutil.rmtree(staging, ignore_errors=True)  # a leftover of an interrupted save
+            staging.mkdir(parents=True)
+            self.save_model_files(staging)
+            self.state.save_to_json(str(staging / "trainer_state.json"))
             for f in staging.iterdir():
                 os.replace(f, out / f.name)
             staging.rmdir()
         self.accelerator.wait_for_everyone()
 
-    def resolve_checkpoint(self, resume: str | bool | None) -> str | None:
-        if not resume:
+    def resolve_checkpoint(self, resume: str | bool | None) -> Path | None:
+        """The checkpoint to resume from: `True`/`latest` is the newest complete one of output_dir."""
+        if resume in (None, False, "", "False", "false"):
             return None
-        if resume is True or resume == "True":
-            candidates = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-            if not candidates:
-                raise FileNotFoundError(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint-N directory")
-            return str(candidates[-1])
-        if not (Path(resume) / "trainer_state.json").exists():
-            raise FileNotFoundError(f"{resume}: not a vlm-rl checkpoint (no trainer_state.json)")
-        return str(resume)
+        out = Path(self.args.output_dir)
+        if resume in (True, "True", "true", "latest"):
+            found, skipped = ckpt.latest_complete(out)
+            for path, problem in skipped:
+                logger.warning(f"skipping incomplete checkpoint {path}: {problem}")
+            if found is None:
+                why = "".join(f"; {p.name}: {problem}" for p, problem in skipped)
+                raise ckpt.CheckpointError(f"--resume_from_checkpoint {resume}: {out} has no complete checkpoint-N{why}")
+            logger.info(f"resuming from {found}")
+            return found
+        path = Path(resume)
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"--resume_from_checkpoint {path}: not found")
+        problem = ckpt.problem_with(path)
+        if problem is not None:
+            raise ckpt.CheckpointError(f"{path} is incomplete: {problem}. Resume from an earlier checkpoint, or with 'latest'")
+        return path
 
-    def load_checkpoint(self, checkpoint: str) -> None:
-        """Restore the weights, value head, optimizer, scheduler, RNG and state saved by `save_checkpoint`."""
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        """Restore the weights, value head, optimizer, scheduler, RNG and state saved by `save_checkpoint`, after
+        checking what this run changed: fixed fields are an error, the others take their new value."""
+        errors, changed = ckpt.resume_changes(yaml.safe_load((checkpoint / CONFIG_FILE).read_text()), self.run_config())
+        if errors:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {checkpoint} with a different " + "; ".join(errors) + ". Start a new run (another "
+                "--output_dir) to change these"
+            )
+        for line in changed:
+            logger.warning(f"resuming with a changed {line}: the new value is used")
         wrapped = self.accelerator.unwrap_model(self.model_wrapped)
         policy = wrapped.policy
         if isinstance(policy, PeftModel):
             from peft import set_peft_model_state_dict
             from peft.utils import load_peft_weights
 
-            set_peft_model_state_dict(policy, load_peft_weights(checkpoint, device=str(self.accelerator.device)))
+            set_peft_model_state_dict(policy, load_peft_weights(str(checkpoint), device=str(self.accelerator.device)))
         else:  # from_pretrained applies the checkpoint's key mapping (v5 saves the hub layout)
             saved = type(policy).from_pretrained(checkpoint, dtype=policy.dtype)
             policy.load_state_dict(saved.state_dict())
             del saved
         wrapped.value_head.load_state_dict(load_value_head(checkpoint, hidden_size_of(policy)).state_dict())
-        self.optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", map_location=self.accelerator.device, weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
-        saved = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.accelerator.device, weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        self.retarget_learning_rate()
+        saved = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
         self.state.global_step = saved.global_step
         self.state.epoch = saved.epoch
         self.state.log_history = saved.log_history
-        self._load_rng_state(checkpoint)
+        ckpt.load_rng_state(checkpoint, self.accelerator.process_index)
+
+    def retarget_learning_rate(self) -> None:
+        """After loading a scheduler: continue its schedule from this run's learning_rate (a changed one takes effect)."""
+        scheduler = self.lr_scheduler
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas is None:
+            return
+        scheduler.base_lrs = [self.args.learning_rate] * len(scheduler.base_lrs)
+        for group, lr_lambda in zip(self.optimizer.param_groups, lambdas):
+            group["initial_lr"] = self.args.learning_rate
+            group["lr"] = self.args.learning_rate * lr_lambda(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def drop_long_prompts(processor, dataset: PromptDataset, max_prompt_length: int) -> PromptDataset:
+    """`dataset` without the prompts longer than `max_prompt_length` (image tokens included).
+
+    Dropped before batching, identically on every rank, so that every rank keeps full batches.
+    """
+    lengths = prompt_lengths(processor, dataset)
+    keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
+    if len(keep) < len(dataset):
+        dropped = [f"{dataset.rows[i]['_source']} ({n} tokens)" for i, n in enumerate(lengths) if n > max_prompt_length]
+        logger.warning(f"skip_long_prompts: dropped {len(dropped)} prompt(s) longer than {max_prompt_length} tokens: {', '.join(dropped[:10])}")
+    return PromptDataset([dataset.rows[i] for i in keep], dataset.base_dir)

@@ -16,7 +16,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class ValueHead(nn.Module):
-    """A scalar per token from the backbone's hidden state; kept in fp32. Starts at V = 0."""
+    """A scalar per token from the backbone's hidden state, in fp32 even under bf16 autocast. Starts at V = 0."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -25,7 +25,8 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
-        return self.summary(hidden.float()).squeeze(-1)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.summary(hidden.float()).squeeze(-1)
 
 
 class PolicyAndValue(nn.Module):

@@ -1,0 +1,87 @@
+"""Building PPOTrainers on the tiny model for the trainer tests, and rewards with known behaviour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from reward_models.base import load_rewards
+from vlm_rl.config import PPOConfig
+from vlm_rl.data import load_samples
+from vlm_rl.model_loading import load_policy_and_reference, load_processor
+from vlm_rl.trainer import PPOTrainer
+
+
+def completion_length(prompts, completions, **kwargs):
+    """Characters in the completion: varies across samples, and the tiny model can learn to raise or lower it."""
+    return [float(len(c)) for c in completions]
+
+
+def negative_completion_length(prompts, completions, **kwargs):
+    return [-float(len(c)) for c in completions]
+
+
+def never_scores(prompts, completions, **kwargs):
+    return [None] * len(completions)
+
+
+def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) -> PPOConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "run"),
+        model_name_or_path=str(model_dir),
+        train_data=str(data_dir / "train.jsonl"),
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        max_new_tokens=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_mini_batches=1,
+        local_rollout_forward_batch_size=8,
+        num_ppo_epochs=1,
+        learning_rate=1e-3,
+        total_episodes=16,
+        save_steps=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return PPOConfig(**settings)
+
+
+def make_trainer(tmp_path: Path, model_dir: Path, data_dir: Path, reward=("exact_match",), **overrides) -> PPOTrainer:
+    config = make_config(tmp_path, model_dir, data_dir, **overrides)
+    policy, reference = load_policy_and_reference(config)
+    return PPOTrainer(
+        args=config,
+        processing_class=load_processor(config.model_name_or_path),
+        model=policy,
+        ref_model=reference,
+        reward=load_rewards(list(reward)),
+        train_dataset=load_samples(config.train_data),
+    )
+
+
+def start(trainer: PPOTrainer) -> None:
+    """The part of train() that prepares the model and optimizer, for tests that drive one iteration by hand."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=trainer.num_total_batches)
+    trainer.model_wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+    trainer.model_wrapped.eval()
+
+
+def rollout_and_old(trainer: PPOTrainer, iteration: int = 0, seed: int = 0):
+    """Steps 1-5 of one iteration, from a fixed sampling seed: (samples, rollout, old)."""
+    torch.manual_seed(seed)
+    samples = trainer.batch_samples(iteration)
+    rollout = trainer.make_rollout(samples)
+    scored = trainer.score(rollout, samples)
+    return samples, rollout, {**scored, **trainer.advantages(rollout, scored)}
+
+
+def log_history(run_dir: Path) -> list[dict]:
+    return json.loads((Path(run_dir) / "trainer_state.json").read_text())["log_history"]
+
+
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
