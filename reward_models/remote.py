@@ -2,17 +2,20 @@
 
 Protocol (JSON over HTTP, standard library only):
 
-* ``GET {url}/health`` -> ``{"status": "ok", "reward": NAME}``.
+* ``GET {url}/health`` -> ``{"status": "ok", "reward": NAME, "max_batch": N, "max_body_bytes": B,
+  "timeout": SECONDS}`` (the limits are optional for other servers).
 * ``POST {url}/score`` with ``{"prompts": [...], "completions": [...], "images": [[IMAGE, ...], ...],
   "kwargs": {COLUMN: [...], ...}}`` -> ``{"scores": [float | null, ...]}``. An IMAGE is a base64
   PNG string, or ``{"path": "/abs/path.png"}`` for a file the server reads itself. ``images`` is
   left out when the caller passes none. Errors come back as ``{"error": MESSAGE}`` with status
-  400 (bad request), 404, 413 or 500 (the reward failed).
+  400 (bad request, or more than ``max_batch`` completions), 404, 413 (body over ``max_body_bytes``),
+  500 (the reward failed), 503 (the reward stayed busy) or 504 (the reward took over ``timeout``).
 
-:class:`RemoteReward` sends the batch in chunks of ``batch_size``, each with a ``timeout``, retrying
-connection errors, timeouts and 5xx answers up to ``retries`` times with exponential backoff. When
-the server still cannot be reached it raises :class:`RemoteRewardError` naming the URL: it never
-makes up scores.
+:class:`RemoteReward` reads the server's limits from ``/health`` once, then sends the batch in chunks of
+``batch_size`` (at most ``max_batch``), halving a chunk whose body would exceed ``max_body_bytes``. Each
+request has a ``timeout``; connection errors, timeouts and 5xx answers are retried up to ``retries``
+times with exponential backoff. When the server still cannot be reached it raises
+:class:`RemoteRewardError` naming the URL: it never makes up scores.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from reward_models.base import Reward, validate_scores
@@ -105,7 +109,8 @@ class RemoteReward(Reward):
         timeout: seconds allowed for each HTTP request.
         retries: how many times a request is retried after a connection error, a timeout or a
             5xx answer (so at most ``retries + 1`` attempts); 4xx answers are not retried.
-        batch_size: completions per request.
+        batch_size: completions per request (fewer when the server's ``max_batch`` or ``max_body_bytes``
+            asks for it).
         backoff: seconds before the first retry; doubled after each (capped at 30 s).
         name: the reward's name for metrics (default ``"remote"``).
         send_image_paths: send images given as file paths as ``{"path": ...}`` for the server to
@@ -145,6 +150,7 @@ class RemoteReward(Reward):
         self.backoff = float(backoff)
         self.name = name
         self.send_image_paths = send_image_paths
+        self._limits: dict[str, int | None] | None = None  # the server's, read from /health at the first call
         # Loopback requests must not go through an HTTP proxy configured in the environment.
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback_host(parsed.hostname) else []
         self._opener = urllib.request.build_opener(*handlers)
@@ -154,13 +160,12 @@ class RemoteReward(Reward):
 
     # ---------------------------------------------------------------- HTTP
 
-    def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
+    def _request(self, method: str, path: str, data: bytes | None = None) -> dict:
         url = f"{self.url}{path}"
-        data = None if payload is None else json.dumps(payload, allow_nan=False).encode("utf-8")
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
-        last_error = ""
+        last_error, answered = "", False
         attempts = self.retries + 1
         for attempt in range(attempts):
             if attempt:
@@ -172,13 +177,13 @@ class RemoteReward(Reward):
             except urllib.error.HTTPError as e:
                 message = _error_message(e)
                 if e.code >= 500:
-                    last_error = f"HTTP {e.code}: {message}"
+                    last_error, answered = f"HTTP {e.code}: {message}", True
                     logger.warning("reward server %s answered %s (attempt %d/%d)", url, last_error, attempt + 1, attempts)
                     continue
                 raise RemoteRewardError(f"reward server {url} rejected the request: HTTP {e.code}: {message}") from None
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout) as e:
                 reason = getattr(e, "reason", e)
-                last_error = f"{type(reason).__name__}: {reason}"
+                last_error, answered = f"{type(reason).__name__}: {reason}", False
                 logger.warning("reward server %s: %s (attempt %d/%d)", url, last_error, attempt + 1, attempts)
                 continue
             try:
@@ -190,6 +195,10 @@ class RemoteReward(Reward):
             if not isinstance(answer, dict):
                 raise RemoteRewardError(f"{url} answered {type(answer).__name__}, expected a JSON object")
             return answer
+        if answered:  # the server is up: its own message says what went wrong
+            raise RemoteRewardError(
+                f"reward server {self.url} failed {attempts} attempt(s) to {method} {path} (last answer: {last_error})"
+            )
         raise RemoteRewardError(
             f"reward server {self.url} is unreachable or failing: {attempts} attempt(s) to {method} {path} "
             f"failed (last error: {last_error}). Start it with `vlm-rl serve-reward SPEC --port PORT` "
@@ -197,8 +206,19 @@ class RemoteReward(Reward):
         )
 
     def health(self) -> dict:
-        """``GET /health``: the server's status and reward name, e.g. ``{"status": "ok", "reward": "exact_match"}``."""
+        """``GET /health``: the server's status, reward name and limits (see the module docstring)."""
         return self._request("GET", "/health")
+
+    def server_limits(self) -> dict[str, int | None]:
+        """The server's ``max_batch`` and ``max_body_bytes`` (None where it does not say), read once."""
+        if self._limits is None:
+            health = self.health()
+            limits: dict[str, int | None] = {}
+            for key in ("max_batch", "max_body_bytes"):
+                value = health.get(key)
+                limits[key] = value if isinstance(value, int) and value > 0 else None
+            self._limits = limits
+        return self._limits
 
     # ---------------------------------------------------------------- scoring
 
@@ -250,9 +270,8 @@ class RemoteReward(Reward):
         if images is not None and len(images) != n:
             raise ValueError(f"reward {self.name!r}: got {len(images)} image lists for {n} completions")
         cache: dict[int, Any] = {}
-        scores: list[float | None] = []
-        for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
+
+        def body(start: int, stop: int) -> bytes:
             payload: dict[str, Any] = {
                 "prompts": prompts[start:stop],
                 "completions": completions[start:stop],
@@ -260,14 +279,38 @@ class RemoteReward(Reward):
             }
             if images is not None:
                 payload["images"] = self._encode_images(images[start:stop], stop - start, cache)
-            answer = self._request("POST", "/score", payload)
-            if "scores" not in answer:
-                raise RemoteRewardError(f"reward server {self.url} answered without 'scores': {str(answer)[:200]}")
-            try:
-                scores.extend(validate_scores(self.name, answer["scores"], stop - start))
-            except ValueError as e:
-                raise RemoteRewardError(f"reward server {self.url} sent bad scores: {e}") from e
+            return json.dumps(payload, allow_nan=False).encode("utf-8")
+
+        limits = self.server_limits()
+        step = min(self.batch_size, limits["max_batch"] or self.batch_size)
+        scores: list[float | None] = []
+        for start in range(0, n, step):
+            scores.extend(self._score_range(start, min(start + step, n), body, limits["max_body_bytes"]))
         return scores
+
+    def _score_range(
+        self, start: int, stop: int, body: Callable[[int, int], bytes], max_body_bytes: int | None
+    ) -> list[float | None]:
+        """Scores of samples ``start:stop`` in one request, or in halves while the body is too large."""
+        data = body(start, stop)
+        if max_body_bytes is not None and len(data) > max_body_bytes:
+            if stop - start == 1:
+                raise RemoteRewardError(
+                    f"reward {self.name!r}: sample {start} alone is a {len(data)}-byte request, over the "
+                    f"{max_body_bytes}-byte limit of reward server {self.url}; send smaller images or restart "
+                    "the server with a larger --max-body-bytes"
+                )
+            middle = (start + stop) // 2
+            return self._score_range(start, middle, body, max_body_bytes) + self._score_range(
+                middle, stop, body, max_body_bytes
+            )
+        answer = self._request("POST", "/score", data)
+        if "scores" not in answer:
+            raise RemoteRewardError(f"reward server {self.url} answered without 'scores': {str(answer)[:200]}")
+        try:
+            return validate_scores(self.name, answer["scores"], stop - start)
+        except ValueError as e:
+            raise RemoteRewardError(f"reward server {self.url} sent bad scores: {e}") from e
 
 
 def _error_message(error: urllib.error.HTTPError) -> str:

@@ -8,11 +8,10 @@ import json
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
+from http_helpers import post
 from PIL import Image
 
 from reward_models.base import Reward, load_reward, load_rewards
@@ -55,22 +54,14 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_images_travel_as_base64_in_batches():
     reward = MeanRed()
     with running_server(reward) as server:
         assert server.url.startswith("http://127.0.0.1:")
         client = RemoteReward(server.url, timeout=5, batch_size=2, name="mean_red")
-        assert client.health() == {"status": "ok", "reward": "mean_red"}
+        assert client.health() == {
+            "status": "ok", "reward": "mean_red", "max_batch": 1024, "max_body_bytes": 64 * 1024 * 1024, "timeout": 50.0
+        }
         reds = [0, 51, 102, 255, 200]
         images = [[solid(r)] for r in reds]
         images[2] = [solid(102), solid(7)]  # only the first image counts
