@@ -171,3 +171,45 @@ def test_gae_padding_invariance():
     assert torch.equal(ret[0, :5], alone_ret[0])
     assert torch.equal(adv[0, 5:], torch.zeros(3))
     assert torch.equal(ret[0, 5:], torch.zeros(3))
+
+
+# ---------------------------------------------------------------- whiten over ranks
+
+
+def _whiten_on_rank(rank: int, port: int, x: torch.Tensor, mask: torch.Tensor, out: dict) -> None:
+    """One of two gloo ranks: whitens its half of the batch with statistics summed over both."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def sum_over_ranks(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    rows = slice(0, 2) if rank == 0 else slice(2, 5)  # uneven shards, on purpose
+    out[rank] = [whiten(x[rows], mask[rows], shift_mean=s, all_reduce_sum=sum_over_ranks) for s in (True, False)]
+    dist.destroy_process_group()
+
+
+def test_whiten_over_two_ranks_equals_whitening_the_concatenated_batch():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 6) * 3 + 1  # (B, T)
+    mask = torch.rand(5, 6) > 0.3
+    mask[3] = False  # a row with no valid token
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_whiten_on_rank, args=(port, x, mask, out), nprocs=2)
+        shards = dict(out)
+    for i, shift_mean in enumerate((True, False)):
+        together = torch.cat([shards[0][i], shards[1][i]])
+        torch.testing.assert_close(together, whiten(x, mask, shift_mean=shift_mean))
+        per_rank = torch.cat([whiten(x[:2], mask[:2], shift_mean), whiten(x[2:], mask[2:], shift_mean)])
+        assert not torch.allclose(together, per_rank, atol=1e-3)  # what per-rank statistics would give

@@ -7,13 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def run(cmd, tmp_path, timeout=600):
-    env = {**os.environ, "VLM_RL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "VLM_RL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO / "tests")}  # rewards from tests/trainer_helpers.py
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -52,6 +54,39 @@ def test_two_processes_sample_different_prompts_and_stay_in_sync(tmp_path, tiny_
     assert not set(ranks[0]["sources"]) & set(ranks[1]["sources"])  # each rank rolls out its own prompts
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were all-reduced: identical weights
     assert len(json.loads((out / "trainer_state.json").read_text())["log_history"]) == 2  # 16 episodes / (2 x 4)
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_exactly_whiten_globally_and_drop_long_prompts_in_step(tmp_path, tiny_model_dir, synthetic_data_dir):
+    # 32 prompts of 36-50 tokens; max_prompt_length 41 keeps 24: 3 global batches of 2 ranks x (2 x 2 accumulated).
+    args = ["--config", "configs/ppo_tiny.yaml", "--report_to", "none", "--model_name_or_path", str(tiny_model_dir),
+            "--train_data", str(synthetic_data_dir / "train.jsonl"), "--reward", "trainer_helpers:completion_length",
+            "--skip_long_prompts", "true", "--max_prompt_length", "41", "--learning_rate", "1e-2", "--kl_coef", "0.5",
+            "--max_new_tokens", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--num_mini_batches", "1", "--num_ppo_epochs", "2", "--total_episodes", "24", "--save_steps", "1", "--save_total_limit", "5"]
+    launch = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py", *args]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run([*launch, "--output_dir", str(straight)], tmp_path)
+    run([*launch, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-1")], tmp_path)
+
+    ranks = [json.loads((straight / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["num_prompts"] for r in ranks] == [24, 24]  # the same prompts dropped on both ranks
+    history = json.loads((straight / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history] == [1, 2, 3] and all(h["objective/kl"] != 0 for h in history[1:])
+    # Resumed from checkpoint-1 on 2 ranks: each rank's weights and every later metric as in the uninterrupted run.
+    again = [json.loads((resumed / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["checksum"] for r in again] == [r["checksum"] for r in ranks]
+    assert len({r["checksum"] for r in ranks}) == 1
+    resumed_history = json.loads((resumed / "trainer_state.json").read_text())["log_history"]
+    for want, got in zip(history[1:], resumed_history[1:], strict=True):
+        for name, value in want.items():
+            if name != "eps":
+                assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-6), (want["step"], name)
+    # Advantages are whitened over both ranks' tokens together: mean 0 and variance 1 globally, not per rank.
+    advantages = [torch.tensor(r["advantages"])[torch.tensor(r["train_mask"])] for r in ranks]
+    both = torch.cat(advantages)
+    assert abs(both.mean()) < 1e-5 and both.var() == pytest.approx(1.0, rel=1e-4)
+    assert max(abs(a.mean()) for a in advantages) > 1e-3  # while each rank's own share is not centred
 
 
 def test_repeated_reward_flags_are_all_kept():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer_helpers import completion_length, make_trainer, parameters, rollout_and_old, start
+from trainer_helpers import completion_length, make_trainer, parameters, record_gradients, rollout_and_old, start
 
 
 def adam_steps(trainer) -> set[int]:
@@ -31,14 +31,7 @@ def mini_batch_gradient(tmp_path, model_dir, data_dir, micro: int, accumulation:
     )  # fmt: skip
     start(trainer)
     _, rollout, old = rollout_and_old(trainer)
-    grads = {}
-    original_step = trainer.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        return original_step(*args, **kwargs)
-
-    trainer.optimizer.step = recording_step
+    grads = record_gradients(trainer)
     torch.manual_seed(1)  # the same mini-batch order for every split
     trainer.optimise(rollout, old)
     return grads

@@ -85,3 +85,16 @@ def log_history(run_dir: Path) -> list[dict]:
 
 def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def record_gradients(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    """A dict that receives the (clipped) gradients each optimiser step of `trainer` steps with, from now on."""
+    grads: dict[str, torch.Tensor] = {}
+    original_step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    return grads

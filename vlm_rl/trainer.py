@@ -526,13 +526,15 @@ class PPOTrainer(Trainer):
             from peft import set_peft_model_state_dict
             from peft.utils import load_peft_weights
 
-            set_peft_model_state_dict(policy, load_peft_weights(str(checkpoint), device=str(self.accelerator.device)))
+            set_peft_model_state_dict(policy, load_peft_weights(str(checkpoint), device="cpu"))
         else:  # from_pretrained applies the checkpoint's key mapping (v5 saves the hub layout)
             saved = type(policy).from_pretrained(checkpoint, dtype=policy.dtype)
             policy.load_state_dict(saved.state_dict())
             del saved
         wrapped.value_head.load_state_dict(load_value_head(checkpoint, hidden_size_of(policy)).state_dict())
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.accelerator.device, weights_only=True))
+        # Loaded on the CPU (a CPU rank's device can be "cpu:N", which torch.load cannot map to); the optimizer moves
+        # each state tensor to its parameter's device.
+        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         self.retarget_learning_rate()
         saved = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
