@@ -12,10 +12,13 @@ conversational completions: lists of assistant messages), e.g. the synthetic set
 Loss: `-logsigmoid(r_chosen - r_rejected)` (+ `center_rewards_coefficient * mean((r_chosen + r_rejected)^2)` if
 set, as in TRL's RewardTrainer); chosen and rejected go through one batched forward. Held-out pairwise accuracy
 (`r_chosen > r_rejected`, ties count as wrong) is reported after every epoch and at the end. The output directory
-(written atomically) is a `VLMRewardModel` directory plus `eval_results.json`.
+(written atomically) is a `VLMRewardModel` directory plus `eval_results.json` (with a `log_history` of the loss
+and learning rate every `--logging_steps` optimiser steps).
 
 Multi-process training goes through `accelerate` (`Accelerator`, `prepare`, `backward`, `gather_for_metrics`);
-train loss/accuracy are reduced over processes, eval metrics gathered without the padding duplicates.
+train loss/accuracy are reduced over processes, eval metrics gathered without the padding duplicates. The LR
+schedule runs over the optimiser steps and is stepped once per step, so it is the same on any number of
+processes (and with any gradient accumulation) for the same global batch.
 
 The embedded tiny model (configs/reward_tiny.yaml) runs this pipeline in about 40 s on 2 CPU cores, but its
 held-out accuracy stays at chance: the randomly initialised tiny Qwen2-VL (hidden 64, initializer_range 0.02)
@@ -98,7 +101,10 @@ class RewardTrainingConfig:
     use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even where a GPU exists."})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (accelerate autocast; weights stay fp32)."})
     dataloader_num_workers: int = field(default=0)
-    logging_steps: int = field(default=0, metadata={"help": "Print the training loss every N optimiser steps (0: per epoch only)."})
+    logging_steps: int = field(
+        default=0,
+        metadata={"help": "Log the training loss and learning rate every N optimiser steps (0: per epoch only)."},
+    )
     eval_each_epoch: bool = field(default=True, metadata={"help": "Evaluate after every epoch (always at the end)."})
     torch_num_threads: int | None = field(
         default=None,
@@ -249,6 +255,12 @@ def evaluate(model, dataloader, accelerator) -> dict:
 # ------------------------------------------------------------------------------------------ training
 
 
+def log_step(accelerator, step: int, losses: list[float], learning_rate: float) -> dict:
+    """One ``log_history`` entry: the loss of the micro-batches since the last entry (mean over processes), the LR."""
+    local = torch.tensor(sum(losses) / max(1, len(losses)), dtype=torch.float64, device=accelerator.device)
+    return {"step": step, "loss": float(accelerator.reduce(local, "mean")), "learning_rate": learning_rate}
+
+
 def train(config: RewardTrainingConfig) -> dict:
     """Train, evaluate and save; returns the eval results (also written to output_dir/eval_results.json)."""
     from accelerate import Accelerator, PartialState
@@ -331,16 +343,20 @@ def train(config: RewardTrainingConfig) -> dict:
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2)
     )
-    updates_per_epoch = max(1, math.ceil(len(train_loader) / accelerator.num_processes / config.gradient_accumulation_steps))
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # Every process takes the same optimiser steps: as many as its shard of the loader gives.
+    updates_per_epoch = max(1, math.ceil(len(train_loader) / config.gradient_accumulation_steps))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * updates_per_epoch)
     num_epochs = math.ceil(total_steps / updates_per_epoch)
+    # A schedule over the optimiser steps, stepped once per step (as transformers.Trainer does). Not given to
+    # accelerator.prepare: its AcceleratedScheduler steps num_processes times per update (it expects a schedule
+    # over the un-sharded loader's batches), which would end this schedule after 1/num_processes of the run.
     scheduler = get_scheduler(
         config.lr_scheduler_type,
         optimizer,
         num_warmup_steps=int(config.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
@@ -350,9 +366,10 @@ def train(config: RewardTrainingConfig) -> dict:
         f"{sum(p.numel() for p in trainable):,} trainable parameters, {accelerator.num_processes} process(es)"
     )
     history = []
+    log_history = []
     step = 0
     for epoch in range(num_epochs):
-        losses, correct, seen = [], 0, 0
+        losses, correct, seen, logged = [], 0, 0, 0
         for batch in train_loader:
             with accelerator.accumulate(model):
                 rewards = model(**batch, where="reward model training forward")
@@ -361,15 +378,21 @@ def train(config: RewardTrainingConfig) -> dict:
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
             losses.append(loss.detach().float().item())
             correct += int((margins.detach() > 0).sum())
             seen += margins.shape[0]
             if accelerator.sync_gradients:
+                learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
                 step += 1
                 if config.logging_steps and step % config.logging_steps == 0:
-                    accelerator.print(f"step {step}/{total_steps}  loss {sum(losses[-config.logging_steps:]) / min(len(losses), config.logging_steps):.4f}")
+                    log_history.append(log_step(accelerator, step, losses[logged:], learning_rate))
+                    logged = len(losses)
+                    accelerator.print(
+                        f"step {step}/{total_steps}  loss {log_history[-1]['loss']:.4f}  lr {learning_rate:.3g}"
+                    )
                 if step >= total_steps:
                     break
         totals = accelerator.reduce(
@@ -399,6 +422,7 @@ def train(config: RewardTrainingConfig) -> dict:
         "train_pairs": len(train_data),
         "global_step": step,
         "epochs": history,
+        "log_history": log_history,
         "train_runtime_s": round(runtime, 2),
         "num_processes": accelerator.num_processes,
         "config": asdict(config),
