@@ -51,8 +51,10 @@ def test_bad_settings_are_rejected(tiny_processor):
 
 
 def test_checkpoint_generation_config_does_not_leak(tiny_model, tiny_processor, prompts):
-    # Qwen2-VL-Instruct ships these near-greedy values; our rollouts must still explore.
-    tiny_model.generation_config = GenerationConfig(temperature=0.01, top_k=1, top_p=0.001, do_sample=True, max_new_tokens=2)
+    # Qwen2-VL-Instruct ships these near-greedy values; our rollouts must still explore. transformers merges a
+    # model's generation_config into the fields an explicit config leaves unset (None), such as min_p: only the
+    # swap keeps that one out.
+    tiny_model.generation_config = GenerationConfig(temperature=0.01, top_k=1, top_p=0.001, min_p=0.99, do_sample=True, max_new_tokens=2)
     config = make_generation_config(tiny_processor.tokenizer, max_new_tokens=6, temperature=1.0)
     one = {k: v[:1].repeat(8, *[1] * (v.dim() - 1)) if k != "pixel_values" else v for k, v in prompts.items()}
     n_patches = int(prompts["image_grid_thw"][0].prod())

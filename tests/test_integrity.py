@@ -62,3 +62,35 @@ def test_forward_runs_the_check(tiny_model, tiny_processor, batch):
     broken = Rollout(**{**rollout.__dict__, "pixel_values": None, "image_grid_thw": None})
     with pytest.raises(MultimodalIntegrityError, match="reference forward"):
         response_logprobs(tiny_model, broken, 1.0, where="reference forward")
+
+
+def drop_first_image_token(processor, inputs: dict, row: int) -> dict:
+    """`inputs` with one `<|image_pad|>` of `row` turned into text: its image tokens no longer match its pixels."""
+    input_ids = inputs["input_ids"].clone()
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    input_ids[row, (input_ids[row] == image_pad).nonzero()[0, 0]] = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return {**inputs, "input_ids": input_ids}
+
+
+def test_rollout_generate_runs_the_check(tmp_path, tiny_model_dir, synthetic_data_dir, tiny_processor, monkeypatch):
+    from trainer_helpers import make_trainer
+
+    from vlm_rl import trainer as trainer_module
+
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir)
+    samples = trainer.batch_samples(0)
+    real_encode = trainer_module.encode_prompts
+    monkeypatch.setattr(trainer_module, "encode_prompts", lambda *a, **k: drop_first_image_token(tiny_processor, real_encode(*a, **k), 1))
+    with pytest.raises(MultimodalIntegrityError, match=f"rollout generate.*sample {samples[1]['_source']}|sample {samples[1]['_source']}.*rollout generate"):
+        trainer.make_rollout(samples)
+
+
+def test_learned_reward_model_runs_the_check(tiny_model_dir, tiny_processor, batch, synthetic_data_dir, monkeypatch):
+    from reward_models.vlm_reward import VLMRewardModel
+
+    samples = list(load_samples(synthetic_data_dir / "train.jsonl"))[:3]
+    rm = VLMRewardModel.from_base(str(tiny_model_dir))
+    real_encode = rm.encode
+    monkeypatch.setattr(rm, "encode", lambda *a, **k: drop_first_image_token(tiny_processor, real_encode(*a, **k), 2))
+    with pytest.raises(MultimodalIntegrityError, match=f"reward model.*sample {samples[2]['_source']}|sample {samples[2]['_source']}.*reward model"):
+        rm.score([s["prompt"] for s in samples], ["a", "b", "c"], images=[s["images"] for s in samples], _source=[s["_source"] for s in samples])

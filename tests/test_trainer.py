@@ -135,3 +135,36 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tmp_path, tiny_model_
     assert (ref - expected)[mask].abs().max() < 1e-5  # the reference is the untouched base
     assert (current - expected)[mask].abs().max() > 1e-4  # while the adapter has moved the policy
     assert (tmp_path / "run" / "adapter_config.json").exists()
+
+
+def test_continued_adapter_reference_is_the_starting_adapter_merged(tmp_path, tiny_model_dir, synthetic_data_dir):
+    # An SFT adapter whose weights change the model (B != 0), then PPO continues it: the reference stays the
+    # starting adapter merged into its base, while the policy moves away from it.
+    from peft import PeftModel, get_peft_model
+
+    from vlm_rl.logprobs import response_logprobs
+    from vlm_rl.model_loading import language_model_lora_config
+
+    torch.manual_seed(0)
+    sft = get_peft_model(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir), language_model_lora_config(4, 8, 0.0, ["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    adapter = tmp_path / "sft-adapter"
+    sft.save_pretrained(adapter)
+    trainer = make_trainer(tmp_path, adapter, synthetic_data_dir, reward=[completion_length], learning_rate=1e-2, lora_dropout=0.0)
+    assert isinstance(trainer.model.policy, PeftModel) and trainer.ref_model is not None
+    trainer.train()
+    merged = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir), adapter).merge_and_unload().eval()
+    base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    rollout = trainer.make_rollout(trainer.batch_samples(0))
+    mask = rollout.response_mask
+    with torch.no_grad():
+        ref = trainer.reference_logprobs(rollout)
+        expected, _ = response_logprobs(merged, rollout, trainer.args.temperature)
+        bare, _ = response_logprobs(base, rollout, trainer.args.temperature)
+        current, _ = response_logprobs(trainer.model.policy, rollout, trainer.args.temperature)
+    assert (ref - expected)[mask].abs().max() < 1e-5  # the starting adapter, merged
+    assert (bare - expected)[mask].abs().max() > 1e-2  # which is not the bare base
+    assert (current - expected)[mask].abs().max() > 1e-4  # while the policy has moved on
