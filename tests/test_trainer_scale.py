@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer_helpers import completion_length, make_trainer, parameters, record_gradients, rollout_and_old, start
+from trainer_helpers import completion_length, log_history, make_trainer, parameters, record_gradients, rollout_and_old, start
 
 
 def adam_steps(trainer) -> set[int]:
@@ -104,3 +104,23 @@ def test_shipped_configs_use_k1():
 
     for path in (Path(__file__).resolve().parents[1] / "configs").glob("ppo*.yaml"):
         assert yaml.safe_load(path.read_text()).get("kl_estimator", "k1") == "k1", path
+
+
+def test_accumulating_4_micro_batches_trains_like_one_big_batch(tmp_path, tiny_model_dir, synthetic_data_dir):
+    # The same mini-batch of 8 per step, as 1 x 8 and as 4 micro-batches of 2: same steps, same curves.
+    settings = dict(reward=[completion_length], learning_rate=3e-3, kl_coef=0.5, max_new_tokens=8, num_ppo_epochs=2, total_episodes=32)
+    runs = {}
+    for micro, accumulation in [(8, 1), (2, 4)]:
+        trainer = make_trainer(
+            tmp_path / f"{micro}x{accumulation}", tiny_model_dir, synthetic_data_dir,
+            per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation, **settings,
+        )  # fmt: skip
+        trainer.train()
+        assert adam_steps(trainer) == {4 * 2}  # 4 iterations x num_ppo_epochs x 1 mini-batch
+        runs[accumulation] = log_history(tmp_path / f"{micro}x{accumulation}" / "run")
+    one, four = runs[1], runs[4]
+    assert [h["step"] for h in one] == [h["step"] for h in four] == [1, 2, 3, 4]
+    assert len({h["objective/scores"] for h in one}) > 1  # the policy moves
+    for a, b in zip(one, four):
+        for name in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "lr"):
+            assert b[name] == pytest.approx(a[name], rel=1e-3, abs=1e-5), (a["step"], name)
