@@ -168,3 +168,16 @@ def test_continued_adapter_reference_is_the_starting_adapter_merged(tmp_path, ti
     assert (ref - expected)[mask].abs().max() < 1e-5  # the starting adapter, merged
     assert (bare - expected)[mask].abs().max() > 1e-2  # which is not the bare base
     assert (current - expected)[mask].abs().max() > 1e-4  # while the policy has moved on
+
+
+def test_rewards_are_told_which_responses_ended(tmp_path, tiny_model_dir, synthetic_data_dir):
+    import compare_helpers
+
+    compare_helpers.calls.clear()
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=["compare_helpers:record_kwargs"], max_new_tokens=3)
+    samples = trainer.batch_samples(0)
+    rollout = trainer.make_rollout(samples)
+    trainer.score(rollout, samples)
+    [call] = compare_helpers.calls
+    assert call["completion_ended"] == rollout.has_eos.tolist()
+    assert call["answer"] == [s["answer"] for s in samples]  # and every dataset column

@@ -174,3 +174,22 @@ def test_lora_is_saved_merged(tiny_model_dir, pairs, tmp_path):
     assert not hasattr(loaded.backbone, "peft_config")
     assert score(loaded, pairs[:4]) == pytest.approx(before, abs=1e-5)
     assert hasattr(rm.backbone, "peft_config")  # the training model keeps its adapters
+
+
+def test_a_cut_off_response_is_shown_without_its_closing_token(tiny_model_dir, tiny_processor, pairs):
+    from reward_models.vlm_reward import encode_for_reward
+
+    samples = pairs[:2]
+    prompts, images = [s["prompt"] for s in samples], [s["images"] for s in samples]
+    batch = encode_for_reward(tiny_processor, prompts, ["red", "red"], images, completion_ended=[True, False])
+    im_end = tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    last = [int(row[mask.bool()][-1]) for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert last[0] == im_end and last[1] != im_end
+    rm = VLMRewardModel.from_base(str(tiny_model_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        rm.head.weight.normal_()
+    ended = rm(prompts, ["red", "red"], images=images)  # default: every response ended
+    assert rm(prompts, ["red", "red"], images=images, completion_ended=[True, True]) == ended
+    cut = rm(prompts, ["red", "red"], images=images, completion_ended=[False, False])
+    assert all(abs(a - b) > 1e-3 for a, b in zip(ended, cut))
