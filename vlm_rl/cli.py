@@ -17,6 +17,7 @@ COMMANDS = {
     "train-reward": ("reward_models.train_reward", "train a Qwen2-VL reward model (Bradley-Terry) on preference pairs"),
     "serve-reward": ("reward_models.server", "serve any reward over HTTP on loopback"),
     "make-tiny-model": ("vlm_rl.cli", "write the embedded tiny Qwen2-VL (model + processor) to a directory"),
+    "generate": ("vlm_rl.generate", "answer prompts with any checkpoint; writes JSONL that score reads"),
     "make-data": ("vlm_rl.cli", "write the synthetic shapes VQA dataset (train/test JSONL + preference pairs)"),
 }
 

@@ -11,16 +11,15 @@ import argparse
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from vlm_rl.compare_stats import read_training_curves, summarize
 from vlm_rl.data import load_samples, prompt_text, reward_kwargs
-from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
+from vlm_rl.generate import generate_all
+from vlm_rl.generation import make_generation_config
 from vlm_rl.logprobs import response_logprobs
 from vlm_rl.masking import masked_mean
 from vlm_rl.model_loading import load_base_model, load_processor
 from vlm_rl.report import write_report
-from vlm_rl.rollout import Rollout, encode_prompts
 
 
 def parse_named(values: list[str], flag: str) -> dict[str, str]:
@@ -33,20 +32,6 @@ def parse_named(values: list[str], flag: str) -> dict[str, str]:
             raise SystemExit(f"{flag}: the name {name!r} is used twice")
         named[name] = path
     return named
-
-
-@torch.no_grad()
-def generate_all(model, processor, samples: list[dict], config, batch_size: int, seed: int, desc: str) -> list[Rollout]:
-    """Rollouts for every batch of `samples`; batch k is sampled with seed `seed + k` whatever the model."""
-    tok = processor.tokenizer
-    rollouts = []
-    for k, start in enumerate(tqdm(range(0, len(samples), batch_size), desc=desc, leave=False)):
-        batch = samples[start : start + batch_size]
-        query = encode_prompts(processor, batch)
-        torch.manual_seed(seed + k)
-        responses = generate_responses(model, {k2: v for k2, v in query.items() if k2 != "num_images"}, config)
-        rollouts.append(Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), [s["_source"] for s in batch]))
-    return rollouts
 
 
 def score_generations(
