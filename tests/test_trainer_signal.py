@@ -191,3 +191,30 @@ def test_whiten_rewards_whitens_the_shaped_rewards_before_gae(moved, monkeypatch
         expected[whitened] = whiten(compute_gae(r, old["values"], mask, args.gamma, args.lam)[0], mask)
     assert torch.allclose(old["advantages"][mask], expected[whiten_rewards][mask], atol=1e-5)
     assert not torch.allclose(expected[True][mask], expected[False][mask], atol=1e-3)  # the flag matters here
+
+
+# ---- evaluation during PPO ------------------------------------------------------------------------------
+
+
+def test_evaluation_logs_held_out_rewards_and_changes_nothing_in_training(tmp_path, tiny_model_dir, synthetic_data_dir):
+    from vlm_rl.compare_stats import read_training_curves
+    from vlm_rl.data import load_samples
+
+    settings = {**LEARNING, "reward": [completion_length], "total_episodes": 32, "kl_coef": 0.5}
+    plain = make_trainer(tmp_path / "plain", tiny_model_dir, synthetic_data_dir, **settings)
+    plain.train()
+    evaluated = make_trainer(tmp_path / "eval", tiny_model_dir, synthetic_data_dir, **settings, eval_steps=2, eval_num_samples=6)
+    evaluated.eval_dataset = load_samples(synthetic_data_dir / "test.jsonl")
+    evaluated.train()
+    history = log_history(tmp_path / "eval" / "run")
+    assert [("eval/scores" in h) for h in history] == [False, True, False, True]
+    for want, got in zip(log_history(tmp_path / "plain" / "run"), history):  # training is untouched by evaluation
+        assert {k: v for k, v in got.items() if not k.startswith("eval/") and k != "eps"} == {k: v for k, v in want.items() if k != "eps"}
+    # Recomputed: the policy at the end, greedy on the 6 held-out prompts (greedy needs no seed).
+    samples = [evaluated.eval_dataset[i] for i in range(6)]
+    rollout = evaluated.make_rollout(samples, evaluated.greedy_config)
+    lengths = [len(t) for t in evaluated.processor.batch_decode(rollout.responses, skip_special_tokens=True)]
+    assert history[-1]["eval/scores_greedy"] == pytest.approx(statistics.mean(lengths))
+    assert history[-1]["eval/kl"] > 0 and history[-1]["eval/kl_greedy"] != history[-1]["eval/kl"]
+    curves = read_training_curves(tmp_path / "eval" / "run")  # what compare's report plots
+    assert [step for step, _ in curves["eval/scores"]] == [2, 4]

@@ -43,8 +43,11 @@ TIE_TOLERANCE = 1e-9
 #: The training metrics (TRL's PPO names) that `read_training_curves` returns, in report order.
 CURVE_METRICS = (
     "objective/scores",
+    "eval/scores",
+    "eval/scores_greedy",
     "objective/rlhf_reward",
     "objective/kl",
+    "eval/kl",
     "objective/entropy",
     "loss/value_avg",
     "loss/policy_avg",

@@ -108,14 +108,22 @@ class PPOConfig(TrainingArguments):
         metadata={"help": "CPU intra-op threads. 1 is fastest for tiny models: on small VMs thread wake-ups cost more than the matmuls (benchmarks/cpu_threads.py)."},
     )
 
-    # Logging
+    # Logging and evaluation
     num_sample_generations: int = field(default=0, metadata={"help": "Print this many sample completions per logging step."})
+    eval_data: str | None = field(
+        default=None, metadata={"help": "Held-out prompts the policy answers every eval_steps iterations (any supported format)."}
+    )
+    eval_split: str = field(default="test", metadata={"help": "Split to read when eval_data is a dataset directory."})
+    eval_num_samples: int = field(default=64, metadata={"help": "Held-out prompts per evaluation (the first ones of eval_data)."})
 
     # TrainingArguments defaults that differ for PPO
     learning_rate: float = field(default=3e-6)
     report_to: None | str | list[str] = field(default="tensorboard")
     save_steps: float = field(default=0, metadata={"help": "Checkpoint every N PPO iterations (0: only at the end)."})
     logging_steps: float = field(default=1)
+    eval_steps: float | None = field(
+        default=None, metadata={"help": "Evaluate on eval_data every N PPO iterations (default: 10 times per run, and at the end)."}
+    )
     remove_unused_columns: bool = field(default=False)
 
     def __post_init__(self):
@@ -129,7 +137,7 @@ class PPOConfig(TrainingArguments):
             )
         at_least_one = (
             "per_device_train_batch_size", "gradient_accumulation_steps", "num_ppo_epochs", "num_mini_batches",
-            "max_new_tokens", "local_rollout_forward_batch_size", "max_prompt_length", "max_skipped_steps",
+            "max_new_tokens", "local_rollout_forward_batch_size", "max_prompt_length", "max_skipped_steps", "eval_num_samples",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
@@ -145,6 +153,8 @@ class PPOConfig(TrainingArguments):
         for name in ("gamma", "lam", "max_unscored_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.eval_steps is not None and (self.eval_steps < 1 or self.eval_steps != int(self.eval_steps)):
+            raise ConfigError(f"eval_steps counts PPO iterations: a whole number >= 1, got {self.eval_steps}")
         if self.bf16_weights and not self.bf16:
             raise ConfigError("bf16_weights needs --bf16 (it keeps the trained weights in the bf16 compute dtype)")
         if isinstance(self.reward, str):

@@ -107,6 +107,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         learning_rate=cfg.ppo_learning_rate,
         kl_coef=cfg.kl_coef,
         missing_eos_penalty=1.0,
+        eval_data=str(data_dir / "test.jsonl"),  # held-out reward curves in the logs and the report
+        eval_num_samples=cfg.ppo_batch_size,
         logging_steps=1,
         save_steps=0,
         report_to="tensorboard",

@@ -26,6 +26,7 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
     with PartialState().main_process_first():  # rank 0 builds the embedded defaults; the others then read them
         model_path = resolve_model_path(config.model_name_or_path)
         data_path = resolve_data_path(config.train_data, config.train_split)
+        eval_path = resolve_data_path(config.eval_data, config.eval_split) if config.eval_data else None
     config.model_name_or_path = model_path
     processor = load_processor(model_path, config.min_pixels, config.max_pixels)
     policy, reference = load_policy_and_reference(config)
@@ -38,6 +39,7 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
             if config.value_model_name_or_path:
                 raise
     dataset = load_samples(data_path, split=config.train_split)
+    eval_dataset = load_samples(eval_path, split=config.eval_split) if eval_path else None
     return PPOTrainer(
         args=config,
         processing_class=processor,
@@ -46,6 +48,7 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
         reward=load_rewards(config.reward),
         train_dataset=dataset,
         value_head=value_head,
+        eval_dataset=eval_dataset,
     )
 
 

@@ -35,6 +35,9 @@ PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#D
 #: Chart title and y-axis label of the known training metrics.
 METRIC_LABELS = {
     "objective/scores": ("Reward score", "score"),
+    "eval/scores": ("Held-out reward, sampled", "score"),
+    "eval/scores_greedy": ("Held-out reward, greedy", "score"),
+    "eval/kl": ("Held-out KL to reference", "KL"),
     "objective/rlhf_reward": ("RLHF reward (score − KL penalty)", "reward"),
     "objective/kl": ("KL to reference", "KL"),
     "objective/entropy": ("Policy entropy", "entropy"),

@@ -71,6 +71,7 @@ class PPOTrainer(Trainer):
         train_dataset: PromptDataset,
         value_head: ValueHead | None = None,
         callbacks=None,
+        eval_dataset: PromptDataset | None = None,
     ):
         if ref_model is None and not isinstance(model, PeftModel):
             raise ValueError("ref_model is required unless the policy is a peft model (then the reference is the base)")
@@ -86,6 +87,7 @@ class PPOTrainer(Trainer):
             args=args,
             processing_class=processing_class,
             train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
             callbacks=callbacks,
         )
         if self.ref_model is not None:
@@ -94,6 +96,7 @@ class PPOTrainer(Trainer):
         self.eos_ids = eos_token_ids(tokenizer)
         self.pad_id = pad_token_id(tokenizer)
         self.generation_config = make_generation_config(tokenizer, args.max_new_tokens, temperature=args.temperature)
+        self.greedy_config = make_generation_config(tokenizer, args.max_new_tokens, do_sample=False)
         self.global_batch_size = args.local_batch_size * self.accelerator.num_processes
         self.batches_per_epoch = len(train_dataset) // self.global_batch_size
         batch = "(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x processes)"
@@ -103,6 +106,7 @@ class PPOTrainer(Trainer):
         if total_episodes < self.global_batch_size:
             raise ConfigError(f"total_episodes={total_episodes} is less than one batch of {self.global_batch_size} {batch}")
         self.num_total_batches = math.ceil(total_episodes / self.global_batch_size)
+        self.eval_every = int(args.eval_steps) if args.eval_steps else max(1, self.num_total_batches // 10)
         self.skipped_in_a_row = 0
 
     # ---- data -------------------------------------------------------------------------------------
@@ -121,8 +125,9 @@ class PPOTrainer(Trainer):
     # ---- one PPO iteration --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def make_rollout(self, samples: list[dict]) -> Rollout:
-        """Steps 1-2: encode the prompts (left-padded) and generate all responses in one batched call."""
+    def make_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
+        """Steps 1-2: encode the prompts (left-padded) and generate all responses in one batched call
+        (with the rollout's sampling config unless another is given)."""
         query = encode_prompts(self.processor, samples, self.args.max_prompt_length)
         query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
         generate_inputs = {k: v for k, v in query.items() if k != "num_images"}
@@ -131,7 +136,7 @@ class PPOTrainer(Trainer):
             self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as unwrapped, self.accelerator.autocast():  # sample from the distribution the bf16 forwards compute
             check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], sources, "rollout generate")
-            responses = generate_responses(unwrapped.policy, generate_inputs, self.generation_config)  # (B, T_r)
+            responses = generate_responses(unwrapped.policy, generate_inputs, generation_config or self.generation_config)  # (B, T_r)
         return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources)
 
     @torch.no_grad()
@@ -328,6 +333,8 @@ class PPOTrainer(Trainer):
                 metrics["eps"] = (episode - episodes_at_start) / max(time.time() - start_time, 1e-9)
                 metrics["episode"] = episode
                 metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+                if self.eval_dataset is not None and (self.state.global_step % self.eval_every == 0 or self.state.global_step == self.num_total_batches):
+                    metrics.update(self.evaluate_policy())
                 self.control = self.callback_handler.on_step_end(args, self.state, self.control)
                 if self.state.global_step % max(1, int(args.logging_steps)) == 0 or self.state.global_step == self.num_total_batches:
                     self.log(metrics)
@@ -369,6 +376,40 @@ class PPOTrainer(Trainer):
         if self.args.num_sample_generations and self.is_world_process_zero() and (iteration + 1) % max(1, int(self.args.logging_steps)) == 0:
             self.print_samples(iteration + 1, samples, old)
         return metrics
+
+    @torch.no_grad()
+    def evaluate_policy(self) -> dict[str, float]:
+        """The policy on the first `eval_num_samples` held-out prompts (split over the processes), sampled at the
+        rollout temperature and greedily: the mean reward of each and the KL to the reference per sequence.
+
+        Runs on its own RNG stream, seeded by the step, so evaluating changes nothing in training and a resumed
+        run evaluates as the uninterrupted one did."""
+        args, accelerator = self.args, self.accelerator
+        per_rank = min(args.eval_num_samples, len(self.eval_dataset)) // accelerator.num_processes
+        first = accelerator.process_index * per_rank
+        samples = [self.eval_dataset[i] for i in range(first, first + per_rank)]
+        model = accelerator.unwrap_model(self.model_wrapped)  # ranks may run different numbers of forwards
+        device = accelerator.device
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        out = {}
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(args.seed + self.state.global_step)
+            for name, config in (("", self.generation_config), ("_greedy", self.greedy_config)):
+                totals = torch.zeros(4, dtype=torch.float64, device=device)  # scores, scored samples, KL, samples
+                for start in range(0, len(samples), args.local_rollout_forward_batch_size):
+                    batch = samples[start : start + args.local_rollout_forward_batch_size]
+                    rollout = self.make_rollout(batch, config)
+                    completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
+                    kwargs = {**reward_kwargs(batch), "completion_ended": rollout.has_eos.tolist()}
+                    _, combined = self.reward.score([s["prompt"] for s in batch], completions, **kwargs)
+                    logprobs = model(rollout, args.temperature, where="eval forward")[0]
+                    kl = torch.where(rollout.response_mask, logprobs - self.reference_logprobs(rollout), 0.0).sum(1)  # (b,)
+                    scored = [float(c) for c in combined if c is not None]
+                    totals += torch.tensor([sum(scored), len(scored), float(kl.sum()), len(batch)], dtype=torch.float64, device=device)
+                scores, n_scored, kl, n = self.sum_over_ranks(totals).tolist()
+                out[f"eval/scores{name}"] = scores / n_scored if n_scored else float("nan")
+                out[f"eval/kl{name}"] = kl / max(n, 1)
+        return out
 
     def stop_requested(self, stop: StopOnSignal) -> bool:
         """True on every rank as soon as any rank received SIGTERM/SIGINT."""
