@@ -35,7 +35,9 @@ from vlm_rl import checkpoint as ckpt
 from vlm_rl.advantages import compute_gae, kl_penalty, shape_rewards, whiten
 from vlm_rl.atomic import atomic_file
 from vlm_rl.config import ConfigError, PPOConfig
-from vlm_rl.data import PromptDataset, reward_kwargs
+from vlm_rl import console
+from vlm_rl.console import use_metrics_line
+from vlm_rl.data import PromptDataset, prompt_text, reward_kwargs
 from vlm_rl.errors import UserError
 from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.integrity import check_model_inputs
@@ -90,6 +92,7 @@ class PPOTrainer(Trainer):
             eval_dataset=eval_dataset,
             callbacks=callbacks,
         )
+        use_metrics_line(self)
         if self.ref_model is not None:
             self.ref_model.to(self.accelerator.device)
         tokenizer = processing_class.tokenizer
@@ -451,10 +454,8 @@ class PPOTrainer(Trainer):
         return out
 
     def print_samples(self, step: int, samples: list[dict], old: dict) -> None:
-        from vlm_rl.data import prompt_text
-
-        for s, completion, score in list(zip(samples, old["completions"], old["scores"].tolist()))[: self.args.num_sample_generations]:
-            print(f"[{step}] {prompt_text(s['prompt'])!r} -> {completion!r} (score {score:+.3f})")
+        rows = [(prompt_text(s["prompt"]), c, score) for s, c, score in zip(samples, old["completions"], old["scores"].tolist())]
+        console.write(console.samples_table(step, rows[: self.args.num_sample_generations]))
 
     # ---- output directory and checkpoints ---------------------------------------------------------
 

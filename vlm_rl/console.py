@@ -1,0 +1,82 @@
+"""What a person watching a PPO run reads: one aligned line per logged iteration with the metrics that matter,
+and sample generations as a small table; every metric still goes to `report_to` and `trainer_state.json`."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+# (column title, metric, format): the few a person watches; the rest goes to the logging integrations.
+COLUMNS = (
+    ("iter", "step", "{:>5d}"),
+    ("episode", "episode", "{:>8d}"),
+    ("reward", "objective/scores", "{:>8.3f}"),
+    ("kl", "objective/kl", "{:>7.3f}"),
+    ("entropy", "objective/entropy", "{:>8.3f}"),
+    ("len", "val/response_length", "{:>6.2f}"),
+    ("clipfrac", "policy/clipfrac_avg", "{:>8.3f}"),
+    ("v_loss", "loss/value_avg", "{:>8.4f}"),
+    ("eps", "eps", "{:>6.1f}"),
+    ("eval", "eval/scores", "{:>6.3f}"),
+    ("eval_greedy", "eval/scores_greedy", "{:>11.3f}"),
+)
+
+
+def header() -> str:
+    return "  ".join(f"{title:>{len(fmt.format(0))}}" for title, _, fmt in COLUMNS)
+
+
+def metrics_line(logs: dict) -> str:
+    """The watched metrics of one log entry, aligned under `header()`; blank where a metric is absent."""
+    cells = []
+    for _, name, fmt in COLUMNS:
+        value = logs.get(name)
+        width = len(fmt.format(0))
+        cells.append(fmt.format(value) if isinstance(value, (int, float)) else " " * width)
+    return "  ".join(cells)
+
+
+def samples_table(step: int, rows: list[tuple[str, str, float]], width: int = 48) -> str:
+    """Sample generations of iteration `step` as a table: prompt, completion, score (long texts cut with ...)."""
+    cut = lambda text: (text if len(text) <= width else text[: width - 3] + "...").replace("\n", " ")  # noqa: E731
+    lines = [f"  samples at iteration {step}:", f"  {'prompt':<{width}}  {'completion':<{width}}  {'score':>7}"]
+    lines += [f"  {cut(p):<{width}}  {cut(c):<{width}}  {s:>+7.3f}" for p, c, s in rows]
+    return "\n".join(lines)
+
+
+def write(text: str) -> None:
+    """A line that does not tear the progress bar."""
+    tqdm.write(text)
+
+
+class MetricsLineCallback(ProgressCallback):
+    """The progress bar, with one aligned metrics line per log instead of the whole log dict."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if state.is_world_process_zero:
+            write(header())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            write(metrics_line({"step": state.global_step, **logs}))
+
+
+class MetricsLinePrinter(PrinterCallback):
+    """`MetricsLineCallback` without the progress bar (`disable_tqdm`)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(header(), flush=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            print(metrics_line({"step": state.global_step, **logs}), flush=True)
+
+
+def use_metrics_line(trainer) -> None:
+    """Replace the Trainer's console callback (which prints every log dict whole) with the metrics line."""
+    for old, new in ((ProgressCallback, MetricsLineCallback), (PrinterCallback, MetricsLinePrinter)):
+        if any(type(cb) is old for cb in trainer.callback_handler.callbacks):
+            trainer.remove_callback(old)
+            trainer.add_callback(new)
