@@ -108,6 +108,13 @@ class PPOConfig(TrainingArguments):
         metadata={"help": "CPU intra-op threads. 1 is fastest for tiny models: on small VMs thread wake-ups cost more than the matmuls (benchmarks/cpu_threads.py)."},
     )
 
+    # Sharded engines
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={"help": "Under ZeRO-3, gather the policy's full weights for generation (fast); false: generate "
+                  "with sharded weights, all ranks in lockstep (for models too large to gather)."},
+    )
+
     # Logging and evaluation
     num_sample_generations: int = field(default=0, metadata={"help": "Print this many sample completions per logging step."})
     eval_data: str | None = field(

@@ -105,10 +105,13 @@ def generate_responses(
     model: PreTrainedModel,
     inputs: dict[str, torch.Tensor],
     generation_config: GenerationConfig,
+    synced_gpus: bool = False,
 ) -> torch.Tensor:
-    """One `generate` for the whole left-padded batch. Returns the new tokens `(B, T_r)`, T_r <= max_new_tokens."""
+    """One `generate` for the whole left-padded batch. Returns the new tokens `(B, T_r)`, T_r <= max_new_tokens.
+
+    `synced_gpus`: every rank keeps stepping until all have finished (needed when the weights stay sharded)."""
     if "attention_mask" in inputs and inputs["attention_mask"][:, -1].eq(0).any():
         raise ValueError("prompts must be left-padded for batched generation (set processor.tokenizer.padding_side='left')")
     with generation_config_swapped(model, generation_config):
-        out = model.generate(**inputs, generation_config=generation_config)  # (B, T_q + T_r)
+        out = model.generate(**inputs, generation_config=generation_config, synced_gpus=synced_gpus)  # (B, T_q + T_r)
     return out[:, inputs["input_ids"].shape[1] :]

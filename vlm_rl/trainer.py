@@ -46,10 +46,12 @@ from vlm_rl.losses import policy_loss, value_loss
 from vlm_rl.masking import masked_mean
 from vlm_rl.preemption import Preempted, StopOnSignal, resume_command
 from vlm_rl.rollout import Rollout, encode_prompts, prompt_lengths
+from vlm_rl.sharding import configure_deepspeed, gathered_parameters, is_deepspeed, load_unsharded, prepare_frozen, zero_stage
 from vlm_rl.value_head import PolicyAndValue, ValueHead, hidden_size_of, load_value_head, save_value_head
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "ppo_config.yaml"
+DEEPSPEED_TAG = "deepspeed"  # checkpoint-N/deepspeed/: the engine's own files (weights and optimizer shards per rank)
 
 
 class RewardCoverageError(UserError):
@@ -93,8 +95,10 @@ class PPOTrainer(Trainer):
             callbacks=callbacks,
         )
         use_metrics_line(self)
+        if is_deepspeed(self.accelerator):
+            configure_deepspeed(self.accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm)
         if self.ref_model is not None:
-            self.ref_model.to(self.accelerator.device)
+            self.ref_model = prepare_frozen(self.ref_model, self.accelerator)
         tokenizer = processing_class.tokenizer
         self.eos_ids = eos_token_ids(tokenizer)
         self.pad_id = pad_token_id(tokenizer)
@@ -135,11 +139,14 @@ class PPOTrainer(Trainer):
         query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
         generate_inputs = {k: v for k, v in query.items() if k != "num_images"}
         sources = [s["_source"] for s in samples]
+        gather = self.args.ds3_gather_for_generation
         with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+            self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as unwrapped, self.accelerator.autocast():  # sample from the distribution the bf16 forwards compute
             check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], sources, "rollout generate")
-            responses = generate_responses(unwrapped.policy, generate_inputs, generation_config or self.generation_config)  # (B, T_r)
+            # Sharded weights not gathered: every rank runs every decoding step (its layers' shards are needed).
+            synced = zero_stage(self.accelerator) == 3 and not gather
+            responses = generate_responses(unwrapped.policy, generate_inputs, generation_config or self.generation_config, synced_gpus=synced)
         return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources)
 
     @torch.no_grad()
@@ -243,19 +250,24 @@ class PPOTrainer(Trainer):
         micro_batches = mini.split(args.per_device_train_batch_size)
         totals = torch.zeros(2, device=device)  # this rank's share of the mini-batch's policy and value losses
         finite = True
+        # DeepSpeed accumulates and steps itself: it is told where the mini-batch ends, and divides each loss by
+        # gradient_accumulation_steps (undone below: the token mean is already over the whole mini-batch).
+        deepspeed = is_deepspeed(accelerator)
         for k, micro in enumerate(micro_batches):
             idx = micro.tolist()
             mb = rollout.select(idx)
             mask = old["train_mask"][idx]  # (b, T_r)
             last = k == len(micro_batches) - 1
-            with nullcontext() if last else accelerator.no_sync(self.model_wrapped):
+            if deepspeed:
+                accelerator.gradient_state._set_sync_gradients(last)
+            with nullcontext() if last or deepspeed else accelerator.no_sync(self.model_wrapped):
                 logprobs, entropy, values = self.model_wrapped(mb, args.temperature, where="training forward")
                 pg_loss, pg_stats = policy_loss(logprobs, old["logprobs"][idx], old["advantages"][idx], mask, args.cliprange, num_items)
                 vf_loss, vf_stats = value_loss(values, old["values"][idx], old["returns"][idx], mask, args.cliprange_value, num_items)
                 loss = pg_loss + args.vf_coef * vf_loss
                 finite &= bool(torch.isfinite(loss))
                 # DDP averages gradients over ranks; the token mean is already over all ranks' tokens.
-                accelerator.backward(loss * accelerator.num_processes)
+                accelerator.backward(loss * accelerator.num_processes * (args.gradient_accumulation_steps if deepspeed else 1))
             totals += torch.stack([pg_loss.detach(), vf_loss.detach()])
             if mask.any():
                 stats["policy/approxkl_avg"].append(pg_stats["approxkl"])
@@ -263,7 +275,8 @@ class PPOTrainer(Trainer):
                 stats["val/clipfrac_avg"].append(vf_stats["clipfrac"])
                 stats["policy/entropy_avg"].append(masked_mean(entropy.detach(), mask))
                 stats["val/ratio"].append(pg_stats["ratio"])
-        grad_norm = accelerator.clip_grad_norm_(self.model_wrapped.parameters(), args.max_grad_norm or math.inf)
+        # Under DeepSpeed the engine has clipped and stepped already (at the last backward); this reads its norm.
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(self.model_wrapped.parameters(), args.max_grad_norm or math.inf) or 0.0)
         not_finite = self.sum_over_ranks(torch.tensor(float(not finite), device=device)) > 0
         if not_finite or not torch.isfinite(grad_norm):
             self.optimizer.zero_grad()
@@ -495,10 +508,13 @@ class PPOTrainer(Trainer):
             staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         ckpt.save_rng_state(staging, self.accelerator.process_index)
+        if is_deepspeed(self.accelerator):  # ZeRO partitions the optimizer state: the engine saves each rank's shard
+            self.model_wrapped.save_checkpoint(str(staging), tag=DEEPSPEED_TAG)
+        self.save_model_files(staging)
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
-            self.save_model_files(staging)
-            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            if not is_deepspeed(self.accelerator):
+                torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
             self.state.save_to_json(str(staging / "trainer_state.json"))
             (staging / CONFIG_FILE).write_text(yaml.safe_dump(self.run_config(), sort_keys=True))
@@ -509,20 +525,25 @@ class PPOTrainer(Trainer):
         return final
 
     def save_model_files(self, directory: Path) -> None:
+        """Full Hugging Face weights (gathered from every rank under ZeRO-3), written by the main process."""
         wrapped = self.accelerator.unwrap_model(self.model_wrapped)
-        wrapped.policy.save_pretrained(directory, safe_serialization=True)
-        save_value_head(wrapped.value_head, directory)
-        self.processor.save_pretrained(directory)
+        with gathered_parameters(wrapped, self.accelerator):
+            if self.is_world_process_zero():
+                wrapped.policy.save_pretrained(directory, safe_serialization=True)
+                save_value_head(wrapped.value_head, directory)
+                self.processor.save_pretrained(directory)
 
     def save_final(self, output_dir: str) -> None:
         """The final policy, value head, processor and trainer_state.json in `output_dir` itself (each file atomic)."""
+        out = Path(output_dir)
+        staging = out / ".final.staging"
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
-            out = Path(output_dir)
-            staging = out / ".final.staging"
             shutil.rmtree(staging, ignore_errors=True)  # a leftover of an interrupted save
             staging.mkdir(parents=True)
-            self.save_model_files(staging)
+        self.accelerator.wait_for_everyone()
+        self.save_model_files(staging)
+        if self.is_world_process_zero():
             self.state.save_to_json(str(staging / "trainer_state.json"))
             for f in staging.iterdir():
                 os.replace(f, out / f.name)
@@ -564,19 +585,22 @@ class PPOTrainer(Trainer):
             logger.warning(f"resuming with a changed {line}: the new value is used")
         wrapped = self.accelerator.unwrap_model(self.model_wrapped)
         policy = wrapped.policy
-        if isinstance(policy, PeftModel):
-            from peft import set_peft_model_state_dict
-            from peft.utils import load_peft_weights
+        with gathered_parameters(wrapped, self.accelerator, modify=True):  # ZeRO-3: load whole, re-partition
+            if isinstance(policy, PeftModel):
+                from peft import set_peft_model_state_dict
+                from peft.utils import load_peft_weights
 
-            set_peft_model_state_dict(policy, load_peft_weights(str(checkpoint), device="cpu"))
-        else:  # from_pretrained applies the checkpoint's key mapping (v5 saves the hub layout)
-            saved = type(policy).from_pretrained(checkpoint, dtype=policy.dtype)
-            policy.load_state_dict(saved.state_dict())
-            del saved
-        wrapped.value_head.load_state_dict(load_value_head(checkpoint, hidden_size_of(policy)).state_dict())
-        # Loaded on the CPU (a CPU rank's device can be "cpu:N", which torch.load cannot map to); the optimizer moves
-        # each state tensor to its parameter's device.
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+                set_peft_model_state_dict(policy, load_peft_weights(str(checkpoint), device="cpu"))
+            else:  # from_pretrained applies the checkpoint's key mapping (v5 saves the hub layout)
+                saved = load_unsharded(type(policy), checkpoint, policy.dtype)
+                policy.load_state_dict(saved.state_dict())
+                del saved
+            wrapped.value_head.load_state_dict(load_value_head(checkpoint, hidden_size_of(policy)).state_dict())
+        if is_deepspeed(self.accelerator):
+            self.model_wrapped.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:  # loaded on the CPU (a CPU rank's device can be "cpu:N", which torch.load cannot map to); the
+            # optimizer moves each state tensor to its parameter's device
+            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         self.retarget_learning_rate()
         saved = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
