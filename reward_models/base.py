@@ -60,8 +60,11 @@ import math
 import numbers
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from vlm_rl.errors import UserError
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -69,6 +72,7 @@ __all__ = [
     "FunctionReward",
     "Reward",
     "RewardOutputError",
+    "RewardSpecError",
     "ScaledReward",
     "as_reward",
     "available_rewards",
@@ -77,6 +81,7 @@ __all__ = [
     "load_reward",
     "load_rewards",
     "parse_args",
+    "reward_columns",
     "register_reward",
     "split_weight",
     "validate_scores",
@@ -84,6 +89,10 @@ __all__ = [
 
 REWARD_CONFIG_NAME = "reward_config.json"
 BUILTIN_REWARDS = ("exact_match", "contains_answer", "format", "length")
+
+class RewardSpecError(UserError, ValueError):
+    """A reward spec that names no loadable reward (unknown name, bad arguments, module or attribute not found)."""
+
 
 class RewardOutputError(ValueError):
     """A reward returned something that is not one score (float or None) per completion."""
@@ -98,6 +107,8 @@ class Reward:
     """
 
     name: str = "reward"
+    # Dataset columns the reward reads from kwargs; data checks (`vlm-rl validate-data`) require them up front.
+    required_columns: tuple[str, ...] = ()
 
     def __call__(self, prompts: list | None, completions: list, **kwargs: Any) -> list[float | None]:
         raise NotImplementedError
@@ -118,6 +129,7 @@ class FunctionReward(Reward):
             raise TypeError(f"a reward must be callable, got {type(fn).__name__}")
         self.fn = fn
         self.name = name or _callable_name(fn)
+        self.required_columns = tuple(getattr(fn, "required_columns", ()))
 
     def __call__(self, prompts, completions, **kwargs):
         return self.fn(prompts, completions, **kwargs)
@@ -130,6 +142,7 @@ class ScaledReward(Reward):
         self.reward = as_reward(reward)
         self.weight = float(weight)
         self.name = self.reward.name
+        self.required_columns = tuple(getattr(self.reward, "required_columns", ()))
 
     def __call__(self, prompts, completions, **kwargs):
         scores = validate_scores(self.name, self.reward(prompts, completions, **kwargs), len(completions))
@@ -271,6 +284,7 @@ class CombinedReward(Reward):
                 name = f"{base}_{k}"
             self.names.append(name)
         self.weights: dict[str, float] = dict(zip(self.names, weights))
+        self.required_columns = tuple(dict.fromkeys(c for r in self.rewards for c in getattr(r, "required_columns", ())))
 
     def score_all(self, prompts, completions, **kwargs) -> dict[str, list[float | None]]:
         """One validated score column per reward, keyed by its (unique) name."""
@@ -417,10 +431,10 @@ def parse_args(text: str) -> dict[str, Any]:
     while pos < len(text):
         m = _ARG_RE.match(text, pos)
         if m is None or m.end() == pos:
-            raise ValueError(f"cannot parse reward arguments {text!r} at {text[pos:]!r}: expected KEY=VALUE")
+            raise RewardSpecError(f"cannot parse reward arguments {text!r} at {text[pos:]!r}: expected KEY=VALUE")
         key = m.group("key")
         if key in args:
-            raise ValueError(f"reward argument {key!r} given twice in {text!r}")
+            raise RewardSpecError(f"reward argument {key!r} given twice in {text!r}")
         args[key] = _parse_value(m.group("value"))
         pos = m.end()
     return args
@@ -451,7 +465,7 @@ def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], what: str
             sig = f"{what}{inspect.signature(factory)}"
         except (TypeError, ValueError):
             sig = what
-        raise ValueError(f"bad arguments {kwargs} for reward {what!r}: {e}. Signature: {sig}") from e
+        raise RewardSpecError(f"bad arguments {kwargs} for reward {what!r}: {e}. Signature: {sig}") from e
     if rename is not None:
         if isinstance(obj, Reward):
             obj.name = str(rename)
@@ -461,21 +475,24 @@ def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], what: str
 
 
 def _load_module_attr(module: str, attr: str, args: str | None, spec: str) -> Reward:
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:  # a console script's sys.path lacks the current directory
+        sys.path.append(cwd)
     try:
         obj: Any = importlib.import_module(module)
     except ImportError as e:
-        raise ValueError(f"reward spec {spec!r}: cannot import module {module!r}: {e}") from e
+        raise RewardSpecError(f"reward spec {spec!r}: cannot import module {module!r}: {e}") from e
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError as e:
-            raise ValueError(f"reward spec {spec!r}: module {module!r} has no attribute {attr!r}") from e
+            raise RewardSpecError(f"reward spec {spec!r}: module {module!r} has no attribute {attr!r}") from e
     if args is not None:
         obj = _call_factory(obj, parse_args(args), f"{module}:{attr}")
     elif inspect.isclass(obj):
         obj = _call_factory(obj, {}, f"{module}:{attr}")
     if not callable(obj):
-        raise ValueError(f"reward spec {spec!r} names a {type(obj).__name__}, which is not callable")
+        raise RewardSpecError(f"reward spec {spec!r} names a {type(obj).__name__}, which is not callable")
     return as_reward(obj)
 
 
@@ -501,7 +518,7 @@ def load_reward(spec: str | Callable[..., Any]) -> Reward:
     """Build the reward that ``spec`` names (grammar in the module docstring).
 
     A callable is returned as a reward (see :func:`as_reward`). A spec with a weight gives a
-    :class:`ScaledReward`. Unknown specs raise ValueError listing the accepted forms.
+    :class:`ScaledReward`. Unknown specs raise RewardSpecError (a ValueError) listing the accepted forms.
     """
     if not isinstance(spec, str):
         if callable(spec):
@@ -515,7 +532,7 @@ def load_reward(spec: str | Callable[..., Any]) -> Reward:
 def _load_unweighted(spec: str) -> Reward:
     spec = spec.strip()
     if not spec:
-        raise ValueError("empty reward spec; " + _accepted_forms())
+        raise RewardSpecError("empty reward spec; " + _accepted_forms())
     if _URL_RE.match(spec):
         from reward_models.remote import RemoteReward
 
@@ -532,7 +549,7 @@ def _load_unweighted(spec: str) -> Reward:
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, REWARD_CONFIG_NAME)):
             return _load_reward_model_dir(spec)
-        raise ValueError(
+        raise RewardSpecError(
             f"directory {spec!r} is not a trained reward model: it has no {REWARD_CONFIG_NAME}; " + _accepted_forms()
         )
     hint = ""
@@ -541,7 +558,26 @@ def _load_unweighted(spec: str) -> Reward:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
     elif os.sep in spec or spec.startswith("."):
         hint = " (no such directory)"
-    raise ValueError(f"unknown reward spec {spec!r}{hint}; " + _accepted_forms())
+    raise RewardSpecError(f"unknown reward spec {spec!r}{hint}; " + _accepted_forms())
+
+
+def reward_columns(specs: str | Sequence[str]) -> dict[str, str]:
+    """{column: "needed by reward NAME"} for the dataset columns the rewards in ``specs`` read, without
+    loading a model or calling a server: trained reward models and URLs read no columns of their own."""
+    _ensure_builtins()
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    columns: dict[str, list[str]] = {}
+    for spec in specs:
+        base = split_weight(spec)[0].strip()
+        m = _CALL_RE.match(base)
+        target = m.group("target").strip() if m is not None else ""
+        cheap = (_NAME_RE.fullmatch(target) and _key(target) in _REGISTRY) or _MODULE_ATTR_RE.match(target)
+        if not cheap and (_URL_RE.match(base) or os.path.isfile(os.path.join(base, REWARD_CONFIG_NAME))):
+            continue  # a server or a trained reward model: only the run itself asks or loads it
+        reward = _load_unweighted(base)  # a bad spec fails here, before anything loads
+        for column in getattr(reward, "required_columns", ()):
+            columns.setdefault(column, []).append(reward.name)
+    return {c: f"needed by reward {', '.join(names)}" for c, names in columns.items()}
 
 
 def load_rewards(specs: str | Sequence[str | Callable[..., Any]]) -> CombinedReward:

@@ -37,14 +37,15 @@ from collections.abc import Callable
 from typing import Any
 
 from reward_models.base import Reward, validate_scores
+from vlm_rl.errors import UserError
 
 __all__ = ["RemoteReward", "RemoteRewardError", "encode_image"]
 
 logger = logging.getLogger(__name__)
 
 
-class RemoteRewardError(RuntimeError):
-    """The reward server could not be reached, or answered with an error."""
+class RemoteRewardError(UserError, RuntimeError):
+    """The reward server could not be reached, or answered with an error; the message names its URL."""
 
 
 def encode_image(image: Any) -> str:

@@ -95,6 +95,10 @@ class ReferenceMatch(Reward):
     def __init__(self, answer_column: str = "answer"):
         self.answer_column = answer_column
 
+    @property
+    def required_columns(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.answer_column,)
+
     def matches(self, text: str, reference: str) -> bool:
         raise NotImplementedError
 

@@ -13,7 +13,9 @@ Loss: `-logsigmoid(r_chosen - r_rejected)` (+ `center_rewards_coefficient * mean
 set, as in TRL's RewardTrainer); chosen and rejected go through one batched forward. Held-out pairwise accuracy
 (`r_chosen > r_rejected`, ties count as wrong) is reported after every epoch and at the end. The output directory
 (written atomically) is a `VLMRewardModel` directory plus `eval_results.json` (with a `log_history` of the loss
-and learning rate every `--logging_steps` optimiser steps).
+and learning rate every `--logging_steps` optimiser steps) and `train_reward_config.yaml` (the full resolved
+config). A non-empty output directory is refused before anything loads unless `--overwrite`, which replaces it
+whole; every data row is checked (`vlm_rl.validate`) before the model loads.
 
 Multi-process training goes through `accelerate` (`Accelerator`, `prepare`, `backward`, `gather_for_metrics`);
 train loss/accuracy are reduced over processes, eval metrics gathered without the padding duplicates. The LR
@@ -40,8 +42,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from reward_models.base import completion_text
+from vlm_rl.atomic import refuse_existing_output, run_config_yaml
+from vlm_rl.config import ConfigError
 from vlm_rl.data import DataError
-from vlm_rl.model_loading import LORA_TARGET_MODULES
+from vlm_rl.model_loading import LORA_TARGET_MODULES, require_model
+
+TRAIN_CONFIG_FILE = "train_reward_config.yaml"
 
 
 @dataclass
@@ -62,6 +69,10 @@ class RewardTrainingConfig:
     eval_split: str = field(default="test", metadata={"help": "Split to read when eval_data is a dataset directory."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of train held out for evaluation when --eval_data is not given."})
     output_dir: str = field(default="runs/reward-model", metadata={"help": "Where the reward model and eval_results.json go."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a non-empty output_dir whole (default: refuse it, before anything loads).", "aliases": ["--overwrite"]},
+    )
     name: str = field(default="vlm_rm", metadata={"help": "The reward's name (metric and score column names)."})
 
     learning_rate: float = field(default=1e-4)
@@ -113,38 +124,30 @@ class RewardTrainingConfig:
 
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+            raise ConfigError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ValueError("give num_train_epochs > 0 or max_steps > 0")
+            raise ConfigError("give num_train_epochs > 0 or max_steps > 0")
 
 
 # ------------------------------------------------------------------------------------------ data
 
 
-def _pair_text(value, source: str, column: str) -> str:
-    from reward_models.base import completion_text
-
-    if value is None:
-        raise DataError(f"{source}: field '{column}': missing. A preference pair needs 'chosen' and 'rejected' responses.")
-    try:
-        return completion_text(value)
-    except TypeError as e:
-        raise DataError(f"{source}: field '{column}': {e}. Give a string or a list of assistant messages.") from None
-
-
 def load_pairs(path: str, split: str):
-    """Preference pairs in the normal form, their chosen/rejected texts checked now (images too)."""
+    """Preference pairs in the normal form, every row checked first (`vlm_rl.validate`: images opened, chosen
+    and rejected readable); a DataError lists every problem."""
     from vlm_rl.data import load_samples
+    from vlm_rl.validate import check_data
 
-    dataset = load_samples(path, split=split, check_images=True)
+    check_data(path, "reward", split=split).raise_if_problems()
+    dataset = load_samples(path, split=split, check_images=False)
     for row in dataset.rows:
-        row["chosen"] = _pair_text(row.get("chosen"), row["_source"], "chosen")
-        row["rejected"] = _pair_text(row.get("rejected"), row["_source"], "rejected")
+        row["chosen"] = completion_text(row["chosen"])
+        row["rejected"] = completion_text(row["rejected"])
     return dataset
 
 
@@ -270,9 +273,10 @@ def train(config: RewardTrainingConfig) -> dict:
 
     from reward_models.vlm_reward import VLMRewardModel
     from vlm_rl.synthetic_data import resolve_data_path
-    from vlm_rl.tiny import resolve_model_path
 
     start_time = time.perf_counter()
+    if not config.overwrite_output_dir:  # before anything loads; the save below checks again
+        refuse_existing_output(config.output_dir)
     accelerator = Accelerator(
         cpu=config.use_cpu,
         mixed_precision="bf16" if config.bf16 else "no",
@@ -280,9 +284,11 @@ def train(config: RewardTrainingConfig) -> dict:
     )
     set_seed(config.seed)
     with PartialState().main_process_first():  # rank 0 builds the embedded defaults; the others then read them
-        model_path = resolve_model_path(config.model_name_or_path)
+        model_path = require_model(config.model_name_or_path)
         train_path = resolve_data_path(config.train_data, "preferences")
         eval_path = resolve_data_path(config.eval_data, "preferences_test") if config.eval_data else None
+    train_set = load_pairs(train_path, config.train_split)  # every row checked before the model loads
+    eval_set = load_pairs(eval_path, config.eval_split) if eval_path is not None else None
 
     model = VLMRewardModel.from_base(
         model_path,
@@ -305,9 +311,7 @@ def train(config: RewardTrainingConfig) -> dict:
         model.base_backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    train_set = load_pairs(train_path, config.train_split)
-    if eval_path is not None:
-        eval_set = load_pairs(eval_path, config.eval_split)
+    if eval_set is not None:
         train_indices = list(range(len(train_set)))
         eval_indices = list(range(len(eval_set)))
     else:
@@ -318,7 +322,7 @@ def train(config: RewardTrainingConfig) -> dict:
         if config.eval_fraction > 0 and n_eval == 0:
             n_eval = 1
         if n_eval >= len(train_set):
-            raise ValueError(f"{train_path}: {len(train_set)} pairs are too few to hold out {n_eval} for evaluation")
+            raise DataError(f"{train_path}: {len(train_set)} pairs are too few to hold out {n_eval} for evaluation. Give more pairs, a smaller --eval_fraction, or --eval_data.")
         eval_indices, train_indices = sorted(order[:n_eval]), sorted(order[n_eval:])
     train_data = torch.utils.data.Subset(train_set, train_indices)
     eval_data = torch.utils.data.Subset(eval_set, eval_indices) if eval_indices else None
@@ -427,13 +431,18 @@ def train(config: RewardTrainingConfig) -> dict:
         "num_processes": accelerator.num_processes,
         "config": asdict(config),
     }
+    resolved = {
+        **asdict(config), "model_name_or_path": model_path, "train_data": train_path, "eval_data": eval_path,
+        "num_processes": accelerator.num_processes,
+    }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(
             config.output_dir,
             extra={"train_data": str(train_path), "eval_data": str(eval_path) if eval_path else None, **{k: v for k, v in final.items()}},
-            extra_files={"eval_results.json": json.dumps(results, indent=2) + "\n"},
+            extra_files={"eval_results.json": json.dumps(results, indent=2) + "\n", TRAIN_CONFIG_FILE: run_config_yaml(resolved)},
+            overwrite=config.overwrite_output_dir,
         )
         if final:
             accelerator.print(
@@ -456,4 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from vlm_rl.errors import run_command
+
+    run_command("train-reward", main, sys.argv[1:])

@@ -230,11 +230,18 @@ class VLMRewardModel(nn.Module, Reward):
         """The Qwen2VLModel, also when peft wraps it."""
         return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
 
-    def save_pretrained(self, path: str | os.PathLike, extra: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        extra: dict | None = None,
+        extra_files: dict[str, str] | None = None,
+        overwrite: bool = True,
+    ) -> Path:
         """Write backbone (LoRA merged), processor, head and reward_config.json to ``path`` atomically.
 
         ``extra`` is merged into reward_config.json's ``metadata``; ``extra_files`` ({name: text}) are written
-        into the same directory before it appears (e.g. ``eval_results.json``).
+        into the same directory before it appears (e.g. ``eval_results.json``). ``overwrite`` (the default, as
+        for transformers' ``save_pretrained``) replaces an existing ``path`` whole; False refuses a non-empty one.
         """
         path = Path(path)
         backbone = self.backbone
@@ -242,7 +249,7 @@ class VLMRewardModel(nn.Module, Reward):
             import copy
 
             backbone = copy.deepcopy(backbone).merge_and_unload()  # the training copy keeps its adapters
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, overwrite=overwrite) as tmp:
             backbone.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
             save_file({k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / REWARD_HEAD_FILE))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from vlm_rl.errors import run_command  # noqa: E402
 from vlm_rl.sft import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_command("sft", main, sys.argv[1:])  # a user error: one line and exit status 2 (--debug: traceback)

@@ -110,3 +110,21 @@ def test_console_script_is_installed(tmp_path):
         pytest.skip("console script not installed in this environment")
     result = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "make-data" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["make-data", "make-tiny-model"])
+def test_a_user_file_survives_and_overwrite_replaces(tmp_path, command):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "thesis.tex").write_text("two years of work")
+    extra = ["--n", "10"] if command == "make-data" else []
+    refused = vlm_rl(command, "project", *extra, cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert f"vlm-rl {command}: error: project is not empty" in refused.stderr and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["project"] and (out / "thesis.tex").read_text() == "two years of work"
+
+    replaced = vlm_rl(command, "project", *extra, "--overwrite", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert not (out / "thesis.tex").exists() and (out / ("train.jsonl" if command == "make-data" else "config.json")).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["project"]  # nothing left aside

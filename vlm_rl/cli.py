@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from vlm_rl.errors import DEBUG_FLAG, run_command
+
 # command -> (module with main(argv), one-line help)
 COMMANDS = {
     "demo": ("vlm_rl.demo", "make-tiny-model -> make-data -> SFT -> PPO -> compare, on CPU, offline"),
@@ -19,17 +21,20 @@ COMMANDS = {
     "make-tiny-model": ("vlm_rl.cli", "write the embedded tiny Qwen2-VL (model + processor) to a directory"),
     "generate": ("vlm_rl.generate", "answer prompts with any checkpoint; writes JSONL that score reads"),
     "make-data": ("vlm_rl.cli", "write the synthetic shapes VQA dataset (train/test JSONL + preference pairs)"),
+    "validate-data": ("vlm_rl.validate", "check every row of a dataset for a task; list every problem by file, line and field"),
 }
+OVERWRITE_HELP = "replace a non-empty out_dir whole (default: refuse it; nothing in it is touched)"
 
 
 def make_tiny_model_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="vlm-rl make-tiny-model", description=COMMANDS["make-tiny-model"][1])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
     from vlm_rl.tiny import make_tiny_model
 
-    path = make_tiny_model(args.out_dir, seed=args.seed)
+    path = make_tiny_model(args.out_dir, seed=args.seed, overwrite=args.overwrite)
     print(f"tiny Qwen2-VL written to {path}")
 
 
@@ -43,11 +48,15 @@ def make_data_main(argv: list[str]) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--noise", type=float, default=0.0, help="fraction of wrong demonstrations in train's 'response'")
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
     from vlm_rl.synthetic_data import make_synthetic_data
 
     try:
-        path = make_synthetic_data(args.out_dir, n=args.n, seed=args.seed, test_fraction=args.test_fraction, noise=args.noise, tasks=args.tasks)
+        path = make_synthetic_data(
+            args.out_dir, n=args.n, seed=args.seed, test_fraction=args.test_fraction, noise=args.noise, tasks=args.tasks,
+            overwrite=args.overwrite,
+        )
     except ValueError as e:  # a bad --n/--noise/--test-fraction: a usage error, not a traceback
         parser.error(str(e))
     print(f"synthetic data written to {path}")
@@ -57,24 +66,27 @@ LOCAL_MAINS = {"make-tiny-model": make_tiny_model_main, "make-data": make_data_m
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """`vlm-rl COMMAND ARGS`: a user error in any command is one line on stderr and exit status 2 (see errors.py)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = [DEBUG_FLAG] if DEBUG_FLAG in argv else []
+    argv = [a for a in argv if a != DEBUG_FLAG]
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, COMMANDS))
         print("usage: vlm-rl COMMAND [ARGS]\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:<{width}}  {help_text}")
-        print("\n`vlm-rl COMMAND --help` lists a command's flags.")
+        print("\n`vlm-rl COMMAND --help` lists a command's flags; add --debug (or set VLM_RL_DEBUG=1) to see the traceback of an error.")
         return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         sys.exit(f"vlm-rl: unknown command {command!r}; choose from {', '.join(COMMANDS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if command in LOCAL_MAINS:
-        LOCAL_MAINS[command](rest)
+        run_command(command, LOCAL_MAINS[command], rest + debug)
         return
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"vlm-rl {command}", *rest]
-    module.main(rest)
+    run_command(command, module.main, rest + debug)
 
 
 if __name__ == "__main__":

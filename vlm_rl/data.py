@@ -24,21 +24,37 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from vlm_rl.errors import UserError
+
 IMAGE_PLACEHOLDER = "<image>"
 ROLE_FROM_LLAVA = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, line and field, and what to do."""
+class DataError(UserError, ValueError):
+    """Bad input data; the message names the file, line and field, and what to do.
+
+    `source` ("file:line"), `field` and `detail` (the message without those two) are kept apart too, so that
+    `vlm_rl.validate` can list problems by row and field."""
+
+    def __init__(self, message: str, source: str | None = None, field: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.source, self.field = source, field
+        self.detail = message if detail is None else detail
 
 
 def _err(where: str, field: str, problem: str, fix: str) -> DataError:
-    return DataError(f"{where}: field '{field}': {problem}. {fix}")
+    return DataError(f"{where}: field '{field}': {problem}. {fix}", where, field, f"{problem}. {fix}")
+
+
+def located_error(where: str, problem: str) -> DataError:
+    """A DataError at `where` ("file:line", or a file) that names no field, e.g. a line that is not JSON."""
+    return DataError(f"{where}: {problem}", where, None, problem)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -220,6 +236,19 @@ def _text_in(content: Any, where: str, field: str) -> str:
         raise _err(where, field, f"expected a string or a list of text parts, got {type(content).__name__}", "Give the response text.") from None
 
 
+def response_text(value: Any, where: str, field: str, if_missing: str) -> str:
+    """A response-like field (a string, or TRL conversational messages) as text; a DataError naming `field` when
+    it is missing (`if_missing` says what to do) or holds something else."""
+    from reward_models.base import completion_text
+
+    if value is None:
+        raise DataError(f"{where}: field '{field}': {if_missing}", where, field, if_missing)
+    try:
+        return completion_text(value)
+    except TypeError as e:
+        raise _err(where, field, str(e), "Give a string or a list of assistant messages.") from None
+
+
 class PromptDataset(Sequence):
     """Samples in the normal form; images are opened (and converted to RGB) when a sample is read."""
 
@@ -248,25 +277,63 @@ class PromptDataset(Sequence):
             self[i]
 
 
+@dataclass
+class InputRow:
+    """One raw row as read, before normalisation: its position, its fields (None when unreadable) and why it
+    cannot be used (if so). `line` is the 1-based line of a .jsonl file, the 0-based index in a .json list or
+    a dataset directory."""
+
+    line: int
+    source: str
+    raw: dict | None
+    error: DataError | None = None
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, Any, DataError | None]]:
+    """(line, "file:line", JSON value, None) per non-blank line of a .jsonl file; (line, "file:line", None, error)
+    for a line that is not UTF-8 or not JSON."""
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start + 1}). Save the file as UTF-8."
+                yield lineno, where, None, located_error(where, problem)
+                continue
+            if not line.strip():
+                continue  # blank lines are not rows
+            try:
+                yield lineno, where, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield lineno, where, None, located_error(where, f"malformed JSON ({e.msg} at column {e.colno}). Fix or remove the line.")
+
+
+def _utf8_text(path: Path) -> str:
+    """The whole file as text; not UTF-8 is a DataError naming the line of the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise located_error(f"{path}:{line}", f"not UTF-8 text (byte 0x{data[e.start]:02x}). Save the file as UTF-8.") from None
+
+
 def read_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """("file:line", raw row) for each row of a .jsonl file or a .json list; malformed JSON is a DataError."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). Fix or remove the line.") from None
+        for _, where, row, error in _jsonl_lines(path):
+            if error is not None:
+                raise error
+            yield where, row
     else:
-        text = path.read_text(encoding="utf-8")
+        text = _utf8_text(path)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
+            raise located_error(f"{path}:{e.lineno}", f"malformed JSON ({e.msg} at column {e.colno}).") from None
         if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of samples, got {type(data).__name__}.")
+            raise located_error(str(path), f"expected a JSON list of samples, got {type(data).__name__}.")
         for i, (lineno, row) in enumerate(zip(_json_list_lines(text), data)):
             yield f"{path}:{lineno} (item {i})", row
 
@@ -297,36 +364,70 @@ def read_dataset_dir(path: Path, split: str) -> Iterator[tuple[str, Any]]:
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataError(f"{path}: no split '{split}' (has {list(ds)}). Pass --split.")
+                raise located_error(str(path), f"no split '{split}' (has {list(ds)}). Pass --split.")
             ds = ds[split]
     else:
         try:
             ds = datasets.load_dataset(str(path), split=split)
         except Exception as e:
-            raise DataError(f"{path}: datasets.load_dataset cannot read this directory ({type(e).__name__}: {e}). Give the data file itself (.jsonl/.json).") from None
+            raise located_error(
+                str(path), f"datasets.load_dataset cannot read this directory ({type(e).__name__}: {e}). Give the data file itself (.jsonl/.json)."
+            ) from None
     for i, row in enumerate(ds):
         yield f"{path}[{split}][{i}]", row
 
 
-def load_samples(path: str | os.PathLike, split: str = "train", check_images: bool = True) -> PromptDataset:
-    """Read a dataset of any supported format into normal-form samples (see the module docstring)."""
+def data_source(path: str | os.PathLike, split: str) -> Path:
+    """The file or dataset directory to read: `path` itself, or `path/{split}.jsonl|.json` when `path` is a
+    directory of data files named by split (e.g. the synthetic set: DIR/train.jsonl, DIR/test.jsonl)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file or directory. Give a .jsonl/.json file or a dataset directory.")
+        raise located_error(str(path), "no such file or directory. Give a .jsonl/.json file or a dataset directory.")
     if path.is_dir() and not _is_saved_dataset(path):
-        # A directory of data files named by split (e.g. the synthetic set: DIR/train.jsonl, DIR/test.jsonl).
         split_files = [path / f"{split}{ext}" for ext in (".jsonl", ".json") if (path / f"{split}{ext}").is_file()]
         if split_files:
-            path = split_files[0]
+            return split_files[0]
+    return path
+
+
+def read_rows(path: str | os.PathLike, split: str = "train") -> tuple[Iterator[InputRow], Path]:
+    """(raw rows one at a time, the directory image paths resolve against), for any supported input. Unlike
+    `load_samples`, a line of a .jsonl file that is not UTF-8, not JSON or not an object is an error row, and
+    reading goes on; a .json list or dataset directory that cannot be read at all is a DataError."""
+    path = data_source(path, split)
     if path.is_dir():
-        rows_in, base_dir = read_dataset_dir(path, split), path
-    elif path.suffix in (".jsonl", ".json"):
-        rows_in, base_dir = read_json_rows(path), path.parent
-    else:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'. Use .jsonl, .json or a dataset directory.")
-    rows = [normalise_row(row, base_dir, where) for where, row in rows_in]
+        def dataset_rows() -> Iterator[InputRow]:
+            for i, (where, row) in enumerate(read_dataset_dir(path, split)):
+                yield InputRow(i, where, dict(row))
+
+        return dataset_rows(), path
+    if path.suffix == ".json":
+        def list_rows() -> Iterator[InputRow]:
+            for i, (where, row) in enumerate(read_json_rows(path)):
+                yield _input_row(i, where, row, None)
+
+        return list_rows(), path.parent
+    if path.suffix != ".jsonl":
+        raise located_error(str(path), f"unsupported file type '{path.suffix}'. Use .jsonl, .json or a dataset directory.")
+    return (_input_row(*line) for line in _jsonl_lines(path)), path.parent
+
+
+def _input_row(line: int, where: str, row: Any, error: DataError | None) -> InputRow:
+    if error is None and not isinstance(row, dict):
+        error = located_error(where, f"expected a JSON object, got {type(row).__name__}. Each line must be one JSON object.")
+    return InputRow(line, where, row if error is None else None, error)
+
+
+def load_samples(path: str | os.PathLike, split: str = "train", check_images: bool = True) -> PromptDataset:
+    """Read a dataset of any supported format into normal-form samples (see the module docstring)."""
+    rows_in, base_dir = read_rows(path, split)
+    rows = []
+    for row in rows_in:
+        if row.error is not None:
+            raise row.error
+        rows.append(normalise_row(row.raw, base_dir, row.source))
     if not rows:
-        raise DataError(f"{path}: no samples found.")
+        raise DataError(f"{data_source(path, split)}: no samples found.")
     dataset = PromptDataset(rows, base_dir)
     if check_images:
         dataset.check_images()

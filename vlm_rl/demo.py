@@ -19,6 +19,7 @@ import torch
 @dataclass
 class DemoConfig:
     out: str = "outputs/demo"
+    overwrite: bool = False  # replace a non-empty `out` (default: refuse it before any stage runs)
     seed: int = 0
     # data: colour questions, 30% of the demonstrations wrong
     n: int = 2000
@@ -47,7 +48,9 @@ def stage(name: str):
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run every stage into `cfg.out`; returns the comparison summary (also in `out/report/summary.json`)."""
+    """Run every stage into `cfg.out`; returns the comparison summary (also in `out/report/summary.json`).
+    A non-empty `cfg.out` is refused unless `cfg.overwrite`, which lets every stage replace its output."""
+    from vlm_rl.atomic import refuse_existing_output
     from vlm_rl.compare import run_compare
     from vlm_rl.config import PPOConfig
     from vlm_rl.ppo import build_trainer
@@ -57,14 +60,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     from vlm_rl.tiny import make_tiny_model
 
     out = Path(cfg.out)
+    if not cfg.overwrite:
+        refuse_existing_output(out)
     timings = {}
 
     t = stage("1/5 make-tiny-model")
-    model_dir = make_tiny_model(out / "model", seed=cfg.seed)
+    model_dir = make_tiny_model(out / "model", seed=cfg.seed, overwrite=cfg.overwrite)
     timings["make-tiny-model"] = time.time() - t
 
     t = stage("2/5 make-data")
-    data_dir = make_synthetic_data(out / "data", n=cfg.n, seed=cfg.seed, noise=cfg.noise, tasks=cfg.tasks.split(","))
+    data_dir = make_synthetic_data(
+        out / "data", n=cfg.n, seed=cfg.seed, noise=cfg.noise, tasks=cfg.tasks.split(","), overwrite=cfg.overwrite
+    )
     timings["make-data"] = time.time() - t
 
     t = stage("3/5 SFT")
@@ -83,6 +90,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "--seed", str(cfg.seed),
             "--use_cpu", "true",
             "--report_to", "none",
+            "--overwrite_output_dir", str(cfg.overwrite).lower(),
         ]
     )
     sft_dir = run_sft(sft_config)
@@ -113,6 +121,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         save_steps=0,
         report_to="tensorboard",
         disable_tqdm=False,
+        overwrite_output_dir=cfg.overwrite,
     )
     build_trainer(ppo_config).train()
     timings["ppo"] = time.time() - t
@@ -137,6 +146,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlm-rl demo", description=__doc__.splitlines()[0])
     for f in fields(DemoConfig):
+        if f.type == "bool":
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
+            continue
         kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     parser.add_argument("--torch-num-threads", type=int, default=1, help="1 is fastest for the tiny model")

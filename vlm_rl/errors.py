@@ -1,4 +1,5 @@
-"""The one exception type for mistakes in what the user gave us (data, flags, paths, services).
+"""The one exception type for mistakes in what the user gave us (data, flags, paths, services), and how a
+command shows it.
 
 `vlm-rl` prints a `UserError` as one message and exits with status 2, without a traceback (unless
 `--debug` or `VLM_RL_DEBUG=1`). Everything else is a bug in vlm-rl and keeps its traceback.
@@ -6,6 +7,27 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "VLM_RL_DEBUG"
+
 
 class UserError(Exception):
     """A user error: the message names the file/line/field (or flag, path, URL) and says what to do."""
+
+
+def run_command(command: str, main: Callable[[list[str]], object], argv: Sequence[str]) -> None:
+    """Run `main(argv)` as `vlm-rl COMMAND`: a UserError becomes `vlm-rl COMMAND: error: MESSAGE` on stderr and
+    exit status 2. `--debug` anywhere in `argv` (removed before `main` sees it) or VLM_RL_DEBUG=1 lets it
+    propagate with its traceback."""
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    try:
+        main([a for a in argv if a != DEBUG_FLAG])
+    except UserError as e:
+        if debug:
+            raise
+        print(f"vlm-rl {command}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -173,14 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is None and args.data is not None:
         parser.error("--data needs --out")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vlm-rl-generate-")) / "answer.jsonl"
-    try:
-        path = run_generate(
-            args.model, str(out), data=args.data, image=args.image, prompt=args.prompt, split=args.split,
-            max_samples=args.max_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, do_sample=not args.greedy, seed=args.seed,
-        )  # fmt: skip
-    except DataError as e:
-        sys.exit(f"vlm-rl generate: {e}")
+    path = run_generate(
+        args.model, str(out), data=args.data, image=args.image, prompt=args.prompt, split=args.split,
+        max_samples=args.max_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, do_sample=not args.greedy, seed=args.seed,
+    )  # fmt: skip
     if args.out is None:
         print(json.loads(path.read_text())["response"])
         shutil.rmtree(path.parent)
@@ -189,4 +186,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vlm_rl.errors import run_command
+
+    run_command("generate", main, sys.argv[1:])

@@ -10,17 +10,48 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
+from vlm_rl.errors import UserError
 from vlm_rl.tiny import resolve_model_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 # Qwen2-VL's language-model projections; `language_model_lora_config` keeps LoRA out of the vision tower.
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def require_model(name_or_path: str) -> str:
+    """`name_or_path` resolved ('tiny' is built once); a UserError saying "not found" when it names no local model
+    or adapter directory and cannot be a hub model either (it looks like a path, or HF_HUB_OFFLINE is set and the
+    hub cache does not hold it)."""
+    path = resolve_model_path(name_or_path)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists() and not is_adapter_dir(local):
+            raise UserError(f"model directory {local} has no config.json or {ADAPTER_CONFIG}: not a model or peft adapter. Give the directory the model was saved to.")
+        return path
+    if local.exists():
+        raise UserError(f"model {path} is a file, not a directory. Give a local model directory, a peft adapter directory, or 'tiny'.")
+    fix = "Give a local model directory, a peft adapter directory, or 'tiny'"
+    if not HUB_ID.fullmatch(path):
+        raise UserError(f"model directory {path} not found ({local.absolute()} does not exist). {fix}.")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise UserError(
+                f"model {path} not found: no such local directory, and the hub is not asked (HF_HUB_OFFLINE is set; "
+                f"vlm-rl sets it unless you do) nor does its cache hold {path}. {fix}, or download it first."
+            )
+    return path
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -52,20 +83,20 @@ def torch_dtype_for(bf16: bool, fp16: bool) -> torch.dtype:
 
 def load_base_model(path: str, dtype: torch.dtype) -> Qwen2VLForConditionalGeneration:
     """A full Qwen2-VL checkpoint, or the base named by an adapter with the adapter merged in."""
-    path = resolve_model_path(path)
+    path = require_model(path)
     if is_adapter_dir(path):
         from peft import PeftModel
 
         base = Qwen2VLForConditionalGeneration.from_pretrained(adapter_base_path(path), dtype=dtype)
         return PeftModel.from_pretrained(base, path).merge_and_unload()
     if not (Path(path) / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json or {ADAPTER_CONFIG}; give a local Qwen2-VL directory (no hub downloads)")
+        raise UserError(f"model {path} not found locally (no {path}/config.json): give a local Qwen2-VL directory (no hub downloads here)")
     return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
 
 
 def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
     """The processor saved with the model (for an adapter: with the adapter, else with its base)."""
-    path = resolve_model_path(path)
+    path = require_model(path)
     source = path
     if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
         source = adapter_base_path(path)
@@ -92,7 +123,7 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
     """
     dtype = torch_dtype_for(config.bf16, config.fp16)  # compute dtype, for frozen weights
     trained_dtype = dtype if config.bf16_weights else torch.float32
-    start = resolve_model_path(config.model_name_or_path)
+    start = require_model(config.model_name_or_path)
     if is_adapter_dir(start):
         from peft import PeftModel
 

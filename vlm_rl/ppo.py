@@ -12,6 +12,7 @@ from vlm_rl.model_loading import load_policy_and_reference, load_processor
 from vlm_rl.preemption import Preempted
 from vlm_rl.synthetic_data import resolve_data_path
 from vlm_rl.trainer import PPOTrainer
+from vlm_rl.validate import check_data
 from vlm_rl.value_head import hidden_size_of, load_value_head
 
 
@@ -29,6 +30,7 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
         eval_path = resolve_data_path(config.eval_data, config.eval_split) if config.eval_data else None
     config.model_name_or_path = model_path
     processor = load_processor(model_path, config.min_pixels, config.max_pixels)
+    check_prompt_data(config, processor, [(data_path, config.train_split), (eval_path, config.eval_split)])
     policy, reference = load_policy_and_reference(config)
     value_head = None
     head_dir = config.value_model_name_or_path or (model_path if not is_adapter_dir(model_path) else None)
@@ -50,6 +52,22 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
         value_head=value_head,
         eval_dataset=eval_dataset,
     )
+
+
+def check_prompt_data(config: PPOConfig, processor, sources: list[tuple[str | None, str]]) -> None:
+    """Every row of the prompt data ((path, split) pairs) checked before the policy loads: readable, images opened,
+    placeholders counted, prompt lengths against max_prompt_length, the columns the rewards read. A DataError
+    lists every problem."""
+    from reward_models.base import reward_columns
+
+    columns = reward_columns(config.reward)
+    for path, split in sources:
+        if path is None:
+            continue
+        check_data(
+            path, "ppo", processor=processor, max_prompt_length=config.max_prompt_length, required_columns=columns,
+            skip_long_prompts=config.skip_long_prompts, split=split,
+        ).raise_if_problems()
 
 
 def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
@@ -86,4 +104,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vlm_rl.errors import run_command
+
+    run_command("ppo", main, sys.argv[1:])

@@ -9,6 +9,10 @@ first bad row). The response scored is the normal form's `completion` (`response
 final assistant/gpt turn of a conversation); `--response-column NAME` scores another column instead (e.g.
 `chosen`).
 
+Before any reward loads, `vlm_rl.validate.check_data` reads the whole input: a file that cannot be scored at
+all (missing, empty, unreadable, no usable row, e.g. every row without the `answer` that exact_match reads) is
+an error listing every problem by line and field.
+
 Output: one line per input row, in input order: the original row's fields, plus `score_<name>` per reward and
 `score` (the weighted sum, see `reward_models.base.CombinedReward`). A row that cannot be scored (malformed
 JSON, bad row, missing or unreadable image, missing response, a reward raising on it) keeps its place with
@@ -30,97 +34,38 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlm_rl.data import DataError, normalise_row, open_image, reward_kwargs
+from vlm_rl.atomic import OutputExistsError
+from vlm_rl.data import DataError, InputRow, normalise_row, open_image, read_rows, response_text, reward_kwargs
 
 SCORE_PREFIX = "score_"
 COMBINED = "score"
 
 
-@dataclass
-class InputRow:
-    """One input row: its position, its raw fields (None if unreadable) and why it cannot be scored (if so)."""
-
-    line: int
-    source: str
-    raw: dict | None
-    error: str | None = None
-
-
-# ----------------------------------------------------------------------------------------- reading
-
-
-def _read_rows(path: Path, split: str) -> tuple[Iterator[InputRow], Path]:
-    """Raw rows of any supported input, one at a time; a malformed JSONL line becomes an error row."""
-    from vlm_rl import data as data_module
-
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory. Give a .jsonl/.json file or a dataset directory.")
-    if path.is_dir():
-        def rows() -> Iterator[InputRow]:
-            for i, (where, row) in enumerate(data_module.read_dataset_dir(path, split)):
-                yield InputRow(i, where, dict(row))
-
-        return rows(), path
-    if path.suffix == ".json":
-        def rows() -> Iterator[InputRow]:
-            for i, (where, row) in enumerate(data_module.read_json_rows(path)):
-                yield InputRow(i, where, row if isinstance(row, dict) else None, None if isinstance(row, dict) else f"{where}: expected a JSON object, got {type(row).__name__}")
-
-        return rows(), path.parent
-    if path.suffix != ".jsonl":
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'. Use .jsonl, .json or a dataset directory.")
-
-    def rows() -> Iterator[InputRow]:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue  # blank lines are not rows (as in load_samples)
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield InputRow(lineno, where, None, f"{where}: malformed JSON ({e.msg} at column {e.colno})")
-                    continue
-                if not isinstance(row, dict):
-                    yield InputRow(lineno, where, None, f"{where}: expected a JSON object, got {type(row).__name__}")
-                    continue
-                yield InputRow(lineno, where, row)
-
-    return rows(), path.parent
-
-
-def _response(raw: dict, sample: dict, column: str, where: str) -> str:
-    from reward_models.base import completion_text
-
-    if column in ("response", "completion"):
-        value, field = sample.get("completion"), "response"
-    else:
-        value, field = raw.get(column), column
-    if value is None:
-        raise DataError(
-            f"{where}: field '{field}': missing response to score. Give a '{field}' column"
-            + (" (or a final assistant/gpt turn)" if field == "response" else "")
-            + ", or name another column with --response-column."
-        )
-    try:
-        return completion_text(value)
-    except TypeError as e:
-        raise DataError(f"{where}: field '{field}': {e}") from None
+def response_field(raw: dict, sample: dict, column: str) -> tuple[str, Any, str]:
+    """(field, value, what to do when it is missing) of the response to score: the normal form's completion
+    for `column` response/completion, else `raw[column]`."""
+    field = "response" if column in ("response", "completion") else column
+    value = sample.get("completion") if field == "response" else raw.get(column)
+    if_missing = (
+        f"missing response to score. Give a '{field}' column"
+        + (" (or a final assistant/gpt turn)" if field == "response" else "")
+        + ", or name another column with --response-column."
+    )
+    return field, value, if_missing
 
 
 def prepare(row: InputRow, base_dir: Path, response_column: str) -> dict:
     """The normal-form sample of a row with its images opened and `completion` set; DataError if impossible."""
     if row.error is not None:
-        raise DataError(row.error)
+        raise row.error
     sample = normalise_row(row.raw, base_dir, row.source)
     field = "image" if len(sample["images"]) <= 1 else "images"
     sample["images"] = [open_image(ref, base_dir, row.source, field) for ref in sample["images"]]
-    sample["completion"] = _response(row.raw, sample, response_column, row.source)
+    field, value, if_missing = response_field(row.raw, sample, response_column)
+    sample["completion"] = response_text(value, row.source, field, if_missing)
     return sample
 
 
@@ -257,7 +202,8 @@ def score_file(
     """Score every row of `data` with `rewards` into `out` (see the module docstring); returns the summary."""
     from tqdm.auto import tqdm
 
-    from reward_models.base import load_rewards
+    from reward_models.base import load_rewards, reward_columns
+    from vlm_rl.validate import check_data
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -265,13 +211,20 @@ def score_file(
     errors_path = Path(errors) if errors is not None else _default_errors_path(out)
     partial, errors_partial = Path(str(out) + ".partial"), Path(str(errors_path) + ".partial")
     if partial.exists() and not (resume or overwrite):
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{partial} exists (an interrupted run): pass --resume to continue it, or --overwrite to start again"
         )
+    # Before any reward (model) loads: a file that cannot be scored at all stops here with every problem listed;
+    # bad rows in a usable file keep their place with null scores (below).
+    report = check_data(
+        data, "score", required_columns=reward_columns(rewards), split=split, response_column=response_column, check_images=False
+    )
+    if not report.usable:
+        report.raise_if_problems()
 
     reward = load_rewards(rewards)
     columns = [SCORE_PREFIX + n for n in reward.names]
-    rows_in, base_dir = _read_rows(data, split)
+    rows_in, base_dir = read_rows(data, split)
     all_rows = list(rows_in)
 
     done_rows: list[dict] = []
@@ -280,12 +233,12 @@ def score_file(
     if resume and partial.exists():
         done_rows, keep_bytes = _complete_lines(partial)
         if len(done_rows) > len(all_rows):
-            raise ValueError(f"{partial} holds {len(done_rows)} rows but {data} has only {len(all_rows)}: not a partial run of this input")
+            raise DataError(f"{partial} holds {len(done_rows)} rows but {data} has only {len(all_rows)}: not a partial run of this input. Use --overwrite to start again.")
         for row, done in zip(all_rows, done_rows):
             if {k: v for k, v in done.items() if k not in columns and k != COMBINED} != {
                 k: v for k, v in _fields_of(row.raw).items() if k not in columns and k != COMBINED
             }:
-                raise ValueError(
+                raise DataError(
                     f"{partial} does not match {data} at {row.source}: it is not a partial run of this input. "
                     "Use --overwrite to start again."
                 )
@@ -402,22 +355,21 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         torch.set_num_threads(args.torch_num_threads)
-    try:
-        return score_file(
-            args.data,
-            args.reward,
-            args.out,
-            batch_size=args.batch_size,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            response_column=args.response_column,
-            errors=args.errors,
-            split=args.split,
-            progress=args.progress,
-        )
-    except (DataError, FileExistsError) as e:
-        sys.exit(f"vlm-rl score: {e}")
+    return score_file(
+        args.data,
+        args.reward,
+        args.out,
+        batch_size=args.batch_size,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        response_column=args.response_column,
+        errors=args.errors,
+        split=args.split,
+        progress=args.progress,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    from vlm_rl.errors import run_command
+
+    run_command("score", main, sys.argv[1:])

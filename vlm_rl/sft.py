@@ -32,9 +32,11 @@ from typing import Any, Iterable, Sequence
 import torch
 from trl import SFTConfig
 
+from vlm_rl.atomic import move_aside, refuse_existing_output, remove, write_run_config
 from vlm_rl.model_loading import LORA_TARGET_MODULES
 
 logger = logging.getLogger(__name__)
+SFT_CONFIG_FILE = "sft_config.yaml"
 
 # The language model's linear layers in Qwen2-VL. The vision tower's layers are named qkv/proj/fc1/fc2, so these
 # names put LoRA on the language model only.
@@ -88,10 +90,23 @@ class VLMSFTConfig(SFTConfig):
             "help": "With use_peft: write the merged full model to output_dir (the adapter goes to output_dir/adapter)."
         },
     )
-    # Overridden defaults.
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a non-empty output_dir (it is moved aside, and removed once this run has saved). "
+            "Default: refuse it, unless resuming.",
+            "aliases": ["--overwrite"],
+        },
+    )
+    # Overridden defaults. `bf16` is Optional (None: decide by hardware), which HfArgumentParser would give a
+    # required value; nargs/const make a bare `--bf16` mean true, as for every other bool flag.
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 mixed precision. Default: on where a CUDA GPU supports it, off (fp32) on CPU."},
+        metadata={
+            "help": "bf16 mixed precision. Default: on where a CUDA GPU supports it, off (fp32) on CPU.",
+            "nargs": "?",
+            "const": True,
+        },
     )
 
     def __post_init__(self):
@@ -174,9 +189,11 @@ def _load(spec: str, split: str, limit: int | None = None) -> list[dict[str, Any
 
     from vlm_rl.data import load_samples  # data.py is the one loader of every dataset format
     from vlm_rl.synthetic_data import resolve_data_path
+    from vlm_rl.validate import check_data
 
     with PartialState().main_process_first():  # rank 0 builds the embedded synthetic set; the others then read it
         path = resolve_data_path(spec, split)
+    check_data(path, "sft", split=split).raise_if_problems()  # every problem at once, before any model loads
     samples = load_samples(path, split=split)
     return samples[:limit] if limit is not None else list(samples)
 
@@ -222,10 +239,10 @@ def _resolve_model_path(name_or_path: str) -> str:
     `base_model_name_or_path` works from any working directory."""
     from accelerate import PartialState
 
-    from vlm_rl.tiny import resolve_model_path
+    from vlm_rl.model_loading import require_model
 
     with PartialState().main_process_first():  # rank 0 builds the embedded tiny model; the others then read it
-        name_or_path = resolve_model_path(name_or_path)
+        name_or_path = require_model(name_or_path)
     p = Path(name_or_path).expanduser()
     return str(p.resolve()) if p.exists() else name_or_path
 
@@ -264,6 +281,8 @@ def build_trainer(
 
     if not config.model_name_or_path:
         raise ValueError("model_name_or_path is required")
+    if not (config.overwrite_output_dir or config.resume_from_checkpoint):
+        refuse_existing_output(config.output_dir, "--overwrite_output_dir", also=" (--resume_from_checkpoint to continue it)")
     config.model_name_or_path = _resolve_model_path(config.model_name_or_path)
     if train_samples is None:
         if not config.train_data:
@@ -298,10 +317,20 @@ def run_sft(
     """Fine-tune `config.model_name_or_path` on the demonstrations; return `config.output_dir`.
 
     `train_samples` / `eval_samples` (normal-form dicts) override `config.train_data` / `config.eval_data`.
-    The output directory holds the model (or LoRA adapter; merged model with `merge_lora`), the processor and
-    `sft_metrics.json` (the log history).
+    The output directory holds the model (or LoRA adapter; merged model with `merge_lora`), the processor,
+    `sft_config.yaml` (this run's full resolved config) and `sft_metrics.json` (the log history). A non-empty
+    output_dir is refused unless `overwrite_output_dir` (it is moved aside, and removed once this run has saved)
+    or `resume_from_checkpoint`.
     """
     trainer = build_trainer(config, train_samples, eval_samples, callbacks)
+    out = Path(config.output_dir)
+    replaced = None
+    if trainer.is_world_process_zero():
+        if config.overwrite_output_dir and not config.resume_from_checkpoint and (out.exists() or out.is_symlink()):
+            replaced = move_aside(out)
+            logger.warning(f"--overwrite_output_dir: the previous content of {out} is in {replaced} until this run has saved")
+        write_run_config(out / SFT_CONFIG_FILE, config.to_dict())
+    trainer.accelerator.wait_for_everyone()
     # transformers' Trainer rewrites the model config's eos/bos/pad ids to the tokenizer's at train() time
     # (align_special_tokens). Keep the base model's config ids in the saved model; the generation config keeps
     # the union of eos ids, which only adds stop tokens.
@@ -310,7 +339,6 @@ def run_sft(
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     for k, v in special_ids.items():
         setattr(text_config, k, v)
-    out = Path(config.output_dir)
     trainer.save_model(str(out))  # model or adapter, + processing_class
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(out)
@@ -324,6 +352,8 @@ def run_sft(
                     shutil.move(str(item), adapter / item.name)
             trainer.processing_class.save_pretrained(adapter)
             merge_lora(adapter, out)
+        if replaced is not None:
+            remove(replaced)
     trainer.accelerator.wait_for_everyone()
     return out
 

@@ -121,10 +121,12 @@ def make_synthetic_data(
     test_fraction: float = 0.2,
     noise: float = 0.0,
     tasks: list[str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `images/`, `train.jsonl`, `test.jsonl`, `preferences.jsonl`, `preferences_test.jsonl` to `out_dir`.
 
-    Deterministic per seed; the directory appears whole or not at all.
+    Deterministic per seed; the directory appears whole or not at all. A non-empty `out_dir` is refused (before
+    anything is drawn) unless `overwrite`, which replaces it whole.
     """
     tasks = tasks or TASKS
     unknown = [t for t in tasks if t not in TASKS]
@@ -138,7 +140,7 @@ def make_synthetic_data(
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     rng = random.Random(seed)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         n_test = int(round(n * test_fraction))
         rows = []
@@ -176,5 +178,5 @@ def resolve_data_path(spec: str, split: str = "train") -> str:
     # Versioned like the tiny model's cache (v2: shapes in a row through the middle of their half, never touching).
     path = cache_dir() / "shapes-v2-n400-seed0"
     if not (path / "train.jsonl").exists():
-        make_synthetic_data(path, n=400, seed=0)
+        make_synthetic_data(path, n=400, seed=0, overwrite=True)  # the cache is vlm-rl's own: a broken one is rebuilt
     return str(path / f"{split}.jsonl")

@@ -155,15 +155,16 @@ def tiny_config(tokenizer: Qwen2Tokenizer) -> Qwen2VLConfig:
     )
 
 
-def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the tiny Qwen2-VL, its processor and tokenizer to `out_dir` (atomically). Same seed, same bytes."""
+def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the tiny Qwen2-VL, its processor and tokenizer to `out_dir` (atomically). Same seed, same bytes.
+
+    A non-empty `out_dir` is refused (before anything is built) unless `overwrite`, which replaces it whole."""
     out_dir = Path(out_dir)
-    processor = build_processor()
-    config = tiny_config(processor.tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        processor = build_processor()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer))
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return out_dir
@@ -182,5 +183,5 @@ def resolve_model_path(name_or_path: str) -> str:
     # (v2: the tokenizer's eos is <|im_end|>).
     path = cache_dir() / "tiny-qwen2-vl-v2-seed0"
     if not (path / "config.json").exists():
-        make_tiny_model(path, seed=0)
+        make_tiny_model(path, seed=0, overwrite=True)  # the cache is vlm-rl's own: a broken one is rebuilt
     return str(path)
