@@ -95,3 +95,18 @@ def test_repeated_reward_flags_are_all_kept():
     argv = ["--reward", "exact_match:1.0", "--output_dir", "x", "--reward", "length:0.5", "rm_dir:0.2"]
     assert merge_repeated_flag(argv, "--reward") == ["--output_dir", "x", "--reward", "exact_match:1.0", "length:0.5", "rm_dir:0.2"]
     assert merge_repeated_flag(["--output_dir", "x"], "--reward") == ["--output_dir", "x"]
+
+
+def test_an_output_dir_holding_a_run_is_refused_before_any_model_loads(tmp_path, tiny_model_dir, synthetic_data_dir, monkeypatch):
+    from vlm_rl import ppo
+    from vlm_rl.config import PPOConfig
+    from vlm_rl.errors import UserError
+
+    (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
+    config = PPOConfig(output_dir=str(tmp_path / "run"), model_name_or_path=str(tiny_model_dir), train_data=str(synthetic_data_dir / "train.jsonl"), use_cpu=True, report_to="none")
+    monkeypatch.setattr(ppo, "load_policy_and_reference", lambda config: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(ppo, "load_processor", lambda *a: pytest.fail("the processor was loaded"))
+    with pytest.raises(UserError, match="already holds a PPO run"):
+        ppo.build_trainer(config)
+    (config,) = ppo.TrlParser((PPOConfig,)).parse_args_and_config(args=["--output_dir", "x", "--overwrite"])
+    assert config.overwrite_output_dir

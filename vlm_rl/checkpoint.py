@@ -41,6 +41,22 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def previous_run(output_dir: str | os.PathLike) -> list[Path]:
+    """What an earlier PPO run left in `output_dir` (its checkpoints and trainer_state.json), oldest first."""
+    out = Path(output_dir)
+    return list_checkpoints(out) + [p for p in (out / "trainer_state.json",) if p.exists()]
+
+
+def refuse_previous_run(output_dir: str | os.PathLike) -> None:
+    """A UserError if `output_dir` holds an earlier run (for a run that neither resumes nor overwrites it)."""
+    previous = previous_run(output_dir)
+    if previous:
+        raise UserError(
+            f"{output_dir} already holds a PPO run ({', '.join(p.name for p in previous)}): pass "
+            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another --output_dir"
+        )
+
+
 def staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / f".{PREFIX}{step}.staging"
 

@@ -99,7 +99,9 @@ class PPOConfig(TrainingArguments):
         default=3, metadata={"help": "Stop after this many optimiser steps in a row skipped for a non-finite loss or gradient norm."}
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start afresh in an output_dir that already holds a run (its checkpoints are replaced)."}
+        default=False,
+        metadata={"help": "Start afresh in an output_dir that already holds a run (it is set aside, deleted when this one ends).",
+                  "aliases": ["--overwrite"]},
     )
 
     # Runtime

@@ -6,6 +6,7 @@ import sys
 
 from trl import TrlParser
 
+from vlm_rl.checkpoint import refuse_previous_run
 from vlm_rl.config import PPOConfig
 from vlm_rl.data import load_samples
 from vlm_rl.model_loading import load_policy_and_reference, load_processor
@@ -29,6 +30,8 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
         data_path = resolve_data_path(config.train_data, config.train_split)
         eval_path = resolve_data_path(config.eval_data, config.eval_split) if config.eval_data else None
     config.model_name_or_path = model_path
+    if not (config.overwrite_output_dir or config.resume_from_checkpoint):
+        refuse_previous_run(config.output_dir)  # before any model loads
     processor = load_processor(model_path, config.min_pixels, config.max_pixels)
     check_prompt_data(config, processor, [(data_path, config.train_split), (eval_path, config.eval_split)])
     policy, reference = load_policy_and_reference(config)

@@ -480,14 +480,11 @@ class PPOTrainer(Trainer):
         """Refuse an output_dir holding an earlier run unless `overwrite_output_dir`; then move that run aside
         (into a hidden directory, removed when this run finishes) and return where it went."""
         out = Path(self.args.output_dir)
-        previous = ckpt.list_checkpoints(out) + [p for p in (out / "trainer_state.json",) if p.exists()]
+        previous = ckpt.previous_run(out)
         if not previous:
             return None
         if not self.args.overwrite_output_dir:
-            raise UserError(
-                f"{out} already holds a PPO run ({', '.join(p.name for p in previous)}): pass "
-                "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another --output_dir"
-            )
+            ckpt.refuse_previous_run(out)
         aside = out / f".replaced-{int(time.time())}"
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
