@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -50,6 +51,8 @@ from vlm_rl.sharding import configure_deepspeed, gathered_parameters, is_deepspe
 from vlm_rl.value_head import PolicyAndValue, ValueHead, hidden_size_of, load_value_head, save_value_head
 
 logger = logging.getLogger(__name__)
+# TRL's unwrap_model_for_generation reads a property transformers 5.23 deprecates: nothing a user can act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 CONFIG_FILE = "ppo_config.yaml"
 DEEPSPEED_TAG = "deepspeed"  # checkpoint-N/deepspeed/: the engine's own files (weights and optimizer shards per rank)
 
@@ -387,7 +390,9 @@ class PPOTrainer(Trainer):
             stats = {}
         else:
             stats = self.optimise(rollout, old)
-        self.lr_scheduler.step()
+        with warnings.catch_warnings():  # an iteration whose steps were all skipped still advances the schedule
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+            self.lr_scheduler.step()
         metrics = self.metrics(rollout, old, stats)
         if self.args.num_sample_generations and self.is_world_process_zero() and (iteration + 1) % max(1, int(self.args.logging_steps)) == 0:
             self.print_samples(iteration + 1, samples, old)
