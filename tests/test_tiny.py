@@ -235,6 +235,23 @@ def test_large_images_are_capped_by_max_pixels(tiny_processor):
     assert 4 <= n <= 36
 
 
+def test_max_pixels_override_caps_the_image_tokens_without_deprecated_calls(tiny_model_dir):
+    import warnings
+
+    from vlm_rl.model_loading import load_processor
+
+    messages = [{"role": "user", "content": [{"type": "image"}]}]
+    counts = []
+    for max_pixels in (None, 28 * 28 * 4):
+        processor = load_processor(str(tiny_model_dir), max_pixels=max_pixels)
+        text = processor.apply_chat_template(messages, tokenize=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # no deprecated min_pixels/max_pixels at call time
+            batch = processor(text=[text], images=[Image.new("RGB", (1000, 700))], return_tensors="pt")
+        counts.append(image_token_count(batch["input_ids"], processor.tokenizer))
+    assert counts[1] <= 4 < counts[0]
+
+
 # ---------------------------------------------------------------- batched, left-padded generation
 
 

@@ -124,3 +124,18 @@ def test_accumulating_4_micro_batches_trains_like_one_big_batch(tmp_path, tiny_m
     for a, b in zip(one, four):
         for name in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "lr"):
             assert b[name] == pytest.approx(a[name], rel=1e-3, abs=1e-5), (a["step"], name)
+
+
+def test_activation_checkpointing_changes_memory_not_gradients(tmp_path, tiny_model_dir, synthetic_data_dir):
+    grads = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(tmp_path / str(checkpointing), tiny_model_dir, synthetic_data_dir, reward=[completion_length], activation_checkpointing=checkpointing)
+        assert trainer.model.policy.is_activation_checkpointing == checkpointing
+        start(trainer)
+        _, rollout, old = rollout_and_old(trainer)
+        grads.append(record_gradients(trainer))
+        torch.manual_seed(1)
+        trainer.optimise(rollout, old)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, atol=1e-6), name

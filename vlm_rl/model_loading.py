@@ -100,8 +100,10 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
     source = path
     if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
         source = adapter_base_path(path)
-    kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    processor = AutoProcessor.from_pretrained(source, **kwargs)
+    processor = AutoProcessor.from_pretrained(source)
+    edges = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
+    if edges:  # Qwen2-VL's image size bounds, in pixels (min_pixels/max_pixels are transformers' deprecated names)
+        processor.image_processor.size = {**dict(processor.image_processor.size), **edges}
     processor.tokenizer.padding_side = "left"
     return processor
 
@@ -145,7 +147,7 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
             for p in policy.model.visual.parameters():
                 p.requires_grad_(False)
         reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
-    if config.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs or {"use_reentrant": False})
+    if config.activation_checkpointing:  # `gradient_checkpointing` is transformers' deprecated alias of it
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs=config.activation_checkpointing_kwargs or {"use_reentrant": False})
         policy.config.use_cache = False
     return policy, reference

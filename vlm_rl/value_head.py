@@ -51,10 +51,10 @@ class PolicyAndValue(nn.Module):
         return bool(getattr(policy, "is_activation_checkpointing", getattr(policy, "is_gradient_checkpointing", False)))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.policy.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.policy.gradient_checkpointing_disable()
+        self.policy.activation_checkpointing_disable()
 
 
 def hidden_size_of(model: nn.Module) -> int:
