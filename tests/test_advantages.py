@@ -1,4 +1,4 @@
-"""KL penalty, whitening, reward shaping and GAE against hand-computed values."""
+"""KL penalty, whitening, reward shaping, GAE and the critic-free estimators against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vlm_rl.advantages import compute_gae, kl_penalty, shape_rewards, whiten
+from vlm_rl.advantages import compute_gae, discounted_returns, grpo_advantages, kl_penalty, rloo_advantages, shape_rewards, whiten
 from vlm_rl.masking import masked_mean, masked_var
 
 T_ = True
@@ -171,6 +171,75 @@ def test_gae_padding_invariance():
     assert torch.equal(ret[0, :5], alone_ret[0])
     assert torch.equal(adv[0, 5:], torch.zeros(3))
     assert torch.equal(ret[0, 5:], torch.zeros(3))
+
+
+# ---------------------------------------------------------------- discounted_returns (REINFORCE++)
+
+
+def test_discounted_returns_hand_computed():
+    nan = math.nan  # padding content must not matter
+    rewards = torch.tensor([[1.0, 2.0, 3.0, nan], [1.0, 9.0, 2.0, nan], [nan] * 4])
+    mask = torch.tensor([[T_, T_, T_, F_], [T_, F_, T_, F_], [F_] * 4])
+    # gamma 0.5, row 0: G_2 = 3, G_1 = 2 + 0.5*3 = 3.5, G_0 = 1 + 0.5*3.5 = 2.75
+    # row 1, a hole at index 1 (absent from the sequence): G_2 = 2, G_0 = 1 + 0.5*2 = 2
+    # row 2: nothing valid -> zeros
+    expected = torch.tensor([[2.75, 3.5, 3.0, 0.0], [2.0, 0.0, 2.0, 0.0], [0.0] * 4])
+    torch.testing.assert_close(discounted_returns(rewards, mask, gamma=0.5), expected)
+    # gamma 1: the plain reward-to-go [6, 5, 3]
+    torch.testing.assert_close(discounted_returns(rewards, mask, gamma=1.0)[0], torch.tensor([6.0, 5.0, 3.0, 0.0]))
+
+
+# ---------------------------------------------------------------- GRPO and RLOO group advantages
+
+# Four groups of G = 3, consecutive: a spread group, a group where every sample scores the same, a group with
+# one unscored sample (its score, 99, must not count), a group with a single scored sample.
+GROUP_SCORES = torch.tensor([1.0, 2.0, 4.0, 3.0, 3.0, 3.0, 5.0, 99.0, 1.0, 99.0, 7.0, 99.0])
+GROUP_VALID = torch.tensor([T_, T_, T_, T_, T_, T_, T_, F_, T_, F_, T_, F_])
+
+
+def test_grpo_hand_computed_unbiased_std():
+    # group 0: mean 7/3, deviations [-4/3, -1/3, 5/3], squares 42/9, unbiased var (42/9)/2 = 7/3, std 1.5275252
+    #          -> deviations / (1.5275252 + 1e-4) = [-0.8728177, -0.2182044, 1.0910222]
+    # group 1: all 3 -> deviations 0 -> 0 (std 0: 0 / 1e-4 = 0)
+    # group 2: scored 5 and 1: mean 3, deviations [2, -2], unbiased var 8 / 1, std 2.8284271
+    #          -> [2 / 2.8285271, 0 (unscored), -2 / 2.8285271] = [0.7070818, 0, -0.7070818]
+    # group 3: one scored sample -> 0
+    std0, std2 = math.sqrt(7 / 3), math.sqrt(8.0)
+    expected = torch.tensor([
+        -4 / 3 / (std0 + 1e-4), -1 / 3 / (std0 + 1e-4), 5 / 3 / (std0 + 1e-4), 0.0, 0.0, 0.0,
+        2 / (std2 + 1e-4), 0.0, -2 / (std2 + 1e-4), 0.0, 0.0, 0.0,
+    ])
+    torch.testing.assert_close(expected[:3], torch.tensor([-0.8728177, -0.2182044, 1.0910222]))
+    torch.testing.assert_close(grpo_advantages(GROUP_SCORES, GROUP_VALID, 3), expected)
+
+
+def test_grpo_without_std_scaling_only_centres():
+    # scale_rewards=False (Dr. GRPO): r - group mean; group 0 [-4/3, -1/3, 5/3], group 2 [2, 0, -2]
+    expected = torch.tensor([-4 / 3, -1 / 3, 5 / 3, 0.0, 0.0, 0.0, 2.0, 0.0, -2.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(grpo_advantages(GROUP_SCORES, GROUP_VALID, 3, scale_rewards=False), expected)
+
+
+def test_rloo_hand_computed():
+    # group 0: baselines (2+4)/2 = 3, (1+4)/2 = 2.5, (1+2)/2 = 1.5 -> [1-3, 2-2.5, 4-1.5] = [-2, -0.5, 2.5]
+    # group 1: all equal -> 0; group 2: scored 5 and 1, each the other's baseline -> [4, 0, -4]; group 3: -> 0
+    expected = torch.tensor([-2.0, -0.5, 2.5, 0.0, 0.0, 0.0, 4.0, 0.0, -4.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(rloo_advantages(GROUP_SCORES, GROUP_VALID, 3), expected)
+
+
+def test_group_statistics_stay_inside_each_group():
+    # G = 2 over the same six first scores: groups [1, 2], [4, 3], [3, 3]
+    scores, valid = GROUP_SCORES[:6], GROUP_VALID[:6]
+    torch.testing.assert_close(rloo_advantages(scores, valid, 2), torch.tensor([-1.0, 1.0, 1.0, -1.0, 0.0, 0.0]))
+    # unbiased std of two values a, b is |a - b| / sqrt(2): [1, 2] -> +-0.5 / (0.7071068 + 1e-4)
+    half = 0.5 / (math.sqrt(0.5) + 1e-4)
+    torch.testing.assert_close(grpo_advantages(scores, valid, 2), torch.tensor([-half, half, half, -half, 0.0, 0.0]))
+
+
+def test_groups_must_be_whole():
+    with pytest.raises(ValueError, match="num_generations=4"):
+        grpo_advantages(GROUP_SCORES[:6], GROUP_VALID[:6], 4)
+    with pytest.raises(ValueError, match="num_generations=4"):
+        rloo_advantages(GROUP_SCORES[:6], GROUP_VALID[:6], 4)
 
 
 # ---------------------------------------------------------------- whiten over ranks

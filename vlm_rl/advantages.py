@@ -1,7 +1,11 @@
-"""The per-token RL signal: KL penalty, reward shaping, GAE and whitening.
+"""The per-token RL signal: KL penalty, reward shaping, GAE, the critic-free estimators and whitening.
 
 Every tensor is `(B, T)` over response tokens and `mask` is a bool `(B, T)` marking the real ones.
 Outputs are 0 wherever `mask` is False, and rows without any valid token come out all zeros.
+
+The group estimators (GRPO, RLOO) take per-sample outcome scores `(B,)` whose `num_generations` samples of one
+prompt are consecutive: rows `[g * G, (g + 1) * G)` are group g. Samples with `valid` False (unscored) take no
+part in their group's statistics and get 0.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from torch import Tensor
 from vlm_rl.masking import masked_sum
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+CRITIC_FREE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")  # no value model: nothing to warm up, nothing to load
+GROUP_ESTIMATORS = ("grpo", "rloo")  # need num_generations >= 2 samples per prompt
+GRPO_EPS = 1e-4  # TRL GRPOTrainer's: advantages / (std + 1e-4)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
@@ -89,3 +97,59 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     advantages = torch.stack(advantages[::-1], dim=1)  # (B, T)
     returns = torch.where(mask, advantages + values, 0.0)  # (B, T)
     return advantages, returns
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Reward-to-go `G_t = sum_{t' >= t} gamma^(t' - t) r_t'` over each row's valid tokens `(B, T)`.
+
+    REINFORCE's return (OpenRLHF's `get_cumulative_returns`): GAE with V = 0 and lambda = 1. Masked positions
+    are absent from the sequence, as in `compute_gae`.
+    """
+    B, T = rewards.shape
+    future = rewards.new_zeros(B)  # (B,) return from the next valid token on
+    returns = []
+    for t in reversed(range(T)):
+        valid = mask[:, t]  # (B,)
+        g = rewards[:, t] + gamma * future
+        future = torch.where(valid, g, future)
+        returns.append(torch.where(valid, g, 0.0))
+    return torch.stack(returns[::-1], dim=1)  # (B, T)
+
+
+def _groups(scores: Tensor, valid: Tensor, num_generations: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(scores, valid, count) viewed as `(B / G, G)`, `(B / G, G)`, `(B / G, 1)` (count: valid samples per group)."""
+    if num_generations < 1 or scores.shape[0] % num_generations:
+        raise ValueError(f"a batch of {scores.shape[0]} samples is not whole groups of num_generations={num_generations}")
+    s = scores.reshape(-1, num_generations)
+    v = valid.reshape(-1, num_generations)
+    return torch.where(v, s, 0.0), v, v.sum(dim=1, keepdim=True)
+
+
+def grpo_advantages(scores: Tensor, valid: Tensor, num_generations: int, scale_rewards: bool = True, eps: float = GRPO_EPS) -> Tensor:
+    """GRPO's outcome advantage per sample `(B,)`: `(r_i - mean(r)) / (std(r) + eps)` over the group's valid samples.
+
+    Shao et al. 2024 (DeepSeekMath), eq. for outcome supervision, with TRL GRPOTrainer's conventions: the
+    **unbiased** (Bessel-corrected, n - 1) standard deviation of the group, `eps = 1e-4`, and with
+    `scale_rewards=False` no division at all (Liu et al. 2025, "Dr. GRPO": std scaling biases towards easy and
+    hard prompts). A group whose samples all score the same gets 0 everywhere; a group with fewer than two
+    valid samples has no spread to compare against and gets 0; invalid samples get 0.
+    """
+    s, v, count = _groups(scores, valid, num_generations)  # (P, G), (P, G), (P, 1)
+    mean = s.sum(dim=1, keepdim=True) / count.clamp(min=1)  # (P, 1)
+    centred = torch.where(v, s - mean, 0.0)  # (P, G)
+    if scale_rewards:
+        std = (centred.pow(2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()  # (P, 1), unbiased
+        centred = centred / (std + eps)
+    return torch.where(v & (count >= 2), centred, 0.0).reshape(-1)  # (B,)
+
+
+def rloo_advantages(scores: Tensor, valid: Tensor, num_generations: int) -> Tensor:
+    """RLOO's advantage per sample `(B,)`: `r_i - mean_{j != i} r_j` over the group's valid samples.
+
+    Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+    Feedback in LLMs", eq. (RLOO with k samples): the baseline of each sample is the mean of the other k - 1.
+    Equal to `k / (k - 1) * (r_i - mean(r))`. Fewer than two valid samples leave no baseline: 0.
+    """
+    s, v, count = _groups(scores, valid, num_generations)  # (P, G), (P, G), (P, 1)
+    others = (s.sum(dim=1, keepdim=True) - s) / (count - 1).clamp(min=1)  # (P, G) mean of the other valid samples
+    return torch.where(v & (count >= 2), s - others, 0.0).reshape(-1)  # (B,)
