@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from reward_models.base import Reward, completion_texts
 from vlm_rl.atomic import atomic_dir
 from vlm_rl.integrity import check_model_inputs
 from vlm_rl.model_loading import LORA_TARGET_MODULES, language_model_lora_config
+from vlm_rl.vision_features import FeatureLookup, ImageFeatures
 
 REWARD_CONFIG_NAME = "reward_config.json"
 REWARD_HEAD_FILE = "reward_head.safetensors"
@@ -167,6 +169,8 @@ class VLMRewardModel(nn.Module, Reward):
         self.padding_side = padding_side
         self.max_length = max_length
         self.metadata = dict(metadata or {})
+        # During PPO scoring: the rollout's encoded images, used where this model's tower may (`shared_image_features`)
+        self.image_features_source: FeatureLookup | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -292,12 +296,18 @@ class VLMRewardModel(nn.Module, Reward):
         num_images: list[int] | None = None,
         sample_names: list[str] | None = None,
         where: str = "reward model forward",
+        image_features: ImageFeatures | None = None,
     ) -> torch.Tensor:
-        """Rewards ``(B,)`` in fp32. With ``num_images`` given, the image tensors are checked against the tokens first."""
+        """Rewards ``(B,)`` in fp32. With ``num_images`` given, the image tensors are checked against the tokens first.
+
+        ``image_features``: the images already encoded by a vision tower of the same weights, instead of ``pixel_values``."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if mm_token_type_ids is not None:
             inputs["mm_token_type_ids"] = mm_token_type_ids
-        if pixel_values is not None and pixel_values.shape[0] > 0:
+        if image_features is not None:
+            inputs["mm_encoder_outputs"] = image_features.encoder_outputs()
+            inputs["image_grid_thw"] = image_grid_thw
+        elif pixel_values is not None and pixel_values.shape[0] > 0:
             inputs["pixel_values"] = pixel_values
             inputs["image_grid_thw"] = image_grid_thw
         if num_images is not None:
@@ -343,7 +353,13 @@ class VLMRewardModel(nn.Module, Reward):
                 batch = self.encode(prompts[sl], completions[sl], images[sl], names[sl], ended[sl])
                 num_images = batch.pop("num_images")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                rewards = self.forward(**batch, num_images=num_images, sample_names=names[sl], where=f"reward model {self.name!r}")
+                source = self.image_features_source
+                features = source.find(self, batch.get("pixel_values"), batch.get("image_grid_thw")) if source is not None else None
+                if features is not None:
+                    batch.pop("pixel_values")
+                rewards = self.forward(
+                    **batch, num_images=num_images, sample_names=names[sl], where=f"reward model {self.name!r}", image_features=features
+                )
                 scores.extend(rewards.float().cpu().tolist())
         finally:
             self.train(was_training)
@@ -351,3 +367,24 @@ class VLMRewardModel(nn.Module, Reward):
 
     def __repr__(self) -> str:
         return f"VLMRewardModel(name={self.name!r}, hidden_size={self.head.in_features})"
+
+
+def learned_reward_models(reward: Any) -> list[VLMRewardModel]:
+    """The learned reward models inside a reward (a CombinedReward, ScaledReward, or one reward)."""
+    if isinstance(reward, VLMRewardModel):
+        return [reward]
+    inner = getattr(reward, "rewards", None) or ([reward.reward] if hasattr(reward, "reward") else [])
+    return [m for r in inner for m in learned_reward_models(r)]
+
+
+@contextmanager
+def shared_image_features(reward_models: Sequence[VLMRewardModel], source: FeatureLookup | None) -> Iterator[None]:
+    """For the duration, `reward_models` score the images `source` holds with its features instead of encoding
+    them (each image only where it is found and the model may use them exactly, see `FeatureLookup.find`)."""
+    for model in reward_models:
+        model.image_features_source = source
+    try:
+        yield
+    finally:
+        for model in reward_models:
+            model.image_features_source = None

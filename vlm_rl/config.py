@@ -89,6 +89,12 @@ class PPOConfig(TrainingArguments):
         metadata={"help": "Language-model modules to adapt (the vision tower stays frozen)."},
     )
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision encoder frozen in full fine-tuning."})
+    reuse_vision_features: bool = field(
+        default=True,
+        metadata={"help": "Encode each rollout image once and reuse the features in every later forward where that is "
+                  "exact (the vision tower frozen; the reference's or reward model's tower of equal weights). Off "
+                  "automatically where it is not; false: every forward encodes its own images."},
+    )
 
     # Precision and robustness
     bf16_weights: bool = field(

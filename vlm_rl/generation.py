@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from vlm_rl.vision_features import ImageFeatures
+
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
 EOS_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 PAD_TOKEN = "<|endoftext|>"
@@ -106,12 +108,17 @@ def generate_responses(
     inputs: dict[str, torch.Tensor],
     generation_config: GenerationConfig,
     synced_gpus: bool = False,
+    image_features: ImageFeatures | None = None,
 ) -> torch.Tensor:
     """One `generate` for the whole left-padded batch. Returns the new tokens `(B, T_r)`, T_r <= max_new_tokens.
 
-    `synced_gpus`: every rank keeps stepping until all have finished (needed when the weights stay sharded)."""
+    `synced_gpus`: every rank keeps stepping until all have finished (needed when the weights stay sharded).
+    `image_features`: the batch's images already encoded; used instead of `pixel_values` where `model` may use them."""
     if "attention_mask" in inputs and inputs["attention_mask"][:, -1].eq(0).any():
         raise ValueError("prompts must be left-padded for batched generation (set processor.tokenizer.padding_side='left')")
+    if image_features is not None and "pixel_values" in inputs and image_features.usable_by(model):
+        inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        inputs["mm_encoder_outputs"] = image_features.encoder_outputs()
     with generation_config_swapped(model, generation_config):
         out = model.generate(**inputs, generation_config=generation_config, synced_gpus=synced_gpus)  # (B, T_q + T_r)
     return out[:, inputs["input_ids"].shape[1] :]

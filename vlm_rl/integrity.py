@@ -18,12 +18,14 @@ def check_multimodal(
     merge_size: int,
     sample_names: list[str],
     where: str,
+    image_features: tuple[torch.Tensor, ...] | None = None,  # one (features, H) per image, instead of pixel_values
 ) -> None:
     """Raise unless the image tensors and the image-pad tokens of each sample agree exactly.
 
     Checked: `image_grid_thw` has one row per image of the samples in the batch; `pixel_values` has
-    exactly the patches those rows describe; each sample has as many `<|image_pad|>` tokens as its
-    images produce vision features (patches / merge_size^2).
+    exactly the patches those rows describe (or, when the images come as encoded `image_features`, each
+    image has the feature rows its grid gives: patches / merge_size^2); each sample has as many
+    `<|image_pad|>` tokens as its images produce vision features.
     """
     batch = input_ids.shape[0]
     if len(num_images) != batch or len(sample_names) != batch:
@@ -36,8 +38,18 @@ def check_multimodal(
             f"(samples: {', '.join(sample_names)})"
         )
     patches = image_grid_thw.prod(-1).tolist() if image_grid_thw is not None else []
+    if image_features is not None:
+        rows = [f.shape[0] for f in image_features]
+        expected = [p // merge_size**2 for p in patches]
+        if rows != expected:
+            raise MultimodalIntegrityError(
+                f"{where}: the encoded image features have {rows} rows per image but image_grid_thw gives {expected} "
+                f"(samples: {', '.join(sample_names)}); were the features selected for other rows?"
+            )
+        if pixel_values is not None:
+            raise MultimodalIntegrityError(f"{where}: both pixel_values and encoded image features were given")
     n_pixel_rows = 0 if pixel_values is None else pixel_values.shape[0]
-    if n_pixel_rows != sum(patches):
+    if image_features is None and n_pixel_rows != sum(patches):
         raise MultimodalIntegrityError(
             f"{where}: pixel_values has {n_pixel_rows} patch rows but image_grid_thw describes {sum(patches)} "
             f"(samples: {', '.join(sample_names)}); were the images dropped or split wrongly?"
@@ -57,6 +69,7 @@ def check_multimodal(
 def check_model_inputs(model: torch.nn.Module, inputs: dict, num_images: list[int], sample_names: list[str], where: str) -> None:
     """`check_multimodal` for a Qwen2-VL (also peft-wrapped) and its forward/generate keyword arguments."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
     check_multimodal(
         inputs["input_ids"],
         inputs.get("pixel_values"),
@@ -66,4 +79,5 @@ def check_model_inputs(model: torch.nn.Module, inputs: dict, num_images: list[in
         merge_size=base.config.vision_config.spatial_merge_size,
         sample_names=sample_names,
         where=where,
+        image_features=None if encoded is None else tuple(encoded.pooler_output),
     )

@@ -28,8 +28,9 @@ def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> to
 
     M-RoPE positions are recomputed from this batch's own attention_mask, mm_token_type_ids and
     image_grid_thw (no past_key_values), so a `rope_deltas` cached by an earlier `generate` never leaks in.
+    The images go in as the rollout's encoded features where `model` may use them exactly, else as pixels.
     """
-    inputs = rollout.model_inputs()
+    inputs = rollout.model_inputs(model)
     check_model_inputs(model, inputs, rollout.num_images, rollout.sources, where)
     backbone, _ = causal_lm_parts(model)
     if hasattr(backbone, "rope_deltas"):

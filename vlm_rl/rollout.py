@@ -1,4 +1,5 @@
-"""The rollout batch: padded query|response, masks, image tensors, and selection into micro-batches."""
+"""The rollout batch: padded query|response, masks, image tensors (and their encoded features), and selection
+into micro-batches."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from trl.trainer.utils import split_pixel_values_by_grid
 
 from vlm_rl.generation import first_eos_mask
+from vlm_rl.vision_features import ImageFeatures
 
 
 class PromptTooLongError(ValueError):
@@ -69,10 +71,17 @@ class Rollout:
     num_images: list[int]
     context_length: int
     sources: list[str]
+    image_features: ImageFeatures | None = None  # the vision tower's output per image, encoded once (vision_features.py)
 
     @classmethod
     def from_generation(
-        cls, query: dict, response_ids: torch.Tensor, eos_ids: list[int], pad_id: int, sources: list[str]
+        cls,
+        query: dict,
+        response_ids: torch.Tensor,
+        eos_ids: list[int],
+        pad_id: int,
+        sources: list[str],
+        image_features: ImageFeatures | None = None,
     ) -> Rollout:
         """Cut each response after its first eos (the rest becomes pad, masked out) and join it to its query."""
         response_mask, has_eos = first_eos_mask(response_ids, eos_ids)  # (B, T_r), (B,)
@@ -88,6 +97,7 @@ class Rollout:
             num_images=list(query["num_images"]),
             context_length=query["input_ids"].shape[1],
             sources=list(sources),
+            image_features=image_features,
         )
 
     def __len__(self) -> int:
@@ -101,28 +111,39 @@ class Rollout:
     def response_lengths(self) -> torch.Tensor:  # (B,)
         return self.response_mask.sum(dim=1)
 
-    def model_inputs(self) -> dict:
-        """Keyword arguments for a forward over query|response (the same ones `generate` saw, plus the response)."""
+    def model_inputs(self, model: torch.nn.Module | None = None) -> dict:
+        """Keyword arguments for a forward over query|response (the same ones `generate` saw, plus the response).
+
+        The images go in as the encoded `image_features` when `model` may use them exactly (its vision tower is
+        one they stand for, see `ImageFeatures.usable_by`), else as `pixel_values`."""
         inputs = {
             "input_ids": self.query_response,
             "attention_mask": self.attention_mask,
             "mm_token_type_ids": self.mm_token_type_ids,
         }
-        if self.pixel_values is not None and self.pixel_values.shape[0] > 0:
+        if self.image_grid_thw is None or self.image_grid_thw.shape[0] == 0:
+            return inputs
+        if model is not None and self.image_features is not None and self.image_features.usable_by(model):
+            inputs["mm_encoder_outputs"] = self.image_features.encoder_outputs()
+        elif self.pixel_values is not None:
             inputs["pixel_values"] = self.pixel_values
-            inputs["image_grid_thw"] = self.image_grid_thw
+        inputs["image_grid_thw"] = self.image_grid_thw
         return inputs
 
     def select(self, indices: list[int] | torch.Tensor) -> Rollout:
-        """The rows `indices`, with `pixel_values`/`image_grid_thw` split per sample by its images' grids."""
+        """The rows `indices`, with `pixel_values`/`image_grid_thw` (and the image features) split per sample by
+        its images' grids."""
         indices = [int(i) for i in indices]
-        pixel_values, image_grid_thw = None, None
+        pixel_values, image_grid_thw, image_features = None, None, None
         if self.image_grid_thw is not None and sum(self.num_images) > 0:
             split = split_pixel_values_by_grid(
                 {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw, "num_images": self.num_images}
             )
             pixel_values = torch.cat([split["pixel_values"][i] for i in indices], dim=0)
             image_grid_thw = torch.cat([split["image_grid_thw"][i] for i in indices], dim=0)
+            if self.image_features is not None:
+                first = [sum(self.num_images[:i]) for i in range(len(self.num_images))]  # each sample's first image
+                image_features = self.image_features.select(j for i in indices for j in range(first[i], first[i] + self.num_images[i]))
         index = torch.tensor(indices, device=self.query_response.device)
         return replace(
             self,
@@ -133,13 +154,14 @@ class Rollout:
             has_eos=self.has_eos[index],
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
+            image_features=image_features,
             num_images=[self.num_images[i] for i in indices],
             sources=[self.sources[i] for i in indices],
         )
 
     def to(self, device: torch.device | str) -> Rollout:
         moved = {
-            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name)
+            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), (torch.Tensor, ImageFeatures)) else getattr(self, f.name)
             for f in fields(self)
         }
         return Rollout(**moved)

@@ -32,6 +32,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
+from reward_models.vlm_reward import learned_reward_models, shared_image_features
 from vlm_rl import checkpoint as ckpt
 from vlm_rl.advantages import compute_gae, kl_penalty, shape_rewards, whiten
 from vlm_rl.atomic import atomic_file
@@ -48,6 +49,7 @@ from vlm_rl.masking import masked_mean
 from vlm_rl.preemption import Preempted, StopOnSignal, resume_command
 from vlm_rl.rollout import Rollout, encode_prompts, prompt_lengths
 from vlm_rl.sharding import configure_deepspeed, gathered_parameters, is_deepspeed, load_unsharded, prepare_frozen, zero_stage
+from vlm_rl.vision_features import FeatureLookup, ImageFeatures, encode_images, plan_sharing, tower_trains
 from vlm_rl.value_head import PolicyAndValue, ValueHead, hidden_size_of, load_value_head, save_value_head
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,10 @@ class PPOTrainer(Trainer):
         self.reward = reward
         self.ref_model = ref_model
         value_head = value_head if value_head is not None else ValueHead(hidden_size_of(model))
+        # Which models read each rollout's image features instead of encoding the images (vision_features.py);
+        # decided before ZeRO-3 partitions the reference, when its weights can still be compared.
+        reward_models = [(m.name, m) for m in learned_reward_models(reward)]
+        self.sharing = plan_sharing(model, ref_model, reward_models, args.reuse_vision_features)
         if args.skip_long_prompts:
             train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
         super().__init__(
@@ -147,10 +153,19 @@ class PPOTrainer(Trainer):
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as unwrapped, self.accelerator.autocast():  # sample from the distribution the bf16 forwards compute
             check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], sources, "rollout generate")
+            features = self.encode_images(unwrapped.policy, query)
             # Sharded weights not gathered: every rank runs every decoding step (its layers' shards are needed).
             synced = zero_stage(self.accelerator) == 3 and not gather
-            responses = generate_responses(unwrapped.policy, generate_inputs, generation_config or self.generation_config, synced_gpus=synced)
-        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources)
+            config = generation_config or self.generation_config
+            responses = generate_responses(unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features)
+        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources, image_features=features)
+
+    def encode_images(self, policy: nn.Module, query: dict) -> ImageFeatures | None:
+        """Each image of the batch through the policy's vision tower once, for every later forward of the rollout
+        that may use the features exactly (generate, old policy, value, reference, reward model, training epochs)."""
+        if not self.sharing.enabled or query.get("image_grid_thw") is None or tower_trains(policy):
+            return None
+        return encode_images(policy, query["pixel_values"], query["image_grid_thw"], self.sharing.towers)
 
     @torch.no_grad()
     def score(self, rollout: Rollout, samples: list[dict]) -> dict[str, torch.Tensor | dict]:
@@ -168,7 +183,8 @@ class PPOTrainer(Trainer):
         # Rule rewards read the text; a learned reward model also needs to know whether the response ended.
         completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
         kwargs = {**reward_kwargs(samples), "completion_ended": rollout.has_eos.tolist()}
-        columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **kwargs)
+        with self.rewards_reading(rollout):
+            columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **kwargs)
         device = rollout.query_response.device
         unscored = torch.tensor([c is None for c in combined], device=device)  # (B,)
         self.check_reward_coverage(columns, unscored)
@@ -182,6 +198,15 @@ class PPOTrainer(Trainer):
             "reward_columns": columns,
             "completions": completions,
         }
+
+    def rewards_reading(self, rollout: Rollout):
+        """A context in which the learned reward models that share the vision tower take the rollout's image
+        features for the images they find in it (pixel for pixel) instead of encoding them again."""
+        features = rollout.image_features
+        if features is None or not self.sharing.reward_models:
+            return nullcontext()
+        lookup = FeatureLookup(rollout.pixel_values, rollout.image_grid_thw, features)
+        return shared_image_features([m for _, m in self.sharing.reward_models], lookup)
 
     def check_reward_coverage(self, columns: dict[str, list], unscored: torch.Tensor) -> None:
         """Stop when the rewards could not score more than `max_unscored_fraction` of the global batch."""
@@ -339,6 +364,8 @@ class PPOTrainer(Trainer):
         if self.is_world_process_zero():
             with atomic_file(Path(args.output_dir) / CONFIG_FILE) as f:
                 yaml.safe_dump(self.run_config(), f, sort_keys=True)
+        if self.is_world_process_zero():
+            console.write(self.sharing.describe())
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start_time = time.time()
         episodes_at_start = self.state.global_step * self.global_batch_size
