@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
+import pytest
 import torch
+from transformers import Qwen2VLForConditionalGeneration
 
 from reward_models.base import load_rewards
 from vlm_rl.config import PPOConfig
@@ -81,6 +84,39 @@ def rollout_and_old(trainer: PPOTrainer, iteration: int = 0, seed: int = 0):
 
 def log_history(run_dir: Path) -> list[dict]:
     return json.loads((Path(run_dir) / "trainer_state.json").read_text())["log_history"]
+
+
+def sampled_lengths(trainer: PPOTrainer) -> float:
+    """Mean characters per completion the trainer's policy samples for the first 16 prompts (fixed seed)."""
+    torch.manual_seed(0)
+    texts = []
+    for iteration in (0, 1):
+        rollout = trainer.make_rollout(trainer.batch_samples(iteration))
+        texts += trainer.processor.batch_decode(rollout.responses, skip_special_tokens=True)
+    return statistics.mean(len(t) for t in texts)
+
+
+def check_resume_reproduces_the_run(tmp_path: Path, model_dir: Path, data_dir: Path, reward, **settings) -> list[dict]:
+    """Train a 4-iteration run in tmp_path/a (a checkpoint every iteration), resume it from checkpoint-2 in
+    tmp_path/b, and check that the resumed run logs iterations 3-4 and ends with the weights of the uninterrupted
+    one. Returns the uninterrupted run's log history."""
+    settings = {**settings, "save_steps": 1, "save_total_limit": None}
+    make_trainer(tmp_path / "a", model_dir, data_dir, reward=reward, **settings).train()
+    run = tmp_path / "a" / "run"
+    history = log_history(run)
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    make_trainer(tmp_path / "b", model_dir, data_dir, reward=reward, **settings).train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    resumed_history = log_history(tmp_path / "b" / "run")
+    assert [h["step"] for h in resumed_history] == [1, 2, 3, 4]
+    for want, got in zip(history[2:], resumed_history[2:]):
+        for name, value in want.items():
+            if name != "eps":
+                assert got[name] == pytest.approx(value, abs=1e-6, rel=1e-6), (want["step"], name)
+    final = parameters(Qwen2VLForConditionalGeneration.from_pretrained(run))
+    resumed_final = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "b" / "run"))
+    for name, value in final.items():
+        assert torch.allclose(value, resumed_final[name], atol=1e-6), name
+    return history
 
 
 def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:

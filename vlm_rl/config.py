@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from vlm_rl.advantages import KL_ESTIMATORS
+from vlm_rl.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS
 from vlm_rl.errors import UserError
 from vlm_rl.model_loading import LORA_TARGET_MODULES
 
@@ -56,7 +56,10 @@ class PPOConfig(TrainingArguments):
     max_new_tokens: int = field(default=32, metadata={"help": "Response length limit."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (logprobs use the same)."})
     local_rollout_forward_batch_size: int = field(default=16, metadata={"help": "Micro-batch for the no-grad scoring forwards."})
-    total_episodes: int | None = field(default=None, metadata={"help": "Prompts to roll out in total; default num_train_epochs x dataset size."})
+    total_episodes: int | None = field(
+        default=None,
+        metadata={"help": "Samples (prompt x generation) to roll out in total; default num_train_epochs x dataset size x num_generations."},
+    )
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtracted from the score of responses without eos (recommended with learned rewards)."}
     )
@@ -78,6 +81,22 @@ class PPOConfig(TrainingArguments):
     gamma: float = field(default=1.0, metadata={"help": "Discount."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the shaped per-token rewards before GAE."})
+
+    # Advantage estimator and critic
+    advantage_estimator: str = field(
+        default="gae",
+        metadata={"help": "gae (PPO with the value head), or critic-free: grpo, rloo (need num_generations >= 2) or reinforce_pp (README: advantage estimators)."},
+    )
+    num_generations: int = field(
+        default=1,
+        metadata={"help": "Samples per prompt, rolled out together on one process; the local batch holds local_batch_size / num_generations prompts."},
+    )
+    scale_rewards: bool = field(
+        default=True, metadata={"help": "grpo: divide by the group's reward std (false: only centre, as Dr. GRPO)."}
+    )
+    critic_warmup_steps: int = field(
+        default=0, metadata={"help": "gae: the first N iterations train only the value head, the policy frozen (OpenRLHF's freezing_actor_steps)."}
+    )
 
     # LoRA
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter; the reference is the base with adapters disabled."})
@@ -168,6 +187,7 @@ class PPOConfig(TrainingArguments):
         for name in ("gamma", "lam", "max_unscored_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        self.check_estimator()
         if self.eval_steps is not None and (self.eval_steps < 1 or self.eval_steps != int(self.eval_steps)):
             raise ConfigError(f"eval_steps counts PPO iterations: a whole number >= 1, got {self.eval_steps}")
         if self.bf16_weights and not self.bf16:
@@ -175,6 +195,42 @@ class PPOConfig(TrainingArguments):
         if isinstance(self.reward, str):
             self.reward = [self.reward]
         super().__post_init__()
+
+    def check_estimator(self) -> None:
+        """The advantage estimator's fields, against each other and the batch geometry."""
+        estimator = self.advantage_estimator
+        if estimator not in ADVANTAGE_ESTIMATORS:
+            raise ConfigError(f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got {estimator!r}")
+        if self.num_generations < 1:
+            raise ConfigError(f"num_generations must be >= 1, got {self.num_generations}")
+        if estimator in GROUP_ESTIMATORS and self.num_generations < 2:
+            raise ConfigError(
+                f"num_generations must be >= 2 with advantage_estimator={estimator} (its baseline is the other samples of "
+                f"the same prompt), got {self.num_generations}"
+            )
+        if self.local_batch_size % self.num_generations:
+            raise ConfigError(
+                f"num_generations={self.num_generations} must divide the local batch (per_device_train_batch_size x "
+                f"gradient_accumulation_steps x num_mini_batches = {self.local_batch_size}): each prompt's samples are "
+                "rolled out together on one process"
+            )
+        if self.critic_warmup_steps < 0:
+            raise ConfigError(f"critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}")
+        if estimator in CRITIC_FREE_ESTIMATORS:
+            for name, unused, why in (
+                ("critic_warmup_steps", self.critic_warmup_steps > 0, "warms up the value model"),
+                ("value_model_name_or_path", self.value_model_name_or_path is not None, "starts the value model"),
+                ("whiten_rewards", self.whiten_rewards, "whitens the rewards before GAE"),
+            ):
+                if unused:
+                    raise ConfigError(f"{name} {why}: it is for advantage_estimator=gae, and {estimator} has no value model (unset {name})")
+        if not self.scale_rewards and estimator != "grpo":
+            raise ConfigError(f"scale_rewards is for advantage_estimator=grpo, not {estimator} (leave it true)")
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the advantage estimator needs the value head (only gae does)."""
+        return self.advantage_estimator not in CRITIC_FREE_ESTIMATORS
 
     @property
     def local_batch_size(self) -> int:

@@ -35,9 +35,9 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
     processor = load_processor(model_path, config.min_pixels, config.max_pixels)
     check_prompt_data(config, processor, [(data_path, config.train_split), (eval_path, config.eval_split)])
     policy, reference = load_policy_and_reference(config)
-    value_head = None
+    value_head = None  # critic-free estimators load none (and PPOTrainer creates none)
     head_dir = config.value_model_name_or_path or (model_path if not is_adapter_dir(model_path) else None)
-    if head_dir is not None:
+    if head_dir is not None and config.uses_critic:
         try:
             value_head = load_value_head(head_dir, hidden_size_of(policy))
         except FileNotFoundError:

@@ -34,7 +34,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from reward_models.vlm_reward import learned_reward_models, shared_image_features
 from vlm_rl import checkpoint as ckpt
-from vlm_rl.advantages import compute_gae, kl_penalty, shape_rewards, whiten
+from vlm_rl.advantages import compute_gae, discounted_returns, grpo_advantages, kl_penalty, rloo_advantages, shape_rewards, whiten
 from vlm_rl.atomic import atomic_file
 from vlm_rl.config import ConfigError, PPOConfig
 from vlm_rl import console
@@ -68,7 +68,8 @@ class NonFiniteError(RuntimeError):
 
 
 class PPOTrainer(Trainer):
-    """PPO with a shared-backbone value head for Qwen2-VL; `accelerate launch` it like any TRL trainer."""
+    """PPO with a shared-backbone value head for Qwen2-VL (or critic-free: GRPO, RLOO, REINFORCE++, without any
+    value head); `accelerate launch` it like any TRL trainer."""
 
     def __init__(
         self,
@@ -88,11 +89,14 @@ class PPOTrainer(Trainer):
         self.processor = processing_class
         self.reward = reward
         self.ref_model = ref_model
-        value_head = value_head if value_head is not None else ValueHead(hidden_size_of(model))
         # Which models read each rollout's image features instead of encoding the images (vision_features.py);
         # decided before ZeRO-3 partitions the reference, when its weights can still be compared.
         reward_models = [(m.name, m) for m in learned_reward_models(reward)]
         self.sharing = plan_sharing(model, ref_model, reward_models, args.reuse_vision_features)
+        if not args.uses_critic and value_head is not None:
+            raise ValueError(f"advantage_estimator={args.advantage_estimator} has no value model: pass no value_head")
+        if args.uses_critic and value_head is None:
+            value_head = ValueHead(hidden_size_of(model))
         if args.skip_long_prompts:
             train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
         super().__init__(
@@ -104,6 +108,9 @@ class PPOTrainer(Trainer):
             callbacks=callbacks,
         )
         use_metrics_line(self)
+        if is_deepspeed(self.accelerator) and args.critic_warmup_steps:
+            # The engine steps inside backward: the policy's gradients cannot be dropped before its step.
+            raise ConfigError("critic_warmup_steps is not supported under DeepSpeed yet; use DDP, or set it to 0")
         if is_deepspeed(self.accelerator):
             configure_deepspeed(self.accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm)
         if self.ref_model is not None:
@@ -113,12 +120,16 @@ class PPOTrainer(Trainer):
         self.pad_id = pad_token_id(tokenizer)
         self.generation_config = make_generation_config(tokenizer, args.max_new_tokens, temperature=args.temperature)
         self.greedy_config = make_generation_config(tokenizer, args.max_new_tokens, do_sample=False)
-        self.global_batch_size = args.local_batch_size * self.accelerator.num_processes
-        self.batches_per_epoch = len(train_dataset) // self.global_batch_size
+        self.global_batch_size = args.local_batch_size * self.accelerator.num_processes  # samples (episodes)
+        self.prompts_per_batch = self.global_batch_size // args.num_generations  # each sampled num_generations times
+        self.batches_per_epoch = len(train_dataset) // self.prompts_per_batch
         batch = "(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x processes)"
         if self.batches_per_epoch == 0:
-            raise ConfigError(f"the dataset has {len(train_dataset)} prompts, fewer than one batch of {self.global_batch_size} {batch}")
-        total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset))
+            raise ConfigError(
+                f"the dataset has {len(train_dataset)} prompts, fewer than one batch of {self.prompts_per_batch} "
+                f"({self.global_batch_size} samples {batch} / num_generations={args.num_generations})"
+            )
+        total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset) * args.num_generations)
         if total_episodes < self.global_batch_size:
             raise ConfigError(f"total_episodes={total_episodes} is less than one batch of {self.global_batch_size} {batch}")
         self.num_total_batches = math.ceil(total_episodes / self.global_batch_size)
@@ -128,11 +139,16 @@ class PPOTrainer(Trainer):
     # ---- data -------------------------------------------------------------------------------------
 
     def batch_samples(self, iteration: int) -> list[dict]:
-        """This process's prompts for PPO iteration `iteration`: a fixed shuffle per epoch, so resuming replays it."""
+        """This process's samples for PPO iteration `iteration`: local_batch_size / num_generations prompts, each
+        repeated num_generations times in a row (a group, whole on this process), taken from a fixed shuffle per
+        epoch, so resuming replays it."""
+        generations = self.args.num_generations
+        prompts = self.args.local_batch_size // generations
         epoch, k = divmod(iteration, self.batches_per_epoch)
         order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed + epoch))
-        start = k * self.global_batch_size + self.accelerator.process_index * self.args.local_batch_size
-        return [self.train_dataset[int(i)] for i in order[start : start + self.args.local_batch_size]]
+        start = k * self.prompts_per_batch + self.accelerator.process_index * prompts
+        chosen = [self.train_dataset[int(i)] for i in order[start : start + prompts]]
+        return [dict(sample) for sample in chosen for _ in range(generations)]
 
     def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over all processes (itself on one); `t` must live on `accelerator.device`."""
@@ -236,24 +252,43 @@ class PPOTrainer(Trainer):
                 return response_logprobs(policy, mb, self.args.temperature, where="reference forward (adapters disabled)")[0]
 
     def advantages(self, rollout: Rollout, scored: dict) -> dict[str, torch.Tensor]:
-        """Steps 4-5: shaped per-token rewards, GAE, advantages whitened over the global batch.
+        """Steps 4-5: shaped per-token rewards and the advantage estimator's advantages (README: advantage estimators).
 
+        gae: GAE over `score on the last token - kl_coef x KL per token`, whitened over the global batch.
+        reinforce_pp: the same rewards' discounted return (no critic), whitened over the global batch.
+        grpo/rloo: the score replaced by its group-relative advantage (each prompt's num_generations samples,
+        whole on this process), then the same per-token KL penalty, and the discounted return; not whitened.
         Unscored samples are left out (`train_mask` is False on all their tokens): they get no reward,
-        no advantage, no share of the whitening statistics and no loss.
+        no advantage, no share of the group or whitening statistics and no loss.
         """
         args = self.args
+        estimator = args.advantage_estimator
         mask = rollout.response_mask  # (B, T_r)
-        train_mask = mask & ~scored["unscored"][:, None]  # (B, T_r)
+        scored_rows = ~scored["unscored"]  # (B,)
+        train_mask = mask & scored_rows[:, None]  # (B, T_r)
         scores = scored["scores"]
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~rollout.has_eos).float()
         kl = torch.where(mask, kl_penalty(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator), 0.0)  # (B, T_r)
-        rewards = shape_rewards(scores, kl, train_mask, args.kl_coef)  # (B, T_r)
-        if args.whiten_rewards:
-            rewards = whiten(rewards, train_mask, shift_mean=False, all_reduce_sum=self.sum_over_ranks)
-        advantages, returns = compute_gae(rewards, scored["values"], train_mask, args.gamma, args.lam)
-        advantages = whiten(advantages, train_mask, all_reduce_sum=self.sum_over_ranks)
+        outcome = scores  # (B,) what lands on the last token
+        if estimator == "grpo":
+            outcome = grpo_advantages(scores, scored_rows, args.num_generations, scale_rewards=args.scale_rewards)
+        elif estimator == "rloo":
+            outcome = rloo_advantages(scores, scored_rows, args.num_generations)
+        rewards = shape_rewards(outcome, kl, train_mask, args.kl_coef)  # (B, T_r)
+        if estimator == "gae":
+            if args.whiten_rewards:
+                rewards = whiten(rewards, train_mask, shift_mean=False, all_reduce_sum=self.sum_over_ranks)
+            advantages, returns = compute_gae(rewards, scored["values"], train_mask, args.gamma, args.lam)
+        else:  # critic-free: the return is the advantage (no value to subtract, none to learn)
+            advantages = returns = discounted_returns(rewards, train_mask, args.gamma)
+        if estimator in ("gae", "reinforce_pp"):
+            advantages = whiten(advantages, train_mask, all_reduce_sum=self.sum_over_ranks)
         return {"kl": kl, "scores": scores, "train_mask": train_mask, "advantages": advantages, "returns": returns}
+
+    def training_policy(self) -> bool:
+        """False during the critic warm-up (the first `critic_warmup_steps` iterations): only the value head learns."""
+        return self.state.global_step >= self.args.critic_warmup_steps
 
     def optimise(self, rollout: Rollout, old: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         """Step 6: num_ppo_epochs x mini-batches, one optimiser step per mini-batch."""
@@ -278,6 +313,10 @@ class PPOTrainer(Trainer):
         micro_batches = mini.split(args.per_device_train_batch_size)
         totals = torch.zeros(2, device=device)  # this rank's share of the mini-batch's policy and value losses
         finite = True
+        critic = args.uses_critic
+        # Critic warm-up: the policy loss is in the graph with weight 0 (every parameter still takes part, as DDP
+        # expects) and the policy's gradients (the value loss's, through the shared backbone) are dropped below.
+        policy_weight = 1.0 if self.training_policy() else 0.0
         # DeepSpeed accumulates and steps itself: it is told where the mini-batch ends, and divides each loss by
         # gradient_accumulation_steps (undone below: the token mean is already over the whole mini-batch).
         deepspeed = is_deepspeed(accelerator)
@@ -291,8 +330,11 @@ class PPOTrainer(Trainer):
             with nullcontext() if last or deepspeed else accelerator.no_sync(self.model_wrapped):
                 logprobs, entropy, values = self.model_wrapped(mb, args.temperature, where="training forward")
                 pg_loss, pg_stats = policy_loss(logprobs, old["logprobs"][idx], old["advantages"][idx], mask, args.cliprange, num_items)
-                vf_loss, vf_stats = value_loss(values, old["values"][idx], old["returns"][idx], mask, args.cliprange_value, num_items)
-                loss = pg_loss + args.vf_coef * vf_loss
+                loss = policy_weight * pg_loss
+                vf_loss = torch.zeros((), device=device)
+                if critic:  # critic-free estimators have no value head and no value loss
+                    vf_loss, vf_stats = value_loss(values, old["values"][idx], old["returns"][idx], mask, args.cliprange_value, num_items)
+                    loss = loss + args.vf_coef * vf_loss
                 finite &= bool(torch.isfinite(loss))
                 # DDP averages gradients over ranks; the token mean is already over all ranks' tokens.
                 accelerator.backward(loss * accelerator.num_processes * (args.gradient_accumulation_steps if deepspeed else 1))
@@ -300,9 +342,13 @@ class PPOTrainer(Trainer):
             if mask.any():
                 stats["policy/approxkl_avg"].append(pg_stats["approxkl"])
                 stats["policy/clipfrac_avg"].append(pg_stats["clipfrac"])
-                stats["val/clipfrac_avg"].append(vf_stats["clipfrac"])
+                if critic:
+                    stats["val/clipfrac_avg"].append(vf_stats["clipfrac"])
                 stats["policy/entropy_avg"].append(masked_mean(entropy.detach(), mask))
                 stats["val/ratio"].append(pg_stats["ratio"])
+        if not policy_weight:  # warm-up: the policy keeps its weights (and AdamW skips parameters without a gradient)
+            for p in self.accelerator.unwrap_model(self.model_wrapped).policy.parameters():
+                p.grad = None
         # Under DeepSpeed the engine has clipped and stepped already (at the last backward); this reads its norm.
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(self.model_wrapped.parameters(), args.max_grad_norm or math.inf) or 0.0)
         not_finite = self.sum_over_ranks(torch.tensor(float(not finite), device=device)) > 0
@@ -316,7 +362,8 @@ class PPOTrainer(Trainer):
         self.skipped_in_a_row = 0
         # Logged as the mean over ranks, so each rank reports its share x ranks: the mean is the mini-batch's loss.
         stats["loss/policy_avg"].append(totals[0] * accelerator.num_processes)
-        stats["loss/value_avg"].append(totals[1] * accelerator.num_processes)
+        if critic:
+            stats["loss/value_avg"].append(totals[1] * accelerator.num_processes)
         stats["train/grad_norm"].append(grad_norm.detach().float())
         stats["train/skipped_steps"].append(torch.zeros((), device=device))
 
@@ -559,7 +606,8 @@ class PPOTrainer(Trainer):
         with gathered_parameters(wrapped, self.accelerator):
             if self.is_world_process_zero():
                 wrapped.policy.save_pretrained(directory, safe_serialization=True)
-                save_value_head(wrapped.value_head, directory)
+                if wrapped.value_head is not None:  # critic-free estimators have none
+                    save_value_head(wrapped.value_head, directory)
                 self.processor.save_pretrained(directory)
 
     def save_final(self, output_dir: str) -> None:
@@ -624,7 +672,8 @@ class PPOTrainer(Trainer):
                 saved = load_unsharded(type(policy), checkpoint, policy.dtype)
                 policy.load_state_dict(saved.state_dict())
                 del saved
-            wrapped.value_head.load_state_dict(load_value_head(checkpoint, hidden_size_of(policy)).state_dict())
+            if wrapped.value_head is not None:
+                wrapped.value_head.load_state_dict(load_value_head(checkpoint, hidden_size_of(policy)).state_dict())
         if is_deepspeed(self.accelerator):
             self.model_wrapped.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         else:  # loaded on the CPU (a CPU rank's device can be "cpu:N", which torch.load cannot map to); the

@@ -30,9 +30,11 @@ class ValueHead(nn.Module):
 
 
 class PolicyAndValue(nn.Module):
-    """One module, so that accelerate/DDP wraps (and synchronises) the policy and the value head together."""
+    """One module, so that accelerate/DDP wraps (and synchronises) the policy and the value head together.
 
-    def __init__(self, policy: nn.Module, value_head: ValueHead):
+    `value_head` is None for the critic-free advantage estimators: the values are then zeros."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead | None):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
@@ -41,6 +43,8 @@ class PolicyAndValue(nn.Module):
         """-> logprobs, entropy, values: each `(B, T_r)`, 0 where the response mask is False."""
         hidden = response_hidden_states(self.policy, rollout, where)  # (B, T_r, H)
         logprobs, entropy = response_logprobs(self.policy, rollout, temperature, hidden=hidden)
+        if self.value_head is None:
+            return logprobs, entropy, torch.zeros_like(logprobs)
         values = self.value_head(hidden).masked_fill(~rollout.response_mask, 0.0)  # (B, T_r)
         return logprobs, entropy, values
 
