@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-from trainer_helpers import completion_length, make_trainer, start
+from trainer_helpers import completion_length, make_sft_adapter, make_trainer, start
 from vlm_rl.advantages import shape_rewards
 from vlm_rl.data import load_samples
 from vlm_rl.generation import eos_token_ids, pad_token_id
@@ -140,19 +140,11 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tmp_path, tiny_model_
 def test_continued_adapter_reference_is_the_starting_adapter_merged(tmp_path, tiny_model_dir, synthetic_data_dir):
     # An SFT adapter whose weights change the model (B != 0), then PPO continues it: the reference stays the
     # starting adapter merged into its base, while the policy moves away from it.
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     from vlm_rl.logprobs import response_logprobs
-    from vlm_rl.model_loading import language_model_lora_config
 
-    torch.manual_seed(0)
-    sft = get_peft_model(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir), language_model_lora_config(4, 8, 0.0, ["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in sft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    adapter = tmp_path / "sft-adapter"
-    sft.save_pretrained(adapter)
+    adapter = make_sft_adapter(tiny_model_dir, tmp_path / "sft-adapter")
     trainer = make_trainer(tmp_path, adapter, synthetic_data_dir, reward=[completion_length], learning_rate=1e-2, lora_dropout=0.0)
     assert isinstance(trainer.model.policy, PeftModel) and trainer.ref_model is not None
     trainer.train()

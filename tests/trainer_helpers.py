@@ -134,3 +134,20 @@ def record_gradients(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
 
     trainer.optimizer.step = recording_step
     return grads
+
+
+def make_sft_adapter(model_dir: Path, out: Path) -> Path:
+    """A saved LoRA adapter on `model_dir` whose weights change the model (B != 0), as an SFT run leaves one."""
+    from peft import get_peft_model
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from vlm_rl.model_loading import language_model_lora_config
+
+    torch.manual_seed(0)
+    sft = get_peft_model(Qwen2VLForConditionalGeneration.from_pretrained(model_dir), language_model_lora_config(4, 8, 0.0, ["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    sft.save_pretrained(out)
+    return out

@@ -15,7 +15,6 @@ trains.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,8 +22,6 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-logger = logging.getLogger(__name__)
 
 # Config entries that name or version a tower without changing what it computes.
 _NOT_ARCHITECTURE = {"_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures", "_commit_hash"}
