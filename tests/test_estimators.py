@@ -76,9 +76,12 @@ def test_valid_estimator_configs_parse(tmp_path):
 
 
 def test_batch_samples_are_whole_consecutive_groups_of_one_prompt(tmp_path, tiny_model_dir, synthetic_data_dir):
-    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, advantage_estimator="grpo", num_generations=4)
+    trainer = make_trainer(
+        tmp_path, tiny_model_dir, synthetic_data_dir, advantage_estimator="grpo", num_generations=4, total_episodes=None, num_train_epochs=2
+    )
     dataset = trainer.train_dataset
     assert trainer.batches_per_epoch == len(dataset) // 2  # 8 samples = 2 prompts per iteration
+    assert trainer.num_total_batches == 2 * trainer.batches_per_epoch  # an epoch is a pass over the prompts
     seen = []
     for iteration in range(trainer.batches_per_epoch):
         samples = trainer.batch_samples(iteration)
