@@ -7,6 +7,7 @@ estimators have no value head at all; each estimator learns a reward; the warm-u
 
 from __future__ import annotations
 
+import json
 import statistics
 from types import SimpleNamespace
 
@@ -307,3 +308,36 @@ def test_critic_warmup_trains_the_value_head_alone_then_the_policy(tmp_path, tin
     assert moved > 0.8 * len(language)  # iteration 3: the policy trains
     history = log_history(run)
     assert all(h["loss/value_avg"] > 0 for h in history)
+
+
+# ---- two DDP ranks ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["grpo", "gae_warmup"])
+def test_two_ranks_keep_groups_whole_and_warm_up_the_critic_alone(tmp_path, tiny_model_dir, synthetic_data_dir, estimator):
+    from test_ppo_entrypoint import ACCELERATE, run
+
+    out = tmp_path / "run"
+    # The warm-up keeps every parameter in the graph (the policy loss weighted 0): DDP needs no unused-parameter search.
+    warmup = ["--critic_warmup_steps", "1", "--ddp_find_unused_parameters", "false"]
+    extra = ["--advantage_estimator", "grpo", "--num_generations", "4"] if estimator == "grpo" else warmup
+    run([*ACCELERATE, "--main_process_port", "0", "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py",
+         "--config", "configs/ppo_tiny.yaml", "--output_dir", str(out), "--report_to", "none", "--reward", "trainer_helpers:completion_length",
+         "--model_name_or_path", str(tiny_model_dir), "--train_data", str(synthetic_data_dir / "train.jsonl"),
+         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_mini_batches", "1", "--total_episodes", "32", "--save_steps", "1", *extra],
+        tmp_path)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP in step
+    assert not set(ranks[0]["sources"]) & set(ranks[1]["sources"])  # each rank its own prompts
+    start_weights = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir))
+    after = [parameters(Qwen2VLForConditionalGeneration.from_pretrained(out / f"checkpoint-{k}")) for k in (1, 2)]
+    if estimator == "grpo":
+        for r in ranks:  # 2 prompts per rank, each 4 times in a row
+            assert [r["sources"][4 * (i // 4)] for i in range(8)] == r["sources"] and r["sources"][0] != r["sources"][4]
+        assert not (out / VALUE_HEAD_FILE).exists()
+        assert not all(torch.equal(start_weights[n], after[0][n]) for n in start_weights)
+    else:  # the first iteration trains the value head alone, on both ranks; the second the policy too
+        assert all(torch.equal(start_weights[n], after[0][n]) for n in start_weights)
+        assert not all(torch.equal(start_weights[n], after[1][n]) for n in start_weights)
+        assert load_value_head(out / "checkpoint-1", 64).summary.weight.abs().sum() > 0

@@ -314,8 +314,9 @@ class PPOTrainer(Trainer):
         totals = torch.zeros(2, device=device)  # this rank's share of the mini-batch's policy and value losses
         finite = True
         critic = args.uses_critic
-        # Critic warm-up: the policy loss is in the graph with weight 0 (every parameter still takes part, as DDP
-        # expects) and the policy's gradients (the value loss's, through the shared backbone) are dropped below.
+        # Critic warm-up: the policy loss stays in the graph with weight 0 (every parameter takes part, so DDP works
+        # without find_unused_parameters) and the policy's gradients (the value loss's, through the shared
+        # backbone) are dropped below.
         policy_weight = 1.0 if self.training_policy() else 0.0
         # DeepSpeed accumulates and steps itself: it is told where the mini-batch ends, and divides each loss by
         # gradient_accumulation_steps (undone below: the token mean is already over the whole mini-batch).
