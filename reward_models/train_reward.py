@@ -305,7 +305,9 @@ def train(config: RewardTrainingConfig) -> dict:
     if config.use_peft:
         model.enable_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     elif config.freeze_vision_tower:
-        for p in model.base_backbone.visual.parameters():
+        from vlm_rl.families import family_of
+
+        for p in family_of(model.base_backbone).vision_tower(model.base_backbone).parameters():
             p.requires_grad_(False)
     if config.gradient_checkpointing:
         model.base_backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

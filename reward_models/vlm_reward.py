@@ -1,8 +1,8 @@
-"""A learned reward model that sees the image: a Qwen2-VL backbone + a scalar head.
+"""A learned reward model that sees the image: a VLM backbone (any family of ``vlm_rl.families``) + a scalar head.
 
 Architecture
 ------------
-``VLMRewardModel`` holds the ``Qwen2VLModel`` of a ``Qwen2VLForConditionalGeneration`` (vision tower +
+``VLMRewardModel`` holds the backbone (``.model``, e.g. the ``Qwen2VLModel`` of a ``Qwen2VLForConditionalGeneration``: vision tower +
 language model, *no* LM head: a reward model is not a policy) and ``head``, an fp32 ``nn.Linear(H, 1)``.
 A sample is rendered exactly as the policy sees it during PPO::
 
@@ -30,7 +30,7 @@ Saved layout (``save_pretrained(dir)``, atomic: the directory appears whole or n
 ::
 
     config.json, model.safetensors   the backbone as a ``Qwen2VLModel`` checkpoint (no LM head);
-                                     ``Qwen2VLModel.from_pretrained(dir)`` loads it
+                                     ``AutoModel.from_pretrained(dir)`` loads it
     tokenizer / processor files      ``AutoProcessor.from_pretrained(dir)`` loads them
     reward_head.safetensors          {"weight": (1, H), "bias": (1,)}, fp32
     reward_config.json               the marker ``load_reward(dir)`` looks for, plus metadata
@@ -182,7 +182,7 @@ class VLMRewardModel(nn.Module, Reward):
 
         path = resolve_model_path(model_name_or_path)
         full = load_base_model(path, dtype)
-        backbone = full.model  # Qwen2VLModel: vision tower + language model; the LM head is dropped
+        backbone = full.model  # e.g. Qwen2VLModel: vision tower + language model; the LM head is dropped
         del full
         processor = load_processor(path)
         metadata = {"base_model_name_or_path": str(model_name_or_path), **kwargs.pop("metadata", {})}
@@ -193,7 +193,9 @@ class VLMRewardModel(nn.Module, Reward):
         cls, path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> VLMRewardModel:
         """Load a directory written by ``save_pretrained``. ``device`` None: the current CUDA device if any, else CPU."""
-        from transformers import AutoProcessor, Qwen2VLModel
+        from transformers import AutoModel, AutoProcessor
+
+        from vlm_rl.families import family_of
 
         path = Path(path)
         config_path = path / REWARD_CONFIG_NAME
@@ -204,7 +206,8 @@ class VLMRewardModel(nn.Module, Reward):
             raise ValueError(f"{config_path}: reward_model_type is {config.get('reward_model_type')!r}, expected {REWARD_MODEL_TYPE!r}")
         if int(config.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"{config_path}: format_version {config['format_version']} is newer than this code ({FORMAT_VERSION})")
-        backbone = Qwen2VLModel.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+        family_of(json.loads((path / "config.json").read_text()).get("model_type"))  # a supported family, before loading
+        backbone = AutoModel.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
         processor = AutoProcessor.from_pretrained(path)
         model = cls(
             backbone,
@@ -231,7 +234,7 @@ class VLMRewardModel(nn.Module, Reward):
 
     @property
     def base_backbone(self) -> nn.Module:
-        """The Qwen2VLModel, also when peft wraps it."""
+        """The backbone (e.g. a Qwen2VLModel), also when peft wraps it."""
         return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
 
     def save_pretrained(
@@ -261,7 +264,7 @@ class VLMRewardModel(nn.Module, Reward):
                 "reward_model_type": REWARD_MODEL_TYPE,
                 "format_version": FORMAT_VERSION,
                 "name": self.name,
-                "architecture": "Qwen2VLModel backbone + fp32 Linear(hidden, 1) on the last real token",
+                "architecture": f"{type(self.base_backbone).__name__} backbone + fp32 Linear(hidden, 1) on the last real token",
                 "input_format": "chat_template(prompt, add_generation_prompt=True) + response + ('<|im_end|>' if it ended)",
                 "hidden_size": self.head.in_features,
                 "batch_size": self.batch_size,

@@ -18,7 +18,7 @@ COMMANDS = {
     "compare": ("vlm_rl.compare", "compare checkpoints on the same prompts; writes summary.json and report.html"),
     "train-reward": ("reward_models.train_reward", "train a Qwen2-VL reward model (Bradley-Terry) on preference pairs"),
     "serve-reward": ("reward_models.server", "serve any reward over HTTP on loopback"),
-    "make-tiny-model": ("vlm_rl.cli", "write the embedded tiny Qwen2-VL (model + processor) to a directory"),
+    "make-tiny-model": ("vlm_rl.cli", "write an embedded tiny VLM (model + processor; --family qwen2_vl|qwen2_5_vl|qwen3_vl) to a directory"),
     "generate": ("vlm_rl.generate", "answer prompts with any checkpoint; writes JSONL that score reads"),
     "make-data": ("vlm_rl.cli", "write the synthetic shapes VQA dataset (train/test JSONL + preference pairs)"),
     "validate-data": ("vlm_rl.validate", "check every row of a dataset for a task; list every problem by file, line and field"),
@@ -30,12 +30,15 @@ def make_tiny_model_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="vlm-rl make-tiny-model", description=COMMANDS["make-tiny-model"][1])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    from vlm_rl.families import FAMILIES
+
+    parser.add_argument("--family", default="qwen2_vl", choices=list(FAMILIES), help="model family (default: qwen2_vl)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
     from vlm_rl.tiny import make_tiny_model
 
-    path = make_tiny_model(args.out_dir, seed=args.seed, overwrite=args.overwrite)
-    print(f"tiny Qwen2-VL written to {path}")
+    path = make_tiny_model(args.out_dir, seed=args.seed, family=args.family, overwrite=args.overwrite)
+    print(f"tiny {FAMILIES[args.family].title} written to {path}")
 
 
 def make_data_main(argv: list[str]) -> None:

@@ -21,6 +21,7 @@ class DemoConfig:
     out: str = "outputs/demo"
     overwrite: bool = False  # replace a non-empty `out` (default: refuse it before any stage runs)
     seed: int = 0
+    family: str = "qwen2_vl"  # the tiny model's family (vlm_rl.families); the settings below were tuned on qwen2_vl
     # data: colour questions, 30% of the demonstrations wrong
     n: int = 2000
     noise: float = 0.3
@@ -59,13 +60,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     from vlm_rl.synthetic_data import make_synthetic_data
     from vlm_rl.tiny import make_tiny_model
 
+    from vlm_rl.families import get_family
+
+    get_family(cfg.family)  # an unknown family is refused before anything is written
     out = Path(cfg.out)
     if not cfg.overwrite:
         refuse_existing_output(out)
     timings = {}
 
     t = stage("1/5 make-tiny-model")
-    model_dir = make_tiny_model(out / "model", seed=cfg.seed, overwrite=cfg.overwrite)
+    model_dir = make_tiny_model(out / "model", seed=cfg.seed, family=cfg.family, overwrite=cfg.overwrite)
     timings["make-tiny-model"] = time.time() - t
 
     t = stage("2/5 make-data")

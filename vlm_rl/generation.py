@@ -10,7 +10,9 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from vlm_rl.vision_features import ImageFeatures
 
-VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+from vlm_rl.families import ALL_VISION_TOKENS
+
+VISION_TOKENS = list(ALL_VISION_TOKENS)  # every family's (vlm_rl.families); all of them are in the Qwen tokenizers
 EOS_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 PAD_TOKEN = "<|endoftext|>"
 

@@ -1,4 +1,5 @@
-"""Load the policy, its reference and its processor the same way for a tiny model and for Qwen2-VL-2B.
+"""Load the policy, its reference and its processor the same way for a tiny model and for Qwen2-VL-2B (any family
+of `vlm_rl.families`, through the Auto classes).
 
 The reference is the model as it is when PPO starts:
   full fine-tuning          a frozen copy of the starting checkpoint (or `ref_model_name_or_path`);
@@ -15,14 +16,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlm_rl.errors import UserError
+from vlm_rl.families import QWEN_LORA_TARGETS, family_of
 from vlm_rl.tiny import resolve_model_path
 
 ADAPTER_CONFIG = "adapter_config.json"
-# Qwen2-VL's language-model projections; `language_model_lora_config` keeps LoRA out of the vision tower.
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The Qwen families' language-model projections; `language_model_lora_config` keeps LoRA out of the vision tower.
+LORA_TARGET_MODULES = list(QWEN_LORA_TARGETS)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -81,17 +83,27 @@ def torch_dtype_for(bf16: bool, fp16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
 
 
-def load_base_model(path: str, dtype: torch.dtype) -> Qwen2VLForConditionalGeneration:
-    """A full Qwen2-VL checkpoint, or the base named by an adapter with the adapter merged in."""
+def load_vlm(path: str, dtype: torch.dtype) -> nn.Module:
+    """`AutoModelForImageTextToText.from_pretrained(path)`, refused unless it is of a supported family."""
+    config_path = Path(path) / "config.json"
+    if config_path.exists():
+        family_of(json.loads(config_path.read_text()).get("model_type"))  # a UserError before any weights load
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    family_of(model)
+    return model
+
+
+def load_base_model(path: str, dtype: torch.dtype) -> nn.Module:
+    """A full checkpoint, or the base named by an adapter with the adapter merged in."""
     path = require_model(path)
     if is_adapter_dir(path):
         from peft import PeftModel
 
-        base = Qwen2VLForConditionalGeneration.from_pretrained(adapter_base_path(path), dtype=dtype)
+        base = load_vlm(adapter_base_path(path), dtype=dtype)
         return PeftModel.from_pretrained(base, path).merge_and_unload()
     if not (Path(path) / "config.json").exists():
-        raise UserError(f"model {path} not found locally (no {path}/config.json): give a local Qwen2-VL directory (no hub downloads here)")
-    return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        raise UserError(f"model {path} not found locally (no {path}/config.json): give a local model directory (no hub downloads here)")
+    return load_vlm(path, dtype=dtype)
 
 
 def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -129,22 +141,22 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
     if is_adapter_dir(start):
         from peft import PeftModel
 
-        base = Qwen2VLForConditionalGeneration.from_pretrained(adapter_base_path(start), dtype=dtype)
+        base = load_vlm(adapter_base_path(start), dtype=dtype)
         policy = PeftModel.from_pretrained(base, start, is_trainable=True)
         reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
     elif config.use_peft:
         from peft import get_peft_model
 
-        base = Qwen2VLForConditionalGeneration.from_pretrained(start, dtype=dtype)
+        base = load_vlm(start, dtype=dtype)
         lora = language_model_lora_config(
             config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules, task_type="CAUSAL_LM"
         )
         policy = get_peft_model(base, lora)
         reference = freeze(load_base_model(config.ref_model_name_or_path, dtype)) if config.ref_model_name_or_path else None
     else:
-        policy = Qwen2VLForConditionalGeneration.from_pretrained(start, dtype=trained_dtype)
+        policy = load_vlm(start, dtype=trained_dtype)
         if config.freeze_vision_tower:
-            for p in policy.model.visual.parameters():
+            for p in family_of(policy).vision_tower(policy).parameters():
                 p.requires_grad_(False)
         reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
     if config.activation_checkpointing:  # `gradient_checkpointing` is transformers' deprecated alias of it

@@ -1,8 +1,10 @@
-"""Build the embedded default model: a tiny, randomly initialised Qwen2-VL with its processor, offline.
+"""Build the embedded tiny models, one per family, randomly initialised, with their processors, offline.
 
-The directory written here loads with `Qwen2VLForConditionalGeneration.from_pretrained` and
+The default (`qwen2_vl`) directory loads with `Qwen2VLForConditionalGeneration.from_pretrained` and
 `AutoProcessor.from_pretrained` exactly like a local copy of `Qwen/Qwen2-VL-2B-Instruct`: same model
 class, same tokenizer class, the same special tokens and chat template, a real `Qwen2VLProcessor`.
+`qwen2_5_vl` and `qwen3_vl` do the same for Qwen2.5-VL and Qwen3-VL (their model classes, vision towers
+and processors; the same tokenizer). Every directory loads with `AutoModelForImageTextToText` too.
 Only the sizes are small, so the demo, the tests and the benchmarks run on 2 CPU cores.
 """
 
@@ -15,11 +17,16 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForImageTextToText,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 from trl.chat_template_utils import qwen2_5_vl_chat_template
@@ -119,24 +126,42 @@ def build_processor() -> Qwen2VLProcessor:
     )
 
 
-def tiny_config(tokenizer: Qwen2Tokenizer) -> Qwen2VLConfig:
-    """A Qwen2-VL config a few hundred thousand parameters large; special ids read from the tokenizer."""
+def _text_config(tokenizer: Qwen2Tokenizer, **extra) -> dict:
+    """The language model shared by the tiny families: hidden 64, 2 layers; special ids read from the tokenizer."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # head_dim = 64 / 4 = 16; M-RoPE sections (temporal, height, width) sum to head_dim / 2.
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], **extra.pop("rope", {})}
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters=rope,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        **extra,
+    )
+
+
+def _vision_token_ids(tokenizer: Qwen2Tokenizer) -> dict:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_config(tokenizer: Qwen2Tokenizer) -> Qwen2VLConfig:
+    """A Qwen2-VL config a few hundred thousand parameters large; special ids read from the tokenizer."""
     return Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
+        text_config=_text_config(tokenizer),
         vision_config=dict(
             depth=2,
             embed_dim=32,
@@ -147,24 +172,74 @@ def tiny_config(tokenizer: Qwen2Tokenizer) -> Qwen2VLConfig:
             spatial_merge_size=2,
             temporal_patch_size=2,
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        **_vision_token_ids(tokenizer),
     )
 
 
-def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the tiny Qwen2-VL, its processor and tokenizer to `out_dir` (atomically). Same seed, same bytes.
+def _merger_vision_config(**extra) -> dict:
+    """The vision tower of Qwen2.5-VL and Qwen3-VL: 2 blocks of width 32, merged 2x2 into the text width (64)."""
+    return dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, spatial_merge_size=2, temporal_patch_size=2, **extra
+    )
+
+
+def tiny_config_qwen2_5_vl(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL: windowed attention in the vision tower (window 56 px = 2x2 merged tokens), full attention in
+    its last block, an MLP merger to the text width."""
+    return Qwen2_5_VLConfig(
+        text_config=_text_config(tokenizer),
+        vision_config=_merger_vision_config(patch_size=14, window_size=56, fullatt_block_indexes=[1]),
+        **_vision_token_ids(tokenizer),
+    )
+
+
+def tiny_config_qwen3_vl(tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
+    """Qwen3-VL: 16-pixel patches, learned position embeddings (12x12), interleaved M-RoPE and DeepStack
+    (block 1's features added to the first language-model layers)."""
+    return Qwen3VLConfig(
+        text_config=_text_config(tokenizer, head_dim=16, rope={"mrope_interleaved": True}),
+        vision_config=_merger_vision_config(patch_size=16, num_position_embeddings=144, deepstack_visual_indexes=[1]),
+        **_vision_token_ids(tokenizer),
+    )
+
+
+def build_processor_qwen2_5_vl() -> Qwen2_5_VLProcessor:
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+        tokenizer=build_tokenizer(),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+        chat_template=qwen2_5_vl_chat_template,
+    )
+
+
+# Qwen3-VL merges 2x2 patches of 16 px: 32x32 pixels per vision token, 4 to 36 tokens per image as above.
+QWEN3_MIN_PIXELS = 32 * 32 * 4
+QWEN3_MAX_PIXELS = 32 * 32 * 36
+
+
+def build_processor_qwen3_vl() -> Qwen3VLProcessor:
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, min_pixels=QWEN3_MIN_PIXELS, max_pixels=QWEN3_MAX_PIXELS),
+        tokenizer=build_tokenizer(),
+        video_processor=Qwen3VLVideoProcessor(),
+        chat_template=qwen2_5_vl_chat_template,
+    )
+
+
+def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0, family: str = "qwen2_vl", overwrite: bool = False) -> Path:
+    """Write the tiny model of `family` (see `vlm_rl.families`), its processor and tokenizer to `out_dir`
+    (atomically). Same seed, same bytes.
 
     A non-empty `out_dir` is refused (before anything is built) unless `overwrite`, which replaces it whole."""
+    from vlm_rl.families import get_family
+
+    spec = get_family(family)  # an unknown family is refused before anything is written
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        processor = build_processor()
+        processor = spec.build_tiny_processor()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer))
+            model = AutoModelForImageTextToText.from_config(spec.build_tiny_config(processor.tokenizer))
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return out_dir
@@ -176,12 +251,22 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """'tiny' -> the embedded tiny Qwen2-VL (built once into the cache); anything else is returned as is."""
-    if name_or_path != "tiny":
-        return str(name_or_path)
+    """'tiny' -> the embedded tiny Qwen2-VL (built once into the cache); 'tiny-<family>' (e.g. 'tiny-qwen2_5_vl')
+    -> that family's tiny model; anything else is returned as is."""
+    name = str(name_or_path)
+    if name == "tiny":
+        family = "qwen2_vl"
+    elif name.startswith("tiny-") and not Path(name).exists():
+        from vlm_rl.families import FAMILIES
+
+        family = name[len("tiny-") :]
+        if family not in FAMILIES:
+            return name
+    else:
+        return name
     # The name carries a version: bump it whenever the files change, so that no stale cache is reused
     # (v2: the tokenizer's eos is <|im_end|>).
-    path = cache_dir() / "tiny-qwen2-vl-v2-seed0"
+    path = cache_dir() / ("tiny-qwen2-vl-v2-seed0" if family == "qwen2_vl" else f"tiny-{family}-v1-seed0")
     if not (path / "config.json").exists():
-        make_tiny_model(path, seed=0, overwrite=True)  # the cache is vlm-rl's own: a broken one is rebuilt
+        make_tiny_model(path, seed=0, family=family, overwrite=True)  # the cache is vlm-rl's own: a broken one is rebuilt
     return str(path)

@@ -27,11 +27,24 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 _NOT_ARCHITECTURE = {"_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures", "_commit_hash"}
 
 
+def _has_tower(model: nn.Module) -> bool:
+    from vlm_rl.families import VISION_MODULES
+
+    return any(isinstance(getattr(model, name, None), nn.Module) for name in VISION_MODULES)
+
+
+def _tower_of(model: nn.Module) -> nn.Module | None:
+    from vlm_rl.families import VISION_MODULES
+
+    return next((m for name in VISION_MODULES if isinstance(m := getattr(model, name, None), nn.Module)), None)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The Qwen2-VL module with `.visual` inside DDP/DeepSpeed (`.module`), PolicyAndValue (`.policy`), peft
-    (`get_base_model()`), a reward model (`.base_backbone`) or a *ForConditionalGeneration (`.model`)."""
+    """The backbone holding the vision tower (`.visual` for the Qwen families, see `vlm_rl.families`) inside
+    DDP/DeepSpeed (`.module`), PolicyAndValue (`.policy`), peft (`get_base_model()`), a reward model
+    (`.base_backbone`) or a *ForConditionalGeneration (`.model`)."""
     seen = 0
-    while not hasattr(model, "visual") and seen < 8:
+    while not _has_tower(model) and seen < 8:
         seen += 1
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()
@@ -49,8 +62,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def vision_tower(model: nn.Module) -> nn.Module | None:
-    """The vision encoder of a Qwen2-VL however it is wrapped; None for a model without one."""
-    return getattr(_unwrap(model), "visual", None)
+    """The vision encoder of a VLM however it is wrapped; None for a model without one."""
+    return _tower_of(_unwrap(model))
 
 
 def _tower_adapted(tower: nn.Module) -> bool:
@@ -114,6 +127,9 @@ class ImageFeatures:
     per_image: tuple[torch.Tensor, ...]  # one (tokens of the image, text hidden size) per image, in batch order
     towers: frozenset[int]  # id() of the vision towers whose output these are
     autocast: tuple[bool, torch.dtype | None]
+    # Qwen3-VL's DeepStack: per image, one (tokens of the image, text hidden size) per DeepStack layer; None when
+    # the family has none (`Family.deepstack`)
+    deepstack: tuple[tuple[torch.Tensor, ...], ...] | None = None
 
     def usable_by(self, model: nn.Module) -> bool:
         """True when `model`'s own tower, in the current autocast state, would compute exactly these features (and
@@ -128,13 +144,22 @@ class ImageFeatures:
     def encoder_outputs(self) -> dict[str, BaseModelOutputWithPooling]:
         """`mm_encoder_outputs` for a Qwen2-VL forward or `generate`: a new dict per call (the forward fills the
         dict it is given)."""
-        return {"image": BaseModelOutputWithPooling(pooler_output=self.per_image)}
+        if self.deepstack is None:
+            return {"image": BaseModelOutputWithPooling(pooler_output=self.per_image)}
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        levels = len(self.deepstack[0]) if self.deepstack else 0
+        deepstack = [tuple(image[level] for image in self.deepstack) for level in range(levels)]
+        return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=self.per_image, deepstack_features=deepstack)}
 
     def select(self, images: Iterable[int]) -> ImageFeatures:
-        return replace(self, per_image=tuple(self.per_image[i] for i in images))
+        images = list(images)
+        deepstack = None if self.deepstack is None else tuple(self.deepstack[i] for i in images)
+        return replace(self, per_image=tuple(self.per_image[i] for i in images), deepstack=deepstack)
 
     def to(self, device: torch.device | str) -> ImageFeatures:
-        return replace(self, per_image=tuple(f.to(device) for f in self.per_image))
+        deepstack = None if self.deepstack is None else tuple(tuple(f.to(device) for f in image) for image in self.deepstack)
+        return replace(self, per_image=tuple(f.to(device) for f in self.per_image), deepstack=deepstack)
 
 
 @torch.no_grad()
@@ -146,10 +171,13 @@ def encode_images(
     `towers`: id()s of other towers known to compute the same (see `same_tower`)."""
     base = _unwrap(model)
     out = base.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per image
+    deepstack = None if levels is None else tuple(zip(*levels)) if levels else tuple(() for _ in out.pooler_output)
     return ImageFeatures(
         per_image=tuple(out.pooler_output),
-        towers=frozenset({id(base.visual), *towers}),
+        towers=frozenset({id(_tower_of(base)), *towers}),
         autocast=autocast_state(pixel_values.device),
+        deepstack=deepstack,
     )
 
 
