@@ -1,0 +1,169 @@
+"""Every model family (vlm_rl.families) runs the same pipeline: its tiny model loads with the Auto classes, the
+pitfall tests of test_logprobs/test_generation/test_integrity/test_vision_reuse hold for it, PPO with the value
+head trains it and its checkpoints load, and a learned reward model on its backbone scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import test_generation as generation_tests
+import test_integrity as integrity_tests
+import test_logprobs as logprob_tests
+import test_vision_reuse as reuse_tests
+from trainer_helpers import completion_length, make_trainer, parameters
+from vlm_rl.data import load_samples
+from vlm_rl.errors import UserError
+from vlm_rl.families import FAMILIES, family_of, get_family
+from vlm_rl.rollout import encode_prompts
+from vlm_rl.tiny import make_tiny_model
+from vlm_rl.value_head import PolicyAndValue, ValueHead
+
+NAMES = list(FAMILIES)
+CLASSES = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+}
+pytestmark = pytest.mark.parametrize("family", NAMES)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, tiny_model_dir):
+    """Each family's tiny model, built once per session (Qwen2-VL's is conftest's `tiny_model_dir`)."""
+    built = {"qwen2_vl": tiny_model_dir}
+
+    def get(name):
+        if name not in built:
+            built[name] = make_tiny_model(tmp_path_factory.mktemp("models") / f"tiny-{name}", seed=0, family=name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture()
+def model_dir(family, family_dirs):
+    return family_dirs(family)
+
+
+@pytest.fixture()
+def processor(model_dir):
+    return AutoProcessor.from_pretrained(model_dir)
+
+
+@pytest.fixture()
+def model(model_dir):
+    return AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def samples(synthetic_data_dir):
+    return list(load_samples(synthetic_data_dir / "train.jsonl"))
+
+
+def test_tiny_model_loads_with_the_auto_classes(family, model, processor, model_dir, tmp_path):
+    model_class, processor_class = CLASSES[family]
+    assert type(model).__name__ == model_class and type(processor).__name__ == processor_class
+    assert family_of(model) is get_family(family) and family_of(model.config) is get_family(family)
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == get_family(family).model_type
+    tower = get_family(family).vision_tower(model)
+    assert tower is getattr(model.model, get_family(family).vision_module)
+    again = make_tiny_model(tmp_path / "again", seed=0, family=family)
+    assert (again / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()  # same seed, same bytes
+
+
+def test_unknown_family_is_a_user_error(family, tmp_path):
+    with pytest.raises(UserError, match="unknown model family 'no_such'.*qwen2_vl"):
+        make_tiny_model(tmp_path / "x", family="no_such")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(UserError, match="model type 'bert' is not a supported VLM family"):
+        family_of("bert")
+
+
+def test_logprobs_match_the_sampling_distribution(family, model, processor, samples):
+    logprob_tests.test_logprobs_match_the_sampling_distribution(model, processor, samples)
+
+
+def test_sample_is_padding_invariant(family, model, processor, samples):
+    head = ValueHead(model.config.text_config.hidden_size)
+    torch.nn.init.normal_(head.summary.weight, std=0.5)  # as test_logprobs' policy_and_value fixture
+    policy_and_value = PolicyAndValue(model, head)
+    logprob_tests.test_sample_is_padding_invariant(policy_and_value, model, processor, samples)
+
+
+def test_positions_after_generate_equal_a_fresh_models(family, model_dir, model, processor, samples):
+    logprob_tests.test_rope_deltas_from_generate_do_not_leak(model_dir, model, processor, samples)
+
+
+def test_lm_head_sees_only_response_positions(family, model, processor, samples):
+    logprob_tests.test_lm_head_sees_only_response_positions(model, processor, samples)
+
+
+def test_vision_tokens_are_never_sampled(family, model, processor, samples):
+    prompts = {k: v for k, v in encode_prompts(processor, samples[:4]).items() if k != "num_images"}
+    generation_tests.test_vision_tokens_are_never_sampled(model, processor, prompts)
+
+
+def test_integrity_checks_catch_a_dropped_image(family, model, processor, samples):
+    query = encode_prompts(processor, samples[:3])
+    batch = (query, [s["_source"] for s in samples[:3]])
+    integrity_tests.test_consistent_batch_passes(model, batch)
+    integrity_tests.test_dropped_pixel_values_are_caught(model, batch)
+    integrity_tests.test_image_token_mismatch_names_the_sample(model, processor, batch)
+    integrity_tests.test_forward_runs_the_check(model, processor, batch)
+
+
+def test_vision_feature_reuse_is_exact(family, model_dir, synthetic_data_dir, tmp_path):
+    reuse_tests.test_full_finetuning_reuse_is_exact_and_encodes_once(tmp_path, model_dir, synthetic_data_dir)
+
+
+def test_ppo_with_the_value_head_trains_and_checkpoints_load(family, model_dir, synthetic_data_dir, tmp_path):
+    trainer = make_trainer(tmp_path, model_dir, synthetic_data_dir, reward=[completion_length], save_steps=1, total_episodes=8)
+    assert trainer.model.value_head is not None
+    before = parameters(trainer.model.policy)
+    trainer.train()
+    after = parameters(trainer.model.policy)
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the policy moved
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert (checkpoint / "value_head.safetensors").exists()
+    loaded = AutoModelForImageTextToText.from_pretrained(checkpoint)
+    assert family_of(loaded) is get_family(family)
+    assert type(AutoProcessor.from_pretrained(checkpoint)).__name__ == CLASSES[family][1]
+    final = AutoModelForImageTextToText.from_pretrained(tmp_path / "run")
+    saved = dict(final.named_parameters())
+    assert all(torch.equal(saved[n], p) for n, p in trainer.model.policy.named_parameters())
+
+
+def test_learned_reward_model_scores(family, model_dir, samples, tmp_path):
+    from reward_models.vlm_reward import VLMRewardModel
+
+    rm = VLMRewardModel.from_base(str(model_dir))
+    assert family_of(rm.base_backbone) is get_family(family)
+    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    batch = samples[:3]
+    kwargs = dict(images=[s["images"] for s in batch])
+    scores = rm([s["prompt"] for s in batch], ["a red square", "blue", "two"], **kwargs)
+    assert len(scores) == 3 and all(torch.isfinite(torch.tensor(scores))) and len(set(scores)) == 3
+    rm.save_pretrained(tmp_path / "rm")
+    again = VLMRewardModel.from_pretrained(tmp_path / "rm", device="cpu")
+    assert type(again.base_backbone) is type(rm.base_backbone)
+    assert torch.allclose(torch.tensor(again([s["prompt"] for s in batch], ["a red square", "blue", "two"], **kwargs)), torch.tensor(scores), atol=1e-5)
+
+
+def test_sft_ppo_compare_end_to_end(family, tmp_path):
+    from vlm_rl.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        out=str(tmp_path / "demo"), family=family, n=24, sft_steps=2, sft_batch_size=4, ppo_episodes=16, ppo_batch_size=8,
+        ppo_mini_batches=1, ppo_epochs=1, compare_samples=4,
+    )
+    summary = run_demo(cfg)
+    out = tmp_path / "demo"
+    assert json.loads((out / "model" / "config.json").read_text())["model_type"] == get_family(family).model_type
+    for stage in ("sft", "ppo"):  # each stage's output is a model of the family
+        assert family_of(AutoModelForImageTextToText.from_pretrained(out / stage)) is get_family(family)
+    assert (out / "ppo" / "value_head.safetensors").exists()
+    assert set(summary["models"]) == {"sft", "rl"} and summary["models"]["rl"]["n"] == 4
