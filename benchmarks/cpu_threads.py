@@ -6,13 +6,13 @@ On small VMs, waking a second OpenMP thread for each tiny matmul costs far more 
 """
 
 import torch
-from _common import best_of, tiny_setup
+from _common import best_of, model_setup
 
 from vlm_rl.rollout import encode_prompts
 
 
 def main() -> None:
-    model, processor, samples = tiny_setup(16)
+    model, processor, samples = model_setup("tiny", 16)
     inputs = {k: v for k, v in encode_prompts(processor, samples[:16]).items() if k != "num_images"}
 
     def step():
