@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm_rl.atomic import atomic_file
-from vlm_rl.data import DataError, normalise_row, read_dataset_dir, read_json_rows
+from vlm_rl.data import DataError, PromptDataset, normalise_row, read_rows
 from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.rollout import Rollout, encode_prompts
 
@@ -45,17 +45,6 @@ def generate_all(model, processor, samples: list[dict], config, batch_size: int,
         responses = generate_responses(model, {k2: v for k2, v in query.items() if k2 != "num_images"}, config)
         rollouts.append(Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), [s["_source"] for s in batch]))
     return rollouts
-
-
-def read_rows(path: Path, split: str) -> tuple[list[tuple[str, dict]], Path]:
-    """("file:line", raw row) for every row of a data file or dataset directory, and the images' base directory."""
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory. Give a .jsonl/.json file or a dataset directory.")
-    if path.is_dir():
-        return list(read_dataset_dir(path, split)), path
-    if path.suffix not in (".jsonl", ".json"):
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'. Use .jsonl, .json or a dataset directory.")
-    return list(read_json_rows(path)), path.parent
 
 
 def portable_images(row: dict, base_dir: Path, out: Path, index: int) -> dict:
@@ -124,23 +113,23 @@ def run_generate(
     seed: int = 0,
 ) -> Path:
     """Answer every row of `data` (or the one `image`/`prompt` pair) with the checkpoint at `model_path`."""
-    from vlm_rl.data import open_image
     from vlm_rl.model_loading import load_base_model, load_processor
 
     out = Path(out)
     if (data is None) == (prompt is None):
         raise DataError("give either --data FILE or --prompt TEXT (with --image IMAGE for a question about an image)")
     if data is not None:
-        rows, base_dir = read_rows(Path(data), split)
+        input_rows, base_dir = read_rows(data, split)
+        rows = []
+        for row in input_rows:
+            if row.error is not None:
+                raise row.error
+            rows.append((row.source, row.raw))
     else:
         single = {"prompt": prompt, **({"image": str(Path(image).resolve())} if image else {})}
         rows, base_dir = [("--prompt", single)], Path.cwd()
     rows = rows[: max_samples or None]
-    samples = []
-    for where, row in rows:
-        sample = normalise_row(row, base_dir, where)
-        field = "image" if len(sample["images"]) <= 1 else "images"
-        samples.append({**sample, "images": [open_image(ref, base_dir, where, field) for ref in sample["images"]]})
+    samples = list(PromptDataset([normalise_row(row, base_dir, where) for where, row in rows], base_dir))  # images opened
     processor = load_processor(model_path)
     model = load_base_model(model_path, torch.float32).eval()
     config = make_generation_config(processor.tokenizer, max_new_tokens, temperature=temperature, do_sample=do_sample)
