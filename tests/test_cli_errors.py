@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import user_error
 
 from vlm_rl.cli import main as cli_main
 from vlm_rl.errors import UserError
@@ -24,16 +25,6 @@ def occupied(tmp_path) -> Path:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "keep.txt").write_text("x")
     return tmp_path / "d"
-
-
-def user_error(capsys, argv: list[str]) -> str:
-    """Run `vlm-rl ARGV` in-process; expect exit status 2 and one stderr line without a traceback; return it."""
-    with pytest.raises(SystemExit) as info:
-        cli_main(argv)
-    err = capsys.readouterr().err
-    ours = [line for line in err.splitlines() if line.startswith("vlm-rl ")]  # library warnings aside
-    assert info.value.code == 2 and len(ours) == 1 and "Traceback" not in err, err
-    return ours[0]
 
 
 def test_a_user_error_is_one_line_and_exit_2(occupied, capsys, monkeypatch):

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import yaml
-
-from vlm_rl.cli import main as cli_main
+from cli_helpers import user_error
 
 
 @pytest.fixture()
@@ -20,21 +19,11 @@ def occupied(tmp_path):
     return out
 
 
-def refused(capsys, argv: list[str]) -> str:
-    """Run `vlm-rl ARGV`, expect exit status 2 and one error line (no traceback) on stderr; return it."""
-    with pytest.raises(SystemExit) as info:
-        cli_main(argv)
-    err = capsys.readouterr().err
-    ours = [line for line in err.splitlines() if line.startswith("vlm-rl ")]  # library warnings aside
-    assert info.value.code == 2 and len(ours) == 1 and "Traceback" not in err, err
-    return ours[0]
-
-
 def test_train_reward_refuses_a_non_empty_output_dir_before_loading(occupied, tiny_model_dir, synthetic_data_dir, monkeypatch, capsys):
     from reward_models.vlm_reward import VLMRewardModel
 
     monkeypatch.setattr(VLMRewardModel, "from_base", classmethod(lambda *a, **k: pytest.fail("the model was loaded")))
-    err = refused(capsys, ["train-reward", "--model_name_or_path", str(tiny_model_dir),
+    err = user_error(capsys, ["train-reward", "--model_name_or_path", str(tiny_model_dir),
                            "--train_data", str(synthetic_data_dir / "preferences.jsonl"), "--output_dir", str(occupied)])
     assert err.startswith("vlm-rl train-reward: error: ") and str(occupied) in err and "--overwrite" in err
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"] and (occupied / "notes.txt").read_text() == "keep me"
@@ -55,7 +44,7 @@ def test_train_reward_overwrite_replaces_and_writes_its_config(occupied, tiny_mo
 
 def test_sft_refuses_a_non_empty_output_dir_before_loading(occupied, tiny_model_dir, synthetic_data_dir, monkeypatch, capsys):
     monkeypatch.setattr("vlm_rl.sft._load_model", lambda config: pytest.fail("the model was loaded"))
-    err = refused(capsys, ["sft", "--model_name_or_path", str(tiny_model_dir), "--train_data", str(synthetic_data_dir / "train.jsonl"),
+    err = user_error(capsys, ["sft", "--model_name_or_path", str(tiny_model_dir), "--train_data", str(synthetic_data_dir / "train.jsonl"),
                            "--output_dir", str(occupied), "--use_cpu", "true"])
     assert err.startswith("vlm-rl sft: error: ") and str(occupied) in err
     assert "--overwrite_output_dir" in err and "--resume_from_checkpoint" in err
@@ -76,6 +65,6 @@ def test_sft_overwrite_replaces_the_old_run_and_writes_its_config(occupied, tiny
 
 
 def test_demo_refuses_a_non_empty_output_folder(occupied, capsys):
-    err = refused(capsys, ["demo", "--out", str(occupied)])
+    err = user_error(capsys, ["demo", "--out", str(occupied)])
     assert err.startswith("vlm-rl demo: error: ") and "--overwrite" in err
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
