@@ -196,11 +196,7 @@ class PPOTrainer(Trainer):
             entropy.append(ent)
             values.append(v)
             ref_logprobs.append(self.reference_logprobs(mb))
-        # Rule rewards read the text; a learned reward model also needs to know whether the response ended.
-        completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
-        kwargs = {**reward_kwargs(samples), "completion_ended": rollout.has_eos.tolist()}
-        with self.rewards_reading(rollout):
-            columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **kwargs)
+        completions, columns, combined = self.reward_scores(rollout, samples)
         device = rollout.query_response.device
         unscored = torch.tensor([c is None for c in combined], device=device)  # (B,)
         self.check_reward_coverage(columns, unscored)
@@ -223,6 +219,16 @@ class PPOTrainer(Trainer):
             return nullcontext()
         lookup = FeatureLookup(rollout.pixel_values, rollout.image_grid_thw, features)
         return shared_image_features([m for _, m in self.sharing.reward_models], lookup)
+
+    def reward_scores(self, rollout: Rollout, samples: list[dict]) -> tuple[list[str], dict[str, list], list[float | None]]:
+        """(decoded completions, each reward's scores, the combined score per sample) for the rollout's responses.
+
+        Rule rewards read the text; a learned reward model also needs to know whether each response ended."""
+        completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
+        kwargs = {**reward_kwargs(samples), "completion_ended": rollout.has_eos.tolist()}
+        with self.rewards_reading(rollout):
+            columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **kwargs)
+        return completions, columns, combined
 
     def check_reward_coverage(self, columns: dict[str, list], unscored: torch.Tensor) -> None:
         """Stop when the rewards could not score more than `max_unscored_fraction` of the global batch."""
@@ -495,9 +501,7 @@ class PPOTrainer(Trainer):
                 for start in range(0, len(samples), args.local_rollout_forward_batch_size):
                     batch = samples[start : start + args.local_rollout_forward_batch_size]
                     rollout = self.make_rollout(batch, config)
-                    completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
-                    kwargs = {**reward_kwargs(batch), "completion_ended": rollout.has_eos.tolist()}
-                    _, combined = self.reward.score([s["prompt"] for s in batch], completions, **kwargs)
+                    _, _, combined = self.reward_scores(rollout, batch)
                     logprobs = model(rollout, args.temperature, where="eval forward")[0]
                     kl = torch.where(rollout.response_mask, logprobs - self.reference_logprobs(rollout), 0.0).sum(1)  # (b,)
                     scored = [float(c) for c in combined if c is not None]
