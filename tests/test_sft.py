@@ -41,7 +41,7 @@ def tiny_config(model_dir, out_dir, **overrides) -> VLMSFTConfig:
         learning_rate=3e-3,
         lr_scheduler_type="constant",
         logging_steps=1,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         save_strategy="no",
         use_cpu=True,
         disable_tqdm=True,

@@ -88,7 +88,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "--per_device_train_batch_size", str(cfg.sft_batch_size),
             "--learning_rate", str(cfg.sft_learning_rate),
             "--lr_scheduler_type", "constant",
-            "--gradient_checkpointing", "false",
+            "--activation_checkpointing", "false",
             "--logging_steps", "50",
             "--save_strategy", "no",
             "--seed", str(cfg.seed),

@@ -46,9 +46,10 @@ SFT_CONFIG_FILE = "sft_config.yaml"
 class VLMSFTConfig(SFTConfig):
     """TRL's `SFTConfig` plus the model, the data and LoRA: one dataclass, parsed from YAML + CLI by `TrlParser`.
 
-    Defaults that differ from `SFTConfig`: `bf16` is on only where a CUDA GPU supports it (fp32 on CPU).
+    Defaults that differ from `SFTConfig`: `bf16` is on only where a CUDA GPU supports it (fp32 on CPU);
+    TRL's activation checkpointing (on) is set under transformers' current name, `activation_checkpointing`.
     `report_to` keeps transformers' default, "none". Everything else (`learning_rate`, `max_steps`,
-    `per_device_train_batch_size`, `gradient_checkpointing`, `max_length`, `completion_only_loss`, ...) is TRL's.
+    `per_device_train_batch_size`, `max_length`, `completion_only_loss`, ...) is TRL's.
     """
 
     model_name_or_path: str = field(
@@ -98,8 +99,17 @@ class VLMSFTConfig(SFTConfig):
             "aliases": ["--overwrite"],
         },
     )
-    # Overridden defaults. `bf16` is Optional (None: decide by hardware), which HfArgumentParser would give a
-    # required value; nargs/const make a bare `--bf16` mean true, as for every other bool flag.
+    # Overridden defaults. TRL turns activation checkpointing on through `gradient_checkpointing`, a name transformers
+    # 5.23 deprecates with a warning on every run; here both are None and __post_init__ turns it on under the current
+    # name, so the old flag, when a user passes it, still warns and takes effect. HfArgumentParser gives Optional bools
+    # a required value; nargs/const make a bare `--bf16` (or `--activation_checkpointing`) mean true, as for any bool.
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory. Default: on (TRL's).", "nargs": "?", "const": True},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing.", "nargs": "?", "const": True}
+    )
     bf16: bool | None = field(
         default=None,
         metadata={
@@ -110,6 +120,8 @@ class VLMSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         if self.bf16 is None:
             self.bf16 = (
                 not self.fp16

@@ -53,8 +53,6 @@ from vlm_rl.vision_features import FeatureLookup, ImageFeatures, encode_images, 
 from vlm_rl.value_head import PolicyAndValue, ValueHead, hidden_size_of, load_value_head, save_value_head
 
 logger = logging.getLogger(__name__)
-# TRL's unwrap_model_for_generation reads a property transformers 5.23 deprecates: nothing a user can act on.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 CONFIG_FILE = "ppo_config.yaml"
 DEEPSPEED_TAG = "deepspeed"  # checkpoint-N/deepspeed/: the engine's own files (weights and optimizer shards per rank)
 
