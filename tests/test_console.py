@@ -17,3 +17,9 @@ def test_metrics_line_is_aligned_under_the_header():
 def test_samples_table_cuts_long_texts():
     table = samples_table(7, [("a" * 100, "short", 1.0)], width=20)
     assert "a" * 17 + "..." in table and "+1.000" in table and "iteration 7" in table
+
+
+def test_samples_table_leaves_an_unscored_sample_without_score():
+    table = samples_table(1, [("p", "scored", -1.0), ("p", "unscored", None)])
+    scored, unscored = table.splitlines()[-2:]
+    assert scored.endswith("-1.000") and unscored.rstrip().endswith("unscored") and len(unscored) == len(scored)

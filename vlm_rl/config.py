@@ -143,7 +143,11 @@ class PPOConfig(TrainingArguments):
     )
 
     # Logging and evaluation
-    num_sample_generations: int = field(default=0, metadata={"help": "Print this many sample completions per logging step."})
+    num_sample_generations: int = field(
+        default=0,
+        metadata={"help": "Show this many sample generations per logging step: a table on the console and, with their "
+                  "images, in wandb/trackio (report_to)."},
+    )
     eval_data: str | None = field(
         default=None, metadata={"help": "Held-out prompts the policy answers every eval_steps iterations (any supported format)."}
     )

@@ -36,11 +36,12 @@ def metrics_line(logs: dict) -> str:
     return "  ".join(cells)
 
 
-def samples_table(step: int, rows: list[tuple[str, str, float]], width: int = 48) -> str:
-    """Sample generations of iteration `step` as a table: prompt, completion, score (long texts cut with ...)."""
+def samples_table(step: int, rows: list[tuple[str, str, float | None]], width: int = 48) -> str:
+    """Sample generations of iteration `step` as a table: prompt, completion, score (long texts cut with ...; no
+    score where the rewards could not score the sample)."""
     cut = lambda text: (text if len(text) <= width else text[: width - 3] + "...").replace("\n", " ")  # noqa: E731
     lines = [f"  samples at iteration {step}:", f"  {'prompt':<{width}}  {'completion':<{width}}  {'score':>7}"]
-    lines += [f"  {cut(p):<{width}}  {cut(c):<{width}}  {s:>+7.3f}" for p, c, s in rows]
+    lines += [f"  {cut(p):<{width}}  {cut(c):<{width}}  {'' if s is None else format(s, '+.3f'):>7}" for p, c, s in rows]
     return "\n".join(lines)
 
 

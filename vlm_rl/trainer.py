@@ -43,6 +43,7 @@ from vlm_rl.data import PromptDataset, prompt_text, reward_kwargs
 from vlm_rl.errors import UserError
 from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.integrity import check_model_inputs
+from vlm_rl.integrations import LoggedSample, log_samples
 from vlm_rl.logprobs import response_logprobs
 from vlm_rl.losses import policy_loss, value_loss
 from vlm_rl.masking import masked_mean
@@ -474,7 +475,7 @@ class PPOTrainer(Trainer):
             self.lr_scheduler.step()
         metrics = self.metrics(rollout, old, stats)
         if self.args.num_sample_generations and self.is_world_process_zero() and (iteration + 1) % max(1, int(self.args.logging_steps)) == 0:
-            self.print_samples(iteration + 1, samples, old)
+            self.show_samples(iteration + 1, samples, old)
         return metrics
 
     @torch.no_grad()
@@ -548,9 +549,16 @@ class PPOTrainer(Trainer):
             out["val/ratio_var"] = gather(ratios.var() if len(ratios) > 1 else torch.zeros((), device=device))
         return out
 
-    def print_samples(self, step: int, samples: list[dict], old: dict) -> None:
-        rows = [(prompt_text(s["prompt"]), c, score) for s, c, score in zip(samples, old["completions"], old["scores"].tolist())]
-        console.write(console.samples_table(step, rows[: self.args.num_sample_generations]))
+    def show_samples(self, step: int, samples: list[dict], old: dict) -> None:
+        """The batch's first `num_sample_generations` samples as a table on the console and, with their images, in
+        the wandb/trackio runs of `report_to`. A sample the rewards could not score has no score."""
+        scores = [None if unscored else score for score, unscored in zip(old["scores"].tolist(), old["unscored"].tolist())]
+        shown = [
+            LoggedSample(prompt_text(s["prompt"]), s["images"], completion, score, {k: v[i] for k, v in old["reward_columns"].items()})
+            for i, (s, completion, score) in enumerate(zip(samples[: self.args.num_sample_generations], old["completions"], scores))
+        ]
+        console.write(console.samples_table(step, [(s.prompt, s.completion, s.score) for s in shown]))
+        log_samples(self.args.report_to, step, shown)
 
     # ---- output directory and checkpoints ---------------------------------------------------------
 
