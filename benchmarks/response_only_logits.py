@@ -19,6 +19,7 @@ import torch
 from _common import SIZES, best_of, in_subprocess, model_setup, peak_rss_mib, rss_mib, write_json
 from trl.trainer.utils import selective_log_softmax
 
+from vlm_rl.families import family_of
 from vlm_rl.logprobs import response_hidden_states
 from vlm_rl.rollout import Rollout, encode_prompts
 
@@ -33,7 +34,7 @@ def measure(args) -> dict:
     lm_head = torch.nn.Linear(hidden_size, QWEN2_VL_VOCAB, bias=False, dtype=model.dtype, device=args.device)
     query = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in encode_prompts(processor, samples[: args.batch]).items()}
     responses = torch.randint(0, 400, (args.batch, args.response), device=args.device)
-    rollout = Rollout.from_generation(query, responses, [10**9], 0, ["s"] * args.batch)
+    rollout = Rollout.from_generation(query, responses, [10**9], 0, ["s"] * args.batch, family_of(model))
     t_q = rollout.context_length
 
     @torch.no_grad()

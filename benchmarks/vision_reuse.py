@@ -35,6 +35,7 @@ def train_step(args, model_dir: Path, samples: list[dict], device: torch.device)
     """One forward+backward of the policy and value head over a rollout micro-batch, with pixels and with features."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
+    from vlm_rl.families import family_of
     from vlm_rl.rollout import Rollout, encode_prompts
     from vlm_rl.value_head import PolicyAndValue, ValueHead
     from vlm_rl.vision_features import encode_images
@@ -47,7 +48,7 @@ def train_step(args, model_dir: Path, samples: list[dict], device: torch.device)
     query = encode_prompts(processor, samples[: args.batch])
     query = {k: v.to(device) if torch.is_tensor(v) else v for k, v in query.items()}
     responses = torch.randint(0, 400, (args.batch, args.response), generator=torch.Generator().manual_seed(0)).to(device)
-    pixels = Rollout.from_generation(query, responses, [10**9], 0, [f"s{i}" for i in range(args.batch)])  # no eos: full length
+    pixels = Rollout.from_generation(query, responses, [10**9], 0, [f"s{i}" for i in range(args.batch)], family_of(policy))  # no eos
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     with autocast:
         features = replace(pixels, image_features=encode_images(policy, query["pixel_values"], query["image_grid_thw"]))

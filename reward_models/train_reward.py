@@ -46,7 +46,8 @@ from reward_models.base import completion_text
 from vlm_rl.atomic import refuse_existing_output, run_config_yaml
 from vlm_rl.config import ConfigError
 from vlm_rl.data import DataError
-from vlm_rl.model_loading import LORA_TARGET_MODULES, require_model
+from vlm_rl.families import Family, family_of, join_images
+from vlm_rl.model_loading import require_model
 
 TRAIN_CONFIG_FILE = "train_reward_config.yaml"
 
@@ -104,8 +105,8 @@ class RewardTrainingConfig:
     lora_r: int = field(default=16)
     lora_alpha: int = field(default=32)
     lora_dropout: float = field(default=0.05)
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: list(LORA_TARGET_MODULES)
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Language-model modules LoRA adapts (default: the model family's, vlm_rl.families)."}
     )
 
     seed: int = field(default=0)
@@ -157,10 +158,14 @@ class PairCollator:
     With ``cache=True`` each pair is run through the processor once (keyed by its ``_source``) and later batches
     only pad and concatenate the stored tensors: for small models the image processor costs about as much as
     the forward. It keeps every pair's ``pixel_values`` in memory, so it is meant for small data sets.
+    ``family`` (vlm_rl.families) says how the processor lays out the images, so that they can be split per image.
     """
 
-    def __init__(self, processor, padding_side: str, max_length: int | None, cache: bool = False):
+    TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # per-token tensors, padded per batch
+
+    def __init__(self, processor, family: Family, padding_side: str, max_length: int | None, cache: bool = False):
         self.processor = processor
+        self.layout = family.image_layout
         self.padding_side = padding_side
         self.max_length = max_length
         self.cache: dict[str, dict] | None = {} if cache else None
@@ -181,13 +186,12 @@ class PairCollator:
         if key not in self.cache:
             batch = self._encode([sample])
             mask = batch["attention_mask"].bool()  # (2, T)
+            n = batch["num_images"][0]
+            per_image = self.layout.split({k: batch[k] for k in self.layout.keys}) if n else []
             self.cache[key] = {
-                "sequences": [
-                    {k: batch[k][i][mask[i]] for k in ("input_ids", "attention_mask", "mm_token_type_ids")} for i in range(2)
-                ],
-                "pixel_values": batch.get("pixel_values"),  # both copies of the images: chosen's, then rejected's
-                "image_grid_thw": batch.get("image_grid_thw"),
-                "num_images": batch["num_images"][0],
+                "sequences": [{k: batch[k][i][mask[i]] for k in self.TOKEN_KEYS if k in batch} for i in range(2)],
+                "images": [per_image[:n], per_image[n:]],  # chosen's copy of the images, then rejected's
+                "num_images": n,
                 "sample_names": batch["sample_names"],
             }
         return self.cache[key]
@@ -198,28 +202,16 @@ class PairCollator:
         pairs = [self._encoded_pair(s) for s in samples]
         sequences = [p["sequences"][0] for p in pairs] + [p["sequences"][1] for p in pairs]
         length = max(s["input_ids"].shape[0] for s in sequences)
-        pad_id = self.processor.tokenizer.pad_token_id
+        fills = {"input_ids": self.processor.tokenizer.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
         batch: dict = {}
-        for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        for key in sequences[0]:
             rows = []
             for s in sequences:
-                pad = s[key].new_full((length - s[key].shape[0],), fill)
+                pad = s[key].new_full((length - s[key].shape[0],), fills[key])
                 rows.append(torch.cat([s[key], pad] if self.padding_side == "right" else [pad, s[key]]))
             batch[key] = torch.stack(rows)
-        if any(p["num_images"] for p in pairs):
-            halves = [[], []]  # per pair: the first half of its patches/grids belongs to chosen, the second to rejected
-            grids = [[], []]
-            for p in pairs:
-                if not p["num_images"]:
-                    continue
-                n = p["num_images"]
-                patches = int(p["image_grid_thw"][:n].prod(-1).sum())
-                halves[0].append(p["pixel_values"][:patches])
-                halves[1].append(p["pixel_values"][patches:])
-                grids[0].append(p["image_grid_thw"][:n])
-                grids[1].append(p["image_grid_thw"][n:])
-            batch["pixel_values"] = torch.cat(halves[0] + halves[1])
-            batch["image_grid_thw"] = torch.cat(grids[0] + grids[1])
+        images = [image for half in (0, 1) for p in pairs for image in p["images"][half]]
+        batch.update(join_images(images, self.layout.keys))
         batch["num_images"] = [p["num_images"] for p in pairs] * 2
         batch["sample_names"] = [p["sample_names"][0] for p in pairs] + [p["sample_names"][1] for p in pairs]
         return batch
@@ -305,10 +297,8 @@ def train(config: RewardTrainingConfig) -> dict:
     if config.use_peft:
         model.enable_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     elif config.freeze_vision_tower:
-        from vlm_rl.families import family_of
-
-        for p in family_of(model.base_backbone).vision_tower(model.base_backbone).parameters():
-            p.requires_grad_(False)
+        for module in family_of(model.base_backbone).vision_encoder(model.base_backbone):
+            module.requires_grad_(False)
     if config.gradient_checkpointing:
         model.base_backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -329,7 +319,7 @@ def train(config: RewardTrainingConfig) -> dict:
     train_data = torch.utils.data.Subset(train_set, train_indices)
     eval_data = torch.utils.data.Subset(eval_set, eval_indices) if eval_indices else None
 
-    collate = PairCollator(model.processor, config.padding_side, config.max_length, cache=config.cache_encodings)
+    collate = PairCollator(model.processor, family_of(model.base_backbone), config.padding_side, config.max_length, cache=config.cache_encodings)
     train_loader = DataLoader(
         train_data,
         batch_size=config.per_device_train_batch_size,

@@ -54,8 +54,9 @@ from torch import nn
 
 from reward_models.base import Reward, completion_texts
 from vlm_rl.atomic import atomic_dir
+from vlm_rl.families import family_of
 from vlm_rl.integrity import check_model_inputs
-from vlm_rl.model_loading import LORA_TARGET_MODULES, language_model_lora_config
+from vlm_rl.model_loading import language_model_lora_config
 from vlm_rl.vision_features import FeatureLookup, ImageFeatures
 
 REWARD_CONFIG_NAME = "reward_config.json"
@@ -63,8 +64,6 @@ REWARD_HEAD_FILE = "reward_head.safetensors"
 REWARD_MODEL_TYPE = "vlm_reward"
 FORMAT_VERSION = 1
 IM_END = "<|im_end|>"
-
-# The language model's linear layers; the vision tower's are named qkv/proj/fc1/fc2, so LoRA stays out of it.
 
 
 class RewardInputError(ValueError):
@@ -102,8 +101,9 @@ def encode_for_reward(
 
     ``completion_ended`` (one bool per sample, default all True): False marks a response cut off at the length
     limit, rendered without the closing ``<|im_end|>``.
-    Returns ``input_ids, attention_mask, mm_token_type_ids (B, T)``, and when there are images
-    ``pixel_values (N_patches, D)``, ``image_grid_thw (N_images, 3)``; plus ``num_images`` (list per sample).
+    Returns the processor's tensors: ``input_ids, attention_mask (B, T)``, and by family the Qwen families'
+    ``mm_token_type_ids (B, T)``, ``pixel_values (N_patches, D)``, ``image_grid_thw (N_images, 3)`` or LLaVA's
+    ``pixel_values (N_images, 3, H, W)``; plus ``num_images`` (list per sample).
     """
     n = len(completions)
     images = [None] * n if images is None else list(images)
@@ -121,8 +121,6 @@ def encode_for_reward(
     batch = dict(
         processor(text=texts, images=flat or None, return_tensors="pt", padding=True, padding_side=padding_side)
     )
-    if "mm_token_type_ids" not in batch:
-        batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
     batch["num_images"] = [len(ims) for ims in per_sample]
     if max_length is not None:
         lengths = batch["attention_mask"].sum(dim=1).tolist()
@@ -143,7 +141,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class VLMRewardModel(nn.Module, Reward):
-    """Qwen2-VL backbone + fp32 scalar head on the last real token (see the module docstring)."""
+    """VLM backbone (any family of ``vlm_rl.families``) + fp32 scalar head on the last real token (see the module docstring)."""
 
     def __init__(
         self,
@@ -176,13 +174,13 @@ class VLMRewardModel(nn.Module, Reward):
 
     @classmethod
     def from_base(cls, model_name_or_path: str, dtype: torch.dtype = torch.float32, **kwargs) -> VLMRewardModel:
-        """A fresh reward model on the backbone of a Qwen2-VL checkpoint ('tiny', a directory or a peft adapter)."""
+        """A fresh reward model on the backbone of a VLM checkpoint ('tiny', a directory or a peft adapter)."""
         from vlm_rl.model_loading import load_base_model, load_processor
         from vlm_rl.tiny import resolve_model_path
 
         path = resolve_model_path(model_name_or_path)
         full = load_base_model(path, dtype)
-        backbone = full.model  # e.g. Qwen2VLModel: vision tower + language model; the LM head is dropped
+        backbone = full.model  # e.g. Qwen2VLModel or LlavaModel: vision encoder + language model; the LM head is dropped
         del full
         processor = load_processor(path)
         metadata = {"base_model_name_or_path": str(model_name_or_path), **kwargs.pop("metadata", {})}
@@ -226,11 +224,13 @@ class VLMRewardModel(nn.Module, Reward):
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         return model.to(device).eval()
 
-    def enable_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] = tuple(LORA_TARGET_MODULES)) -> None:
-        """Wrap the backbone with LoRA adapters on the language model's projections; the head stays fully trainable."""
+    def enable_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] | None = None) -> None:
+        """Wrap the backbone with LoRA adapters on the language model's `target_modules` (default: the family's,
+        vlm_rl.families); the head stays fully trainable."""
         from peft import get_peft_model
 
-        self.backbone = get_peft_model(self.backbone, language_model_lora_config(r, alpha, dropout, list(target_modules)))
+        lora = language_model_lora_config(r, alpha, dropout, target_modules, family_of(self.base_backbone))
+        self.backbone = get_peft_model(self.backbone, lora)
 
     @property
     def base_backbone(self) -> nn.Module:
@@ -303,22 +303,26 @@ class VLMRewardModel(nn.Module, Reward):
     ) -> torch.Tensor:
         """Rewards ``(B,)`` in fp32. With ``num_images`` given, the image tensors are checked against the tokens first.
 
-        ``image_features``: the images already encoded by a vision tower of the same weights, instead of ``pixel_values``."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if mm_token_type_ids is not None:
-            inputs["mm_token_type_ids"] = mm_token_type_ids
+        ``image_features``: the images already encoded by a vision tower of the same weights, instead of ``pixel_values``.
+        Positions come from this batch's own inputs (``Family.position_inputs``), for right or left padding."""
+        base = self.base_backbone
+        images = {} if pixel_values is None or pixel_values.shape[0] == 0 else {"pixel_values": pixel_values}
+        if image_grid_thw is not None and image_grid_thw.shape[0] > 0:
+            images["image_grid_thw"] = image_grid_thw
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            **family_of(base).position_inputs(attention_mask, mm_token_type_ids, images),
+        }
         if image_features is not None:
             inputs["mm_encoder_outputs"] = image_features.encoder_outputs()
-            inputs["image_grid_thw"] = image_grid_thw
-        elif pixel_values is not None and pixel_values.shape[0] > 0:
-            inputs["pixel_values"] = pixel_values
-            inputs["image_grid_thw"] = image_grid_thw
+        else:
+            inputs.update(images)
         if num_images is not None:
             names = list(sample_names) if sample_names is not None else [f"sample {i}" for i in range(input_ids.shape[0])]
-            check_model_inputs(self.base_backbone, inputs, num_images, names, where)
-        base = self.base_backbone
+            check_model_inputs(base, inputs, num_images, names, where)
         if hasattr(base, "rope_deltas"):
-            base.rope_deltas = None  # positions come from this batch's own mask and grids
+            base.rope_deltas = None  # M-RoPE positions come from this batch's own mask and grids
         hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         index = last_token_index(attention_mask)  # (B,)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
@@ -356,8 +360,7 @@ class VLMRewardModel(nn.Module, Reward):
                 batch = self.encode(prompts[sl], completions[sl], images[sl], names[sl], ended[sl])
                 num_images = batch.pop("num_images")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                source = self.image_features_source
-                features = source.find(self, batch.get("pixel_values"), batch.get("image_grid_thw")) if source is not None else None
+                features = self.shared_features(batch)
                 if features is not None:
                     batch.pop("pixel_values")
                 rewards = self.forward(
@@ -367,6 +370,13 @@ class VLMRewardModel(nn.Module, Reward):
         finally:
             self.train(was_training)
         return scores
+
+    def shared_features(self, batch: dict) -> ImageFeatures | None:
+        """The rollout's features of this batch's images, when scoring during PPO and all of them are found."""
+        if self.image_features_source is None or batch.get("pixel_values") is None:
+            return None
+        layout = family_of(self.base_backbone).image_layout
+        return self.image_features_source.find(self, layout.split({k: batch[k] for k in layout.keys}))
 
     def __repr__(self) -> str:
         return f"VLMRewardModel(name={self.name!r}, hidden_size={self.head.in_features})"

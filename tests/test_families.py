@@ -13,20 +13,26 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import test_generation as generation_tests
 import test_integrity as integrity_tests
 import test_logprobs as logprob_tests
+import test_rollout as rollout_tests
 import test_vision_reuse as reuse_tests
 from trainer_helpers import completion_length, make_trainer, parameters
 from vlm_rl.data import load_samples
 from vlm_rl.errors import UserError
 from vlm_rl.families import FAMILIES, family_of, get_family
-from vlm_rl.rollout import encode_prompts
+from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
+from vlm_rl.logprobs import response_logprobs
+from vlm_rl.model_loading import language_model_lora_config, load_processor
+from vlm_rl.rollout import Rollout, encode_prompts
 from vlm_rl.tiny import make_tiny_model
 from vlm_rl.value_head import PolicyAndValue, ValueHead
+from vlm_rl.vision_features import tower_trains
 
 NAMES = list(FAMILIES)
 CLASSES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+    "llava": ("LlavaForConditionalGeneration", "LlavaProcessor"),
 }
 pytestmark = pytest.mark.parametrize("family", NAMES)
 
@@ -95,7 +101,40 @@ def test_sample_is_padding_invariant(family, model, processor, samples):
 
 
 def test_positions_after_generate_equal_a_fresh_models(family, model_dir, model, processor, samples):
+    if not get_family(family).mrope:
+        pytest.skip("LLaVA's positions are 1-D, counted from the attention mask: generate caches no rope_deltas that "
+                    "could leak (test_forward_positions_are_the_ones_generate_used checks its positions)")
     logprob_tests.test_rope_deltas_from_generate_do_not_leak(model_dir, model, processor, samples)
+
+
+def language_model_positions(model, run) -> list[torch.Tensor]:
+    """The `position_ids` the language model receives during `run()`, one tensor per call."""
+    seen = []
+    language_model = getattr(model.model, family_of(model).language_model_module)
+    hook = language_model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_forward_positions_are_the_ones_generate_used(family, model, processor, samples):
+    query = encode_prompts(processor, samples[:4])
+    assert (query["attention_mask"] == 0).any()  # prompts of several lengths: some rows are left-padded
+    inputs = {k: v for k, v in query.items() if k != "num_images"}
+    tok = processor.tokenizer
+    torch.manual_seed(0)
+    out = []
+    steps = language_model_positions(model, lambda: out.append(generate_responses(model, inputs, make_generation_config(tok, max_new_tokens=4))))
+    rollout = Rollout.from_generation(query, out[0], eos_token_ids(tok), pad_token_id(tok), ["s"] * 4, family_of(model))
+    with torch.no_grad():
+        (forward,) = language_model_positions(model, lambda: response_logprobs(model, rollout, 1.0))  # (..., B, T_q + T_r)
+    generated = torch.cat(steps, dim=-1)  # (..., B, T_q + T_r - 1): the prompt's, then one per sampled token
+    if generated.dim() == 3:  # M-RoPE: generate prepends a row of text positions that only builds the attention mask
+        generated = generated[-forward.shape[0] :]
+    real = rollout.attention_mask[:, : generated.shape[-1]].bool()  # (B, T_q + T_r - 1); padding has no position
+    assert torch.equal(generated[..., real], forward[..., : generated.shape[-1]][..., real])
 
 
 def test_lm_head_sees_only_response_positions(family, model, processor, samples):
@@ -103,6 +142,10 @@ def test_lm_head_sees_only_response_positions(family, model, processor, samples)
 
 
 def test_vision_tokens_are_never_sampled(family, model, processor, samples):
+    tok = processor.tokenizer
+    suppressed = make_generation_config(tok, max_new_tokens=1).suppress_tokens
+    spec = get_family(family)
+    assert {tok.convert_tokens_to_ids(t) for t in (spec.image_token, *spec.vision_tokens)} <= set(suppressed)  # its own too
     prompts = {k: v for k, v in encode_prompts(processor, samples[:4]).items() if k != "num_images"}
     generation_tests.test_vision_tokens_are_never_sampled(model, processor, prompts)
 
@@ -114,6 +157,42 @@ def test_integrity_checks_catch_a_dropped_image(family, model, processor, sample
     integrity_tests.test_dropped_pixel_values_are_caught(model, batch)
     integrity_tests.test_image_token_mismatch_names_the_sample(model, processor, batch)
     integrity_tests.test_forward_runs_the_check(model, processor, batch)
+
+
+def test_select_keeps_each_samples_images(family, processor, samples):
+    rollout_tests.test_select_keeps_each_samples_patches(samples, processor, get_family(family))
+
+
+def test_lora_adapts_the_language_model_only(family, model):
+    from peft import get_peft_model
+
+    spec = get_family(family)
+    adapted = get_peft_model(model, language_model_lora_config(4, 8, 0.0, None, spec))  # the family's default targets
+    lora = [n for n, _ in adapted.named_parameters() if ".lora_A." in n]
+    layers = model.config.text_config.num_hidden_layers
+    assert len(lora) == layers * len(spec.lora_target_modules)  # every target of every language-model layer ...
+    assert all(f".{spec.language_model_module}." in n for n in lora)
+    assert not tower_trains(adapted)  # ... and nothing in the vision encoder (tower, projector)
+
+
+def test_min_max_pixels_apply_only_where_images_resize(family, model_dir):
+    if get_family(family).image_layout.resizable:
+        assert load_processor(str(model_dir), max_pixels=28 * 28 * 9).image_processor.size["longest_edge"] == 28 * 28 * 9
+    else:  # LLaVA: every image is resized to the tower's input size
+        with pytest.raises(UserError, match="fixed input size.*leave min_pixels and max_pixels unset"):
+            load_processor(str(model_dir), max_pixels=28 * 28 * 9)
+
+
+def test_reward_pairs_collate_the_same_from_the_cache(family, processor, synthetic_data_dir):
+    from reward_models.train_reward import PairCollator, load_pairs
+
+    pairs = [load_pairs(synthetic_data_dir / "preferences.jsonl", "train")[i] for i in range(3)]
+    fresh, cached = (PairCollator(processor, get_family(family), "right", None, cache=c) for c in (False, True))
+    cached(pairs[1:])  # fills the cache in another batch
+    a, b = fresh(pairs), cached(pairs)
+    assert a.keys() == b.keys() and a["num_images"] == b["num_images"] == [1] * 6
+    for key in a:
+        assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
 
 
 def test_vision_feature_reuse_is_exact(family, model_dir, synthetic_data_dir, tmp_path):

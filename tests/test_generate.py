@@ -60,10 +60,11 @@ def test_conversational_rows_carry_the_answer_in_their_answer_turn():
 def test_a_lora_adapter_answers_like_its_merged_model(tmp_path, tiny_model_dir, synthetic_data_dir):
     from peft import get_peft_model
 
+    from vlm_rl.families import get_family
     from vlm_rl.model_loading import language_model_lora_config
 
     torch.manual_seed(0)
-    model = get_peft_model(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir), language_model_lora_config(4, 8, 0.0, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir), language_model_lora_config(4, 8, 0.0, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], get_family("qwen2_vl")))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

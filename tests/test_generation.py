@@ -5,13 +5,14 @@ import torch
 from transformers import GenerationConfig
 
 from vlm_rl.data import load_samples
+from vlm_rl.families import QWEN_VISION_TOKENS
 from vlm_rl.generation import (
-    VISION_TOKENS,
     eos_token_ids,
     first_eos_mask,
     generate_responses,
     make_generation_config,
     pad_token_id,
+    vision_token_ids,
 )
 from vlm_rl.rollout import encode_prompts
 
@@ -40,7 +41,7 @@ def test_config_reads_ids_from_tokenizer(tiny_processor):
     assert config.pad_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
     assert config.pad_token_id in config.eos_token_id  # pad == eos: masks must come from positions
     assert (config.do_sample, config.temperature, config.top_k, config.top_p, config.max_new_tokens) == (True, 0.7, 0, 1.0, 7)
-    assert sorted(config.suppress_tokens) == sorted(tok.convert_tokens_to_ids(t) for t in VISION_TOKENS)
+    assert sorted(config.suppress_tokens) == sorted(tok.convert_tokens_to_ids(t) for t in QWEN_VISION_TOKENS)
 
 
 def test_bad_settings_are_rejected(tiny_processor):
@@ -69,7 +70,7 @@ def test_checkpoint_generation_config_does_not_leak(tiny_model, tiny_processor, 
 
 def test_vision_tokens_are_never_sampled(tiny_model, tiny_processor, prompts):
     tok = tiny_processor.tokenizer
-    vision_ids = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    vision_ids = vision_token_ids(tok)
     handle = add_logit_bias(tiny_model, vision_ids, 50.0)
     try:
         torch.manual_seed(0)

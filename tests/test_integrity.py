@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vlm_rl.data import load_samples
+from vlm_rl.families import family_of
 from vlm_rl.integrity import MultimodalIntegrityError, check_model_inputs
 from vlm_rl.logprobs import response_logprobs
 from vlm_rl.rollout import Rollout, encode_prompts
@@ -27,8 +28,9 @@ def test_consistent_batch_passes(tiny_model, batch):
 
 def test_dropped_pixel_values_are_caught(tiny_model, batch):
     query, names = batch
-    inputs = {k: v for k, v in inputs_of(query).items() if k not in ("pixel_values", "image_grid_thw")}
-    with pytest.raises(MultimodalIntegrityError, match="image_grid_thw has 0 rows but the samples hold 3 images"):
+    layout = family_of(tiny_model).image_layout  # Qwen: image_grid_thw; LLaVA (test_families.py): pixel_values
+    inputs = {k: v for k, v in inputs_of(query).items() if k not in layout.keys}
+    with pytest.raises(MultimodalIntegrityError, match=f"{layout.counted_by} has 0 rows but the samples hold 3 images"):
         check_model_inputs(tiny_model, inputs, query["num_images"], names, "reward forward")
 
 
@@ -42,8 +44,8 @@ def test_patches_split_wrongly_are_caught(tiny_model, batch):
 def test_image_token_mismatch_names_the_sample(tiny_model, tiny_processor, batch):
     query, names = batch
     input_ids = query["input_ids"].clone()
-    image_pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    first = (input_ids[1] == image_pad).nonzero()[0, 0]
+    image_token = tiny_processor.tokenizer.convert_tokens_to_ids(family_of(tiny_model).image_token)
+    first = (input_ids[1] == image_token).nonzero()[0, 0]
     input_ids[1, first] = tiny_processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     with pytest.raises(MultimodalIntegrityError, match=f"sample {names[1]} has"):
         check_model_inputs(tiny_model, dict(inputs_of(query), input_ids=input_ids), query["num_images"], names, "x")
@@ -58,7 +60,7 @@ def test_image_counts_out_of_step_are_caught(tiny_model, batch):
 def test_forward_runs_the_check(tiny_model, tiny_processor, batch):
     query, names = batch
     responses = torch.full((3, 2), 20)
-    rollout = Rollout.from_generation(query, responses, [1], 0, names)
+    rollout = Rollout.from_generation(query, responses, [1], 0, names, family_of(tiny_model))
     broken = Rollout(**{**rollout.__dict__, "pixel_values": None, "image_grid_thw": None})
     with pytest.raises(MultimodalIntegrityError, match="reference forward"):
         response_logprobs(tiny_model, broken, 1.0, where="reference forward")

@@ -8,6 +8,7 @@ from transformers import AutoModelForImageTextToText
 
 from vlm_rl.advantages import compute_gae, kl_penalty, shape_rewards
 from vlm_rl.data import load_samples
+from vlm_rl.families import family_of
 from vlm_rl.generation import eos_token_ids, generation_config_swapped, make_generation_config, pad_token_id
 from vlm_rl.logprobs import response_logprobs
 from vlm_rl.rollout import Rollout, encode_prompts
@@ -26,7 +27,7 @@ def rollout_for(model, processor, samples, responses=None, max_new_tokens=6):
         with generation_config_swapped(model, config):
             out = model.generate(**inputs, generation_config=config)
         responses = out[:, query["input_ids"].shape[1] :]
-    return Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), [s["_source"] for s in samples])
+    return Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), [s["_source"] for s in samples], family_of(model))
 
 
 @pytest.fixture()
@@ -57,7 +58,8 @@ def test_logprobs_match_the_sampling_distribution(tiny_model, tiny_processor, sa
     with generation_config_swapped(tiny_model, config):
         out = tiny_model.generate(**inputs, generation_config=config, output_logits=True, return_dict_in_generate=True)
     responses = out.sequences[:, query["input_ids"].shape[1] :]
-    rollout = Rollout.from_generation(query, responses, eos_token_ids(tiny_processor.tokenizer), pad_token_id(tiny_processor.tokenizer), ["s"] * 4)
+    tok = tiny_processor.tokenizer
+    rollout = Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), ["s"] * 4, family_of(tiny_model))
     with torch.no_grad():
         logprobs, _ = response_logprobs(tiny_model, rollout, TEMPERATURE)
     raw = torch.stack(out.logits, dim=1).float() / TEMPERATURE  # (B, T_r, V): the logits generate sampled from

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from vlm_rl.data import load_samples
+from vlm_rl.families import get_family
 from vlm_rl.rollout import PromptTooLongError, Rollout, encode_prompts
+
+QWEN2_VL = get_family("qwen2_vl")  # the family of conftest's tiny model
 
 
 @pytest.fixture(scope="module")
@@ -17,30 +20,31 @@ def text_only(sample):
     return {**sample, "prompt": prompt, "images": [], "_source": "text-only"}
 
 
-def test_select_keeps_each_samples_patches(samples, tiny_processor):
+def test_select_keeps_each_samples_patches(samples, tiny_processor, family=QWEN2_VL):
     batch = [samples[0], text_only(samples[1]), samples[2], samples[3]]
     query = encode_prompts(tiny_processor, batch)
     assert query["num_images"] == [1, 0, 1, 1]
     sizes = {s["images"][0].size for s in (samples[0], samples[2], samples[3])}
     responses = torch.randint(10, 100, (4, 3))
-    rollout = Rollout.from_generation(query, responses, [1], 0, [s["_source"] for s in batch])
+    rollout = Rollout.from_generation(query, responses, [1], 0, [s["_source"] for s in batch], family)
     picked = rollout.select([3, 1, 0])
     alone = [encode_prompts(tiny_processor, [b]) for b in (batch[3], batch[0])]
-    assert torch.equal(picked.pixel_values, torch.cat([a["pixel_values"] for a in alone]))
-    assert torch.equal(picked.image_grid_thw, torch.cat([a["image_grid_thw"] for a in alone]))
+    for key in family.image_layout.keys:  # pixel_values, and the Qwen families' image_grid_thw
+        assert torch.equal(getattr(picked, key), torch.cat([a[key] for a in alone])), key
     assert picked.num_images == [1, 0, 1]
     assert picked.sources == [batch[3]["_source"], "text-only", batch[0]["_source"]]
     assert torch.equal(picked.query_response, rollout.query_response[[3, 1, 0]])
     assert len(sizes) > 1  # images of different sizes, so a wrong split would misalign patches
     assert picked.context_length == rollout.context_length
     only_text = rollout.select([1])
-    assert only_text.model_inputs().keys() == {"input_ids", "attention_mask", "mm_token_type_ids"}
+    positions = family.position_inputs(only_text.attention_mask, only_text.mm_token_type_ids, {})
+    assert only_text.model_inputs().keys() == {"input_ids", "attention_mask", *positions}
 
 
 def test_query_response_layout(samples, tiny_processor):
     query = encode_prompts(tiny_processor, samples[:2])
     responses = torch.tensor([[30, 31, 1, 5], [30, 31, 32, 33]])
-    rollout = Rollout.from_generation(query, responses, eos_ids=[1], pad_id=5, sources=["a", "b"])
+    rollout = Rollout.from_generation(query, responses, eos_ids=[1], pad_id=5, sources=["a", "b"], family=QWEN2_VL)
     t_q = query["input_ids"].shape[1]
     assert rollout.context_length == t_q
     assert rollout.query_response.shape == (2, t_q + 4)

@@ -9,6 +9,7 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 from trainer_helpers import completion_length, make_sft_adapter, make_trainer, start
 from vlm_rl.advantages import shape_rewards
 from vlm_rl.data import load_samples
+from vlm_rl.families import get_family
 from vlm_rl.generation import eos_token_ids, pad_token_id
 from vlm_rl.rollout import Rollout, encode_prompts
 from vlm_rl.value_head import load_value_head
@@ -55,7 +56,7 @@ def test_score_lands_on_last_real_token_even_when_pad_is_eos(tiny_processor, syn
     samples = list(load_samples(synthetic_data_dir / "train.jsonl"))[:3]
     query = encode_prompts(tiny_processor, samples)
     responses = torch.tensor([[20, 21, pad, pad, pad], [20, eos[0], pad, pad, pad], [20, 21, 22, 23, 24]])
-    rollout = Rollout.from_generation(query, responses, eos, pad, ["a", "b", "c"])
+    rollout = Rollout.from_generation(query, responses, eos, pad, ["a", "b", "c"], get_family("qwen2_vl"))
     rewards = shape_rewards(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3, 5), rollout.response_mask, kl_coef=0.1)
     assert rewards.tolist() == [
         [0, 0, 1.0, 0, 0],  # on the <|endoftext|> eos, not on the identical pad after it

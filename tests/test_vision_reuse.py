@@ -16,6 +16,7 @@ from PIL import Image
 
 from reward_models.vlm_reward import VLMRewardModel
 from trainer_helpers import completion_length, make_config, make_sft_adapter, make_trainer, start
+from vlm_rl.families import family_of
 from vlm_rl.integrity import MultimodalIntegrityError
 from vlm_rl.logprobs import response_logprobs
 from vlm_rl.model_loading import load_policy_and_reference, load_processor
@@ -177,7 +178,7 @@ def test_select_carries_each_rows_own_features(tiny_model, tiny_processor, synth
     frozen_tower(tiny_model)
     query = encode_prompts(tiny_processor, samples)
     features = encode_images(tiny_model, query["pixel_values"], query["image_grid_thw"])
-    rollout = Rollout.from_generation(query, torch.full((4, 2), 5), [1], 0, ["a", "b", "c", "d"], image_features=features)
+    rollout = Rollout.from_generation(query, torch.full((4, 2), 5), [1], 0, ["a", "b", "c", "d"], family_of(tiny_model), image_features=features)
     picked = rollout.select([2, 0])
     alone = encode_images(tiny_model, picked.pixel_values, picked.image_grid_thw)
     assert all(torch.equal(x, y) for x, y in zip(picked.image_features.per_image, alone.per_image))
@@ -294,11 +295,12 @@ def test_reward_lookup_matches_images_pixel_for_pixel(tiny_model):
     a = (torch.arange(16 * 1176).reshape(16, 1176) % 11).float()  # small integers: every sum is exact
     b = a.flip(0)  # the same grid and pixel sum, other pixels
     features = encode_images(tiny_model, torch.cat([a, b]), grid)
-    lookup = FeatureLookup(torch.cat([a, b]), grid, features)
-    found = lookup.find(tiny_model, torch.cat([b, a]), grid)
+    split = family_of(tiny_model).image_layout.split
+    lookup = FeatureLookup(split({"pixel_values": torch.cat([a, b]), "image_grid_thw": grid}), features)
+    found = lookup.find(tiny_model, split({"pixel_values": torch.cat([b, a]), "image_grid_thw": grid}))
     assert torch.equal(found.per_image[0], features.per_image[1]) and torch.equal(found.per_image[1], features.per_image[0])
     other = a[[1, 0, *range(2, 16)]]  # a third image with that grid and sum
-    assert lookup.find(tiny_model, torch.cat([a, other]), grid) is None  # one image not found: the model encodes all
+    assert lookup.find(tiny_model, split({"pixel_values": torch.cat([a, other]), "image_grid_thw": grid})) is None  # one not found: all encoded
 
 
 def test_training_says_which_models_share_the_features(tmp_path, tiny_model_dir, synthetic_data_dir, capsys):

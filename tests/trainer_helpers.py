@@ -141,10 +141,11 @@ def make_sft_adapter(model_dir: Path, out: Path) -> Path:
     from peft import get_peft_model
     from transformers import Qwen2VLForConditionalGeneration
 
+    from vlm_rl.families import get_family
     from vlm_rl.model_loading import language_model_lora_config
 
     torch.manual_seed(0)
-    sft = get_peft_model(Qwen2VLForConditionalGeneration.from_pretrained(model_dir), language_model_lora_config(4, 8, 0.0, ["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    sft = get_peft_model(Qwen2VLForConditionalGeneration.from_pretrained(model_dir), language_model_lora_config(4, 8, 0.0, ["q_proj", "v_proj"], get_family("qwen2_vl"), task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in sft.named_parameters():
             if "lora_B" in name:

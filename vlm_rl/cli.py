@@ -18,7 +18,7 @@ COMMANDS = {
     "compare": ("vlm_rl.compare", "compare checkpoints on the same prompts; writes summary.json and report.html"),
     "train-reward": ("reward_models.train_reward", "train a Qwen2-VL reward model (Bradley-Terry) on preference pairs"),
     "serve-reward": ("reward_models.server", "serve any reward over HTTP on loopback"),
-    "make-tiny-model": ("vlm_rl.cli", "write an embedded tiny VLM (model + processor; --family qwen2_vl|qwen2_5_vl|qwen3_vl) to a directory"),
+    "make-tiny-model": ("vlm_rl.cli", "write an embedded tiny VLM (model + processor; --family qwen2_vl|qwen2_5_vl|qwen3_vl|llava) to a directory"),
     "generate": ("vlm_rl.generate", "answer prompts with any checkpoint; writes JSONL that score reads"),
     "make-data": ("vlm_rl.cli", "write the synthetic shapes VQA dataset (train/test JSONL + preference pairs)"),
     "validate-data": ("vlm_rl.validate", "check every row of a dataset for a task; list every problem by file, line and field"),

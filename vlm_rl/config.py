@@ -9,7 +9,6 @@ from transformers import TrainingArguments
 
 from vlm_rl.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS
 from vlm_rl.errors import UserError
-from vlm_rl.model_loading import LORA_TARGET_MODULES
 
 
 class ConfigError(UserError, ValueError):
@@ -103,9 +102,9 @@ class PPOConfig(TrainingArguments):
     lora_r: int = field(default=16)
     lora_alpha: int = field(default=32)
     lora_dropout: float = field(default=0.05)
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: list(LORA_TARGET_MODULES),
-        metadata={"help": "Language-model modules to adapt (the vision tower stays frozen)."},
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Language-model modules to adapt (default: the model family's, vlm_rl.families; the vision tower stays frozen)."},
     )
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision encoder frozen in full fine-tuning."})
     reuse_vision_features: bool = field(

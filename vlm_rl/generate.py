@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from vlm_rl.atomic import atomic_file
 from vlm_rl.data import DataError, PromptDataset, normalise_row, read_rows
+from vlm_rl.families import family_of
 from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.rollout import Rollout, encode_prompts
 
@@ -43,7 +44,8 @@ def generate_all(model, processor, samples: list[dict], config, batch_size: int,
         query = encode_prompts(processor, batch)
         torch.manual_seed(seed + k)
         responses = generate_responses(model, {k2: v for k2, v in query.items() if k2 != "num_images"}, config)
-        rollouts.append(Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), [s["_source"] for s in batch]))
+        sources = [s["_source"] for s in batch]
+        rollouts.append(Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), sources, family_of(model)))
     return rollouts
 
 

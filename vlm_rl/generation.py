@@ -8,11 +8,9 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from vlm_rl.families import ALL_VISION_TOKENS
 from vlm_rl.vision_features import ImageFeatures
 
-from vlm_rl.families import ALL_VISION_TOKENS
-
-VISION_TOKENS = list(ALL_VISION_TOKENS)  # every family's (vlm_rl.families); all of them are in the Qwen tokenizers
 EOS_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 PAD_TOKEN = "<|endoftext|>"
 
@@ -31,6 +29,16 @@ def eos_token_ids(tokenizer) -> list[int]:
 
 def pad_token_id(tokenizer) -> int:
     return token_id(tokenizer, PAD_TOKEN)
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """The ids of every family's vision tokens (vlm_rl.families) that the tokenizer has: never to be sampled.
+    (LLaVA's tokenizer also holds the Qwen ones, the Qwen tokenizers have no `<image>`.)"""
+    added = tokenizer.get_added_vocab()
+    ids = [added[t] for t in ALL_VISION_TOKENS if t in added]
+    if not ids:
+        raise ValueError(f"tokenizer has none of the vision tokens {', '.join(ALL_VISION_TOKENS)}: is this a supported VLM's tokenizer?")
+    return ids
 
 
 def make_generation_config(
@@ -68,7 +76,7 @@ def make_generation_config(
         eos_token_id=eos_token_ids(tokenizer),
         pad_token_id=pad_token_id(tokenizer),
         bos_token_id=None,
-        suppress_tokens=[token_id(tokenizer, t) for t in VISION_TOKENS],
+        suppress_tokens=vision_token_ids(tokenizer),
         begin_suppress_tokens=None,
         forced_bos_token_id=None,
         forced_eos_token_id=None,

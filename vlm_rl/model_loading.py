@@ -16,15 +16,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlm_rl.errors import UserError
-from vlm_rl.families import QWEN_LORA_TARGETS, family_of
+from vlm_rl.families import Family, family_of
 from vlm_rl.tiny import resolve_model_path
 
 ADAPTER_CONFIG = "adapter_config.json"
-# The Qwen families' language-model projections; `language_model_lora_config` keeps LoRA out of the vision tower.
-LORA_TARGET_MODULES = list(QWEN_LORA_TARGETS)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -65,18 +63,12 @@ def adapter_base_path(adapter_dir: str | os.PathLike) -> str:
     return resolve_model_path(json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
 
 
-def language_model_lora_config(r: int, alpha: int, dropout: float, target_modules: list[str], **kwargs):
-    """A peft LoraConfig on the language model's `target_modules` only: the regex skips the vision tower
-    (Qwen2.5-VL's vision MLP also has gate/up/down_proj)."""
+def language_model_lora_config(r: int, alpha: int, dropout: float, target_modules: list[str] | None, family: Family, **kwargs):
+    """A peft LoraConfig on `family`'s language model only (`target_modules`, default the family's): the regex
+    skips the vision tower (Qwen2.5-VL's vision MLP also has gate/up/down_proj, CLIP q/k/v_proj)."""
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=rf".*language_model.*\.({'|'.join(target_modules)})$",
-        **kwargs,
-    )
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=family.lora_target_regex(target_modules), **kwargs)
 
 
 def torch_dtype_for(bf16: bool, fp16: bool) -> torch.dtype:
@@ -114,7 +106,12 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
         source = adapter_base_path(path)
     processor = AutoProcessor.from_pretrained(source)
     edges = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
-    if edges:  # Qwen2-VL's image size bounds, in pixels (min_pixels/max_pixels are transformers' deprecated names)
+    if edges and not family_of(AutoConfig.from_pretrained(source)).image_layout.resizable:
+        raise UserError(
+            f"min_pixels/max_pixels: {source} resizes every image to its vision tower's fixed input size, so the "
+            "number of vision tokens per image cannot change; leave min_pixels and max_pixels unset for it"
+        )
+    if edges:  # the Qwen families' image size bounds, in pixels (min_pixels/max_pixels are transformers' deprecated names)
         processor.image_processor.size = {**dict(processor.image_processor.size), **edges}
     processor.tokenizer.padding_side = "left"
     return processor
@@ -149,15 +146,15 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
 
         base = load_vlm(start, dtype=dtype)
         lora = language_model_lora_config(
-            config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules, task_type="CAUSAL_LM"
+            config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules, family_of(base), task_type="CAUSAL_LM"
         )
         policy = get_peft_model(base, lora)
         reference = freeze(load_base_model(config.ref_model_name_or_path, dtype)) if config.ref_model_name_or_path else None
     else:
         policy = load_vlm(start, dtype=trained_dtype)
         if config.freeze_vision_tower:
-            for p in family_of(policy).vision_tower(policy).parameters():
-                p.requires_grad_(False)
+            for module in family_of(policy).vision_encoder(policy):
+                module.requires_grad_(False)
         reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
     if config.activation_checkpointing:  # `gradient_checkpointing` is transformers' deprecated alias of it
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs=config.activation_checkpointing_kwargs or {"use_reentrant": False})

@@ -33,13 +33,9 @@ import torch
 from trl import SFTConfig
 
 from vlm_rl.atomic import move_aside, refuse_existing_output, remove, write_run_config
-from vlm_rl.model_loading import LORA_TARGET_MODULES
-
+from vlm_rl.families import Family, family_of
 logger = logging.getLogger(__name__)
 SFT_CONFIG_FILE = "sft_config.yaml"
-
-# The language model's linear layers in Qwen2-VL. The vision tower's layers are named qkv/proj/fc1/fc2, so these
-# names put LoRA on the language model only.
 
 
 @dataclass
@@ -75,9 +71,9 @@ class VLMSFTConfig(SFTConfig):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: list(LORA_TARGET_MODULES),
-        metadata={"help": "Language-model modules LoRA adapts (matched under `language_model` only)."},
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Language-model modules LoRA adapts, inside the language model only (default: the model family's)."},
     )
     lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. lm_head)."}
@@ -215,8 +211,8 @@ def _load(spec: str, split: str, limit: int | None = None) -> list[dict[str, Any
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def lora_config_from(config: VLMSFTConfig):
-    """The `peft.LoraConfig` for `config`, or None without `use_peft`."""
+def lora_config_from(config: VLMSFTConfig, family: Family):
+    """The `peft.LoraConfig` for `config` on a model of `family` (vlm_rl.families), or None without `use_peft`."""
     if not config.use_peft:
         return None
     from vlm_rl.model_loading import language_model_lora_config
@@ -226,6 +222,7 @@ def lora_config_from(config: VLMSFTConfig):
         config.lora_alpha,
         config.lora_dropout,
         config.lora_target_modules,
+        family,
         task_type="CAUSAL_LM",
         modules_to_save=config.lora_modules_to_save,
         bias="none",
@@ -238,11 +235,8 @@ def _load_model(config: VLMSFTConfig):
     kwargs = dict(config.model_init_kwargs or {})
     model = create_model_from_path(config.model_name_or_path, **kwargs)
     if config.freeze_vision_tower and not config.use_peft:
-        inner = getattr(model, "model", model)
-        visual = getattr(inner, "visual", None) or getattr(model, "visual", None)
-        if visual is None:
-            raise ValueError("freeze_vision_tower: the model has no `visual` module")
-        visual.requires_grad_(False)
+        for module in family_of(model).vision_encoder(model):
+            module.requires_grad_(False)
     return model
 
 
@@ -315,7 +309,7 @@ def build_trainer(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
-        peft_config=lora_config_from(config),
+        peft_config=lora_config_from(config, family_of(model)),
         callbacks=callbacks,
     )
 

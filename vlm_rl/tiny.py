@@ -4,7 +4,10 @@ The default (`qwen2_vl`) directory loads with `Qwen2VLForConditionalGeneration.f
 `AutoProcessor.from_pretrained` exactly like a local copy of `Qwen/Qwen2-VL-2B-Instruct`: same model
 class, same tokenizer class, the same special tokens and chat template, a real `Qwen2VLProcessor`.
 `qwen2_5_vl` and `qwen3_vl` do the same for Qwen2.5-VL and Qwen3-VL (their model classes, vision towers
-and processors; the same tokenizer). Every directory loads with `AutoModelForImageTextToText` too.
+and processors; the same tokenizer). `llava` is a `LlavaForConditionalGeneration` (a CLIP vision tower, the MLP
+projector, a Qwen2 language model) with a real `LlavaProcessor`: a `CLIPImageProcessor` and the same tokenizer plus
+LLaVA's `<image>` token, in a ChatML template that writes `<image>` for each image. Every directory loads with
+`AutoModelForImageTextToText` too.
 Only the sizes are small, so the demo, the tests and the benchmarks run on 2 CPU cores.
 """
 
@@ -18,6 +21,11 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     AutoModelForImageTextToText,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaProcessor,
+    Qwen2Config,
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
     Qwen2VLConfig,
@@ -126,11 +134,12 @@ def build_processor() -> Qwen2VLProcessor:
     )
 
 
-def _text_config(tokenizer: Qwen2Tokenizer, **extra) -> dict:
+def _text_config(tokenizer: Qwen2Tokenizer, mrope: bool = True, **extra) -> dict:
     """The language model shared by the tiny families: hidden 64, 2 layers; special ids read from the tokenizer."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # head_dim = 64 / 4 = 16; M-RoPE sections (temporal, height, width) sum to head_dim / 2.
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], **extra.pop("rope", {})}
+    sections = {"mrope_section": [2, 3, 3]} if mrope else {}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, **sections, **extra.pop("rope", {})}
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -223,6 +232,54 @@ def build_processor_qwen3_vl() -> Qwen3VLProcessor:
         tokenizer=build_tokenizer(),
         video_processor=Qwen3VLVideoProcessor(),
         chat_template=qwen2_5_vl_chat_template,
+    )
+
+
+# LLaVA: every image resized to 56x56 (the whole scene, no crop), 14-px patches: 4x4 = 16 <image> tokens per image.
+LLAVA_IMAGE_SIZE = 56
+LLAVA_PATCH_SIZE = 14
+LLAVA_IMAGE_TOKEN = "<image>"
+# Qwen2-VL's ChatML template with LLaVA's placeholder: one <image> per image, which the processor repeats per token.
+LLAVA_CHAT_TEMPLATE = qwen2_5_vl_chat_template.replace("<|vision_start|><|image_pad|><|vision_end|>", LLAVA_IMAGE_TOKEN)
+
+
+def build_processor_llava() -> LlavaProcessor:
+    """A real `LlavaProcessor`: CLIP's image processor (CLIP mean/std) and the tiny tokenizer with `<image>` added."""
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens([LLAVA_IMAGE_TOKEN], special_tokens=True)
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    size = {"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE}
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessor(size=size, crop_size=size, do_center_crop=False),
+        tokenizer=tokenizer,
+        patch_size=LLAVA_PATCH_SIZE,
+        vision_feature_select_strategy="default",  # the CLS token is dropped ...
+        num_additional_image_tokens=1,  # ... from the tower's patches + CLS, as in LLaVA-1.5
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def tiny_config_llava(tokenizer: Qwen2Tokenizer) -> LlavaConfig:
+    """LLaVA: a CLIP vision tower (2 blocks of width 32, 56x56 images), the 2-layer GELU MLP projector to the text
+    width, a Qwen2 language model (1-D RoPE). Features from the tower's last block (LLaVA-1.5 takes the
+    penultimate of 24: with 2 blocks that would leave one block without a use)."""
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=LLAVA_IMAGE_SIZE,
+            patch_size=LLAVA_PATCH_SIZE,
+            projection_dim=32,
+        ),
+        text_config=Qwen2Config(**_text_config(tokenizer, mrope=False)),
+        image_token_index=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+        image_seq_length=(LLAVA_IMAGE_SIZE // LLAVA_PATCH_SIZE) ** 2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
     )
 
 

@@ -41,6 +41,7 @@ from vlm_rl import console
 from vlm_rl.console import use_metrics_line
 from vlm_rl.data import PromptDataset, prompt_text, reward_kwargs
 from vlm_rl.errors import UserError
+from vlm_rl.families import family_of
 from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.integrity import check_model_inputs
 from vlm_rl.integrations import LoggedSample, log_samples
@@ -173,14 +174,14 @@ class PPOTrainer(Trainer):
             synced = zero_stage(self.accelerator) == 3 and not gather
             config = generation_config or self.generation_config
             responses = generate_responses(unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features)
-        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources, image_features=features)
+        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources, family_of(unwrapped.policy), image_features=features)
 
     def encode_images(self, policy: nn.Module, query: dict) -> ImageFeatures | None:
         """Each image of the batch through the policy's vision tower once, for every later forward of the rollout
         that may use the features exactly (generate, old policy, value, reference, reward model, training epochs)."""
-        if not self.sharing.enabled or query.get("image_grid_thw") is None or tower_trains(policy):
+        if not self.sharing.enabled or query.get("pixel_values") is None or tower_trains(policy):
             return None
-        return encode_images(policy, query["pixel_values"], query["image_grid_thw"], self.sharing.towers)
+        return encode_images(policy, query["pixel_values"], query.get("image_grid_thw"), self.sharing.towers)
 
     @torch.no_grad()
     def score(self, rollout: Rollout, samples: list[dict]) -> dict[str, torch.Tensor | dict]:
@@ -216,7 +217,7 @@ class PPOTrainer(Trainer):
         features = rollout.image_features
         if features is None or not self.sharing.reward_models:
             return nullcontext()
-        lookup = FeatureLookup(rollout.pixel_values, rollout.image_grid_thw, features)
+        lookup = FeatureLookup(rollout.per_image(), features)
         return shared_image_features([m for _, m in self.sharing.reward_models], lookup)
 
     def reward_scores(self, rollout: Rollout, samples: list[dict]) -> tuple[list[str], dict[str, list], list[float | None]]:

@@ -1,9 +1,10 @@
 """Each image of a rollout goes through the vision tower once; every later forward of that rollout reuses it.
 
 One PPO iteration would otherwise run the same images through the same frozen tower in `generate`, the
-old-policy/value forward, the reference forward, a learned reward model and every training forward. Qwen2-VL
-takes the tower's output instead of `pixel_values` (`mm_encoder_outputs`), while `input_ids`,
-`attention_mask`, `mm_token_type_ids` and `image_grid_thw` still go in for the M-RoPE positions.
+old-policy/value forward, the reference forward, a learned reward model and every training forward. Every family
+takes the vision encoder's output instead of `pixel_values` (`mm_encoder_outputs`), while the position inputs
+still go in (`Family.position_inputs`: M-RoPE's `mm_token_type_ids` and `image_grid_thw`, LLaVA's `position_ids`).
+The vision encoder is the tower, plus LLaVA's projector, which sits outside it (`vision_encoder`).
 
 Reuse is exact or off. `ImageFeatures` records which towers they stand for (the one that encoded them and
 those proven to hold the same weights), and the autocast state they were computed in; a forward uses them
@@ -18,29 +19,24 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vlm_rl.families import PROJECTOR_OF, VISION_MODULES, Images, family_of
 
 # Config entries that name or version a tower without changing what it computes.
 _NOT_ARCHITECTURE = {"_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures", "_commit_hash"}
 
 
 def _has_tower(model: nn.Module) -> bool:
-    from vlm_rl.families import VISION_MODULES
-
     return any(isinstance(getattr(model, name, None), nn.Module) for name in VISION_MODULES)
 
 
-def _tower_of(model: nn.Module) -> nn.Module | None:
-    from vlm_rl.families import VISION_MODULES
-
-    return next((m for name in VISION_MODULES if isinstance(m := getattr(model, name, None), nn.Module)), None)
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The backbone holding the vision tower (`.visual` for the Qwen families, see `vlm_rl.families`) inside
+    """The backbone holding the vision tower (`.visual`, LLaVA's `.vision_tower`; see `vlm_rl.families`) inside
     DDP/DeepSpeed (`.module`), PolicyAndValue (`.policy`), peft (`get_base_model()`), a reward model
     (`.base_backbone`) or a *ForConditionalGeneration (`.model`)."""
     seen = 0
@@ -61,21 +57,37 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def vision_encoder(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules of a VLM, however wrapped, that turn pixels into the language model's image features: the
+    vision tower, then its family's separate projector if any (LLaVA's `multi_modal_projector`); () without a tower."""
+    base = _unwrap(model)
+    for name, projector in PROJECTOR_OF.items():
+        tower = getattr(base, name, None)
+        if isinstance(tower, nn.Module):
+            return (tower,) + ((getattr(base, projector),) if projector else ())
+    return ()
+
+
 def vision_tower(model: nn.Module) -> nn.Module | None:
-    """The vision encoder of a VLM however it is wrapped; None for a model without one."""
-    return _tower_of(_unwrap(model))
+    """The vision tower of a VLM however it is wrapped (the first module of `vision_encoder`); None without one."""
+    encoder = vision_encoder(model)
+    return encoder[0] if encoder else None
 
 
-def _tower_adapted(tower: nn.Module) -> bool:
+def _adapted(modules: tuple[nn.Module, ...]) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return any(isinstance(m, BaseTunerLayer) for m in tower.modules())
+    return any(isinstance(m, BaseTunerLayer) for module in modules for m in module.modules())
+
+
+def _requires_grad(modules: tuple[nn.Module, ...]) -> bool:
+    return any(p.requires_grad for module in modules for p in module.parameters())
 
 
 def tower_trains(model: nn.Module) -> bool:
-    """True when any parameter of the model's vision tower requires grad, or the tower carries an adapter."""
-    tower = vision_tower(model)
-    return tower is not None and (any(p.requires_grad for p in tower.parameters()) or _tower_adapted(tower))
+    """True when any parameter of the model's vision encoder requires grad, or the encoder carries an adapter."""
+    encoder = vision_encoder(model)
+    return bool(encoder) and (_requires_grad(encoder) or _adapted(encoder))
 
 
 def autocast_state(device: torch.device) -> tuple[bool, torch.dtype | None]:
@@ -84,22 +96,33 @@ def autocast_state(device: torch.device) -> tuple[bool, torch.dtype | None]:
     return enabled, torch.get_autocast_dtype(device.type) if enabled else None
 
 
-def same_tower(a: nn.Module, b: nn.Module) -> tuple[bool, str]:
-    """(whether the vision towers of models `a` and `b` compute the same function, why not).
+def _encoder_config(model: nn.Module) -> tuple[dict, Any, dict]:
+    """What decides a model's image features besides its weights: the tower's config, its attention implementation,
+    and the family's `feature_config` entries of the model's config (LLaVA's feature layer, projector)."""
+    tower, base = vision_tower(model), _unwrap(model)
+    extra = {k: getattr(base.config, k) for k in family_of(base).feature_config}
+    own = {k: v for k, v in tower.config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+    return own, getattr(tower.config, "_attn_implementation", None), extra
 
-    The same module, or: the same config and attention implementation, and every parameter and buffer of the
+
+def _encoder_tensors(encoder: tuple[nn.Module, ...]) -> dict[str, torch.Tensor]:
+    return {f"{i}.{n}": t for i, m in enumerate(encoder) for n, t in (*m.named_parameters(), *m.named_buffers())}
+
+
+def same_tower(a: nn.Module, b: nn.Module) -> tuple[bool, str]:
+    """(whether the vision encoders of models `a` and `b` compute the same function, why not).
+
+    The same modules, or: the same config and attention implementation, and every parameter and buffer of the
     same name, dtype and shape and equal values (compared exactly). ZeRO-3 partitioned copies cannot be
     compared here and count as different."""
-    ta, tb = vision_tower(a), vision_tower(b)
-    if ta is None or tb is None:
+    ea, eb = vision_encoder(a), vision_encoder(b)
+    if not ea or not eb:
         return False, "no vision tower"
-    if ta is tb:
+    if len(ea) == len(eb) and all(x is y for x, y in zip(ea, eb)):
         return True, "the same modules"
-    config_a, config_b = ({k: v for k, v in t.config.to_dict().items() if k not in _NOT_ARCHITECTURE} for t in (ta, tb))
-    if config_a != config_b or getattr(ta.config, "_attn_implementation", None) != getattr(tb.config, "_attn_implementation", None):
+    if _encoder_config(a) != _encoder_config(b):
         return False, "a different vision config"
-    tensors_a = dict(ta.named_parameters()) | dict(ta.named_buffers())
-    tensors_b = dict(tb.named_parameters()) | dict(tb.named_buffers())
+    tensors_a, tensors_b = _encoder_tensors(ea), _encoder_tensors(eb)
     if tensors_a.keys() != tensors_b.keys():
         return False, "different vision tower modules"
     for name, x in tensors_a.items():
@@ -113,11 +136,6 @@ def same_tower(a: nn.Module, b: nn.Module) -> tuple[bool, str]:
         if x.shape != y.shape or not torch.equal(x.detach(), y.detach().to(x.device)):
             return False, f"different vision weights ({name})"
     return True, "equal vision weights"
-
-
-def split_by_grid(rows: torch.Tensor, image_grid_thw: torch.Tensor, merge_size: int = 1) -> tuple[torch.Tensor, ...]:
-    """`rows` (one block of `t*h*w / merge_size**2` rows per image) split into one tensor per image."""
-    return tuple(torch.split(rows, (image_grid_thw.prod(-1) // merge_size**2).tolist()))
 
 
 @dataclass(frozen=True)
@@ -134,16 +152,16 @@ class ImageFeatures:
     def usable_by(self, model: nn.Module) -> bool:
         """True when `model`'s own tower, in the current autocast state, would compute exactly these features (and
         no gradient of the tower is wanted)."""
-        tower = vision_tower(model)
-        if tower is None or id(tower) not in self.towers or _tower_adapted(tower):
+        encoder = vision_encoder(model)
+        if not encoder or id(encoder[0]) not in self.towers or _adapted(encoder):
             return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters()):
-            return False  # a forward that wants the tower's gradients must run it
+        if torch.is_grad_enabled() and _requires_grad(encoder):
+            return False  # a forward that wants the encoder's gradients must run it
         return not self.per_image or autocast_state(self.per_image[0].device) == self.autocast
 
     def encoder_outputs(self) -> dict[str, BaseModelOutputWithPooling]:
-        """`mm_encoder_outputs` for a Qwen2-VL forward or `generate`: a new dict per call (the forward fills the
-        dict it is given)."""
+        """`mm_encoder_outputs` for a forward or `generate` of any family: a new dict per call (the forward fills
+        the dict it is given)."""
         if self.deepstack is None:
             return {"image": BaseModelOutputWithPooling(pooler_output=self.per_image)}
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
@@ -164,18 +182,20 @@ class ImageFeatures:
 
 @torch.no_grad()
 def encode_images(
-    model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, towers: Iterable[int] = ()
+    model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, towers: Iterable[int] = ()
 ) -> ImageFeatures:
-    """Run `model`'s vision tower once over the batch's images (no grad, in the current autocast state).
+    """Run `model`'s vision encoder once over the batch's images (no grad, in the current autocast state).
+    `image_grid_thw`: the Qwen families' patch grids (LLaVA's fixed-size images have none).
 
     `towers`: id()s of other towers known to compute the same (see `same_tower`)."""
     base = _unwrap(model)
-    out = base.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
+    out = base.get_image_features(pixel_values=pixel_values, **grid, return_dict=True)
     levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per image
     deepstack = None if levels is None else tuple(zip(*levels)) if levels else tuple(() for _ in out.pooler_output)
     return ImageFeatures(
         per_image=tuple(out.pooler_output),
-        towers=frozenset({id(_tower_of(base)), *towers}),
+        towers=frozenset({id(vision_tower(base)), *towers}),
         autocast=autocast_state(pixel_values.device),
         deepstack=deepstack,
     )
@@ -236,27 +256,33 @@ def plan_sharing(
 
 class FeatureLookup:
     """A rollout's image features found again from pixels: for a model (a learned reward model) that encodes the
-    same images with its own processor. An image matches when its grid and every pixel value are equal."""
+    same images with its own processor. An image matches when every one of its image tensors (pixels, and the Qwen
+    families' grid) is equal. Images come one dict of tensors each (`Family.image_layout.split`)."""
 
-    def __init__(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None, features: ImageFeatures):
+    def __init__(self, images: Sequence[Images], features: ImageFeatures):
         self.features = features
-        self.pixels = () if image_grid_thw is None else split_by_grid(pixel_values, image_grid_thw)
-        self.grids = [] if image_grid_thw is None else [tuple(g) for g in image_grid_thw.tolist()]
+        self.images = list(images)
         self.index: dict[tuple, list[int]] = defaultdict(list)
-        for i, (grid, pixels) in enumerate(zip(self.grids, self.pixels)):
-            self.index[(grid, float(pixels.double().sum()))].append(i)
+        for i, image in enumerate(self.images):
+            self.index[_image_key(image)].append(i)
 
-    def find(self, model: nn.Module, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> ImageFeatures | None:
+    def find(self, model: nn.Module, images: Sequence[Images]) -> ImageFeatures | None:
         """The features of these images (in order) if `model` may use them and every image is found; else None."""
-        if image_grid_thw is None or image_grid_thw.shape[0] == 0 or not self.features.usable_by(model):
+        if not images or not self.features.usable_by(model):
             return None
         found = []
-        for grid, pixels in zip((tuple(g) for g in image_grid_thw.tolist()), split_by_grid(pixel_values, image_grid_thw)):
-            match = next(
-                (i for i in self.index.get((grid, float(pixels.double().sum())), ()) if torch.equal(self.pixels[i].to(pixels.device), pixels)),
-                None,
-            )
+        for image in images:
+            match = next((i for i in self.index.get(_image_key(image), ()) if _equal(self.images[i], image)), None)
             if match is None:
                 return None
             found.append(match)
         return self.features.select(found)
+
+
+def _image_key(image: Images) -> tuple:
+    """A cheap key under which equal images meet: each tensor's name, shape and sum."""
+    return tuple((k, tuple(v.shape), float(v.double().sum())) for k, v in sorted(image.items()))
+
+
+def _equal(a: Images, b: Images) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].to(b[k].device), b[k]) for k in a)
