@@ -79,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import vlm_rl.trainer as trainer_module
     from transformers import AutoProcessor
-    from vlm_rl.value_head import PolicyAndValue
+    from vlm_rl.critic import PolicyAndValue
 
     root = Path(tempfile.mkdtemp(prefix="vlm-rl-bench-"))
     model_dir = make_sized_model(root / "model", args.size)

@@ -35,15 +35,16 @@ def train_step(args, model_dir: Path, samples: list[dict], device: torch.device)
     """One forward+backward of the policy and value head over a rollout micro-batch, with pixels and with features."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
+    from vlm_rl.critic import Critic, PolicyAndValue
     from vlm_rl.families import family_of
     from vlm_rl.rollout import Rollout, encode_prompts
-    from vlm_rl.value_head import PolicyAndValue, ValueHead
+    from vlm_rl.value_head import ValueHead
     from vlm_rl.vision_features import encode_images
 
     processor = AutoProcessor.from_pretrained(model_dir)
     policy = Qwen2VLForConditionalGeneration.from_pretrained(model_dir).to(device)
     policy.model.visual.requires_grad_(False)  # the default: full fine-tuning with the tower frozen
-    model = PolicyAndValue(policy, ValueHead(policy.config.text_config.hidden_size)).to(device).train()
+    model = PolicyAndValue(policy, Critic(ValueHead(policy.config.text_config.hidden_size))).to(device).train()
     torch.nn.init.normal_(model.value_head.summary.weight, std=0.02)
     query = encode_prompts(processor, samples[: args.batch])
     query = {k: v.to(device) if torch.is_tensor(v) else v for k, v in query.items()}

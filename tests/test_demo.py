@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import yaml
 
 from vlm_rl.demo import DemoConfig, run_demo
+from vlm_rl.errors import UserError
 
 
 @pytest.mark.slow
@@ -26,3 +28,29 @@ def test_short_demo_end_to_end(tmp_path):
     assert "objective/scores" in html and "data:image/png;base64," in html
     timings = json.loads((out / "demo.json").read_text())["timings_s"]
     assert set(timings) == {"make-tiny-model", "make-data", "sft", "ppo", "compare"}
+
+
+@pytest.mark.slow
+def test_demo_trains_one_policy_per_estimator_from_the_same_sft_model(tmp_path):
+    cfg = DemoConfig(
+        out=str(tmp_path / "demo"), n=80, sft_steps=5, sft_batch_size=4, ppo_episodes=32, ppo_batch_size=16,
+        ppo_mini_batches=2, ppo_epochs=1, compare_samples=8, estimators="gae:separate,grpo",
+    )  # fmt: skip
+    summary = run_demo(cfg)
+    out = tmp_path / "demo"
+    assert set(summary["models"]) == {"sft", "gae-separate", "grpo"} and set(summary["differences"]) == {"gae-separate", "grpo"}
+    configs = {name: yaml.safe_load((out / f"ppo-{name}" / "ppo_config.yaml").read_text()) for name in ("gae-separate", "grpo")}
+    assert (configs["gae-separate"]["advantage_estimator"], configs["gae-separate"]["critic"]) == ("gae", "separate")
+    assert (configs["grpo"]["advantage_estimator"], configs["grpo"]["num_generations"]) == ("grpo", 4)
+    for config in configs.values():  # the same start, reward, data and budget
+        assert config["model_name_or_path"] == str(out / "sft") and config["total_episodes"] == 32 and config["reward"] == ["exact_match"]
+    assert (out / "ppo-gae-separate" / "critic" / "value_head.safetensors").exists()
+    assert not (out / "ppo-grpo" / "value_head.safetensors").exists()
+    timings = json.loads((out / "demo.json").read_text())["timings_s"]
+    assert {"ppo-gae-separate", "ppo-grpo"} <= set(timings)
+
+
+def test_demo_refuses_an_unknown_variant_before_writing_anything(tmp_path):
+    with pytest.raises(UserError, match="unknown variant 'gae:lora'"):
+        run_demo(DemoConfig(out=str(tmp_path / "demo"), n=40, sft_steps=1, ppo_episodes=16, ppo_batch_size=16, estimators="gae,gae:lora"))
+    assert not (tmp_path / "demo").exists()

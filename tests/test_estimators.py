@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from trainer_helpers import (
     check_resume_reproduces_the_run,
     completion_length,
@@ -29,6 +31,7 @@ from vlm_rl import ppo
 from vlm_rl import trainer as trainer_module
 from vlm_rl.checkpoint import CheckpointError
 from vlm_rl.config import ConfigError, PPOConfig
+import vlm_rl.critic as critic_module
 from vlm_rl.logprobs import response_logprobs
 from vlm_rl.value_head import VALUE_HEAD_FILE, ValueHead, load_value_head, save_value_head
 
@@ -246,7 +249,7 @@ def test_ppo_entry_point_loads_no_value_head_for_a_critic_free_estimator(tmp_pat
     )
     assert ppo.build_trainer(PPOConfig(output_dir=str(tmp_path / "a"), **settings)).model.value_head is not None
     loaded = []
-    monkeypatch.setattr(ppo, "load_value_head", lambda *a: loaded.append(a) or load_value_head(*a))
+    monkeypatch.setattr(critic_module, "load_value_head", lambda *a: loaded.append(a) or load_value_head(*a))
     trainer = ppo.build_trainer(PPOConfig(output_dir=str(tmp_path / "b"), advantage_estimator="grpo", num_generations=4, **settings))
     assert trainer.model.value_head is None and loaded == []
 
@@ -316,11 +319,15 @@ def test_critic_warmup_trains_the_value_head_alone_then_the_policy(tmp_path, tin
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "gae_warmup"])
 def test_two_ranks_keep_groups_whole_and_warm_up_the_critic_alone(tmp_path, tiny_model_dir, synthetic_data_dir, estimator):
+    """grpo: groups whole on each rank. gae_warmup (a LoRA policy with a lora critic): the warm-up trains the critic's
+    adapter and head alone, on both ranks."""
     from test_ppo_entrypoint import ACCELERATE, run
 
     out = tmp_path / "run"
-    # The warm-up keeps every parameter in the graph (the policy loss weighted 0): DDP needs no unused-parameter search.
-    warmup = ["--critic_warmup_steps", "1", "--ddp_find_unused_parameters", "false"]
+    # The warm-up keeps every parameter in the graph (the policy loss weighted 0, both adapters in the forward):
+    # DDP needs no unused-parameter search.
+    warmup = ["--critic_warmup_steps", "1", "--ddp_find_unused_parameters", "false", "--use_peft", "true", "--critic", "lora",
+              "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"]
     extra = ["--advantage_estimator", "grpo", "--num_generations", "4"] if estimator == "grpo" else warmup
     run([*ACCELERATE, "--main_process_port", "0", "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py",
          "--config", "configs/ppo_tiny.yaml", "--output_dir", str(out), "--report_to", "none", "--reward", "trainer_helpers:completion_length",
@@ -330,14 +337,17 @@ def test_two_ranks_keep_groups_whole_and_warm_up_the_critic_alone(tmp_path, tiny
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP in step
     assert not set(ranks[0]["sources"]) & set(ranks[1]["sources"])  # each rank its own prompts
-    start_weights = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir))
-    after = [parameters(Qwen2VLForConditionalGeneration.from_pretrained(out / f"checkpoint-{k}")) for k in (1, 2)]
     if estimator == "grpo":
+        start_weights = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir))
+        after = parameters(Qwen2VLForConditionalGeneration.from_pretrained(out / "checkpoint-1"))
         for r in ranks:  # 2 prompts per rank, each 4 times in a row
             assert [r["sources"][4 * (i // 4)] for i in range(8)] == r["sources"] and r["sources"][0] != r["sources"][4]
         assert not (out / VALUE_HEAD_FILE).exists()
-        assert not all(torch.equal(start_weights[n], after[0][n]) for n in start_weights)
-    else:  # the first iteration trains the value head alone, on both ranks; the second the policy too
-        assert all(torch.equal(start_weights[n], after[0][n]) for n in start_weights)
-        assert not all(torch.equal(start_weights[n], after[1][n]) for n in start_weights)
-        assert load_value_head(out / "checkpoint-1", 64).summary.weight.abs().sum() > 0
+        assert not all(torch.equal(start_weights[n], after[n]) for n in start_weights)
+    else:  # the first iteration trains the critic alone (its adapter and head); the second the policy's adapter too
+        def lora_b(path: Path) -> torch.Tensor:  # the adapter's B matrices: all 0 until it trains (peft's init)
+            return torch.cat([v.flatten() for k, v in load_file(str(path / "adapter_model.safetensors")).items() if "lora_B" in k])
+
+        assert not lora_b(out / "checkpoint-1").any() and lora_b(out / "checkpoint-2").any()
+        assert lora_b(out / "checkpoint-1" / "critic").any()
+        assert load_value_head(out / "checkpoint-1" / "critic", 64).summary.weight.abs().sum() > 0

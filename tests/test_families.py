@@ -24,8 +24,9 @@ from vlm_rl.logprobs import response_logprobs
 from vlm_rl.model_loading import language_model_lora_config, load_processor
 from vlm_rl.rollout import Rollout, encode_prompts
 from vlm_rl.tiny import make_tiny_model
-from vlm_rl.value_head import PolicyAndValue, ValueHead
 from vlm_rl.vision_features import tower_trains
+from vlm_rl.critic import Critic, PolicyAndValue
+from vlm_rl.value_head import ValueHead
 
 NAMES = list(FAMILIES)
 CLASSES = {
@@ -96,7 +97,7 @@ def test_logprobs_match_the_sampling_distribution(family, model, processor, samp
 def test_sample_is_padding_invariant(family, model, processor, samples):
     head = ValueHead(model.config.text_config.hidden_size)
     torch.nn.init.normal_(head.summary.weight, std=0.5)  # as test_logprobs' policy_and_value fixture
-    policy_and_value = PolicyAndValue(model, head)
+    policy_and_value = PolicyAndValue(model, Critic(head))
     logprob_tests.test_sample_is_padding_invariant(policy_and_value, model, processor, samples)
 
 

@@ -12,7 +12,8 @@ from vlm_rl.families import family_of
 from vlm_rl.generation import eos_token_ids, generation_config_swapped, make_generation_config, pad_token_id
 from vlm_rl.logprobs import response_logprobs
 from vlm_rl.rollout import Rollout, encode_prompts
-from vlm_rl.value_head import PolicyAndValue, ValueHead
+from vlm_rl.critic import Critic, PolicyAndValue
+from vlm_rl.value_head import ValueHead
 
 TEMPERATURE = 0.7
 
@@ -34,7 +35,7 @@ def rollout_for(model, processor, samples, responses=None, max_new_tokens=6):
 def policy_and_value(tiny_model):
     head = ValueHead(tiny_model.config.text_config.hidden_size)
     torch.nn.init.normal_(head.summary.weight, std=0.5)  # non-zero values, so that the test can see them move
-    return PolicyAndValue(tiny_model, head)
+    return PolicyAndValue(tiny_model, Critic(head))
 
 
 @pytest.fixture(scope="module")

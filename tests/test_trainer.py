@@ -81,7 +81,7 @@ def test_ppo_step_changes_trainable_parameters_only(tmp_path, tiny_model_dir, sy
     frozen = set(before) - trainable
     assert any(n.startswith("policy.model.visual") for n in frozen)  # vision tower frozen by default
     assert changed and changed <= trainable
-    assert "value_head.summary.weight" in changed
+    assert "critic.head.summary.weight" in changed
     assert len(changed) > 0.8 * len([n for n in trainable if "lm_head" not in n])
     assert all(torch.equal(p, ref_before[n]) for n, p in trainer.ref_model.named_parameters())
     assert policy.training is False  # back in eval mode for the next rollout
@@ -121,7 +121,7 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tmp_path, tiny_model_
     assert trainer.ref_model is None
     start(trainer)
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
-    assert all("lora_" in n or n.startswith("value_head") for n in trainable)
+    assert all("lora_" in n or n.startswith("critic.head") for n in trainable)
     assert not any("visual" in n for n in trainable)
     trainer.train()
     base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()

@@ -12,6 +12,7 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from reward_models.base import load_rewards
 from vlm_rl.config import PPOConfig
+from vlm_rl.critic import load_critic
 from vlm_rl.data import load_samples
 from vlm_rl.model_loading import load_policy_and_reference, load_processor
 from vlm_rl.trainer import PPOTrainer
@@ -28,6 +29,11 @@ def negative_completion_length(prompts, completions, **kwargs):
 
 def never_scores(prompts, completions, **kwargs):
     return [None] * len(completions)
+
+
+def answer_is_red(prompts, completions, answer, **kwargs):
+    """1 for a red shape, 0 otherwise, whatever the response: a reward only a critic that sees the image can predict."""
+    return [float(a == "red") for a in answer]
 
 
 def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) -> PPOConfig:
@@ -56,6 +62,7 @@ def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) ->
 def make_trainer(tmp_path: Path, model_dir: Path, data_dir: Path, reward=("exact_match",), **overrides) -> PPOTrainer:
     config = make_config(tmp_path, model_dir, data_dir, **overrides)
     policy, reference = load_policy_and_reference(config)
+    critic = load_critic(config, policy, config.model_name_or_path)
     return PPOTrainer(
         args=config,
         processing_class=load_processor(config.model_name_or_path),
@@ -63,6 +70,7 @@ def make_trainer(tmp_path: Path, model_dir: Path, data_dir: Path, reward=("exact
         ref_model=reference,
         reward=load_rewards(list(reward)),
         train_dataset=load_samples(config.train_data),
+        critic=critic,
     )
 
 

@@ -157,7 +157,7 @@ FIXED_ON_RESUME = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_processes", "seed",
     "use_peft", "lora_r", "lora_alpha", "lora_target_modules", "freeze_vision_tower", "bf16", "fp16",
     "bf16_weights", "max_prompt_length", "skip_long_prompts", "min_pixels", "max_pixels", "advantage_estimator",
-    "num_generations",
+    "num_generations", "critic",
 )
 IGNORED_ON_RESUME = (
     "output_dir", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir", "disable_tqdm",

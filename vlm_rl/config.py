@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from vlm_rl.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS
+from vlm_rl.critic import CRITICS
 from vlm_rl.errors import UserError
 
 
@@ -36,7 +37,10 @@ class PPOConfig(TrainingArguments):
         default=None, metadata={"help": "Reference model; default: the policy as it is when PPO starts."}
     )
     value_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Directory holding value_head.safetensors to start the value head from; default: fresh head (or the policy's own, if it has one)."}
+        default=None,
+        metadata={"help": "Where the critic starts. critic shared: a directory holding value_head.safetensors (default: the "
+                  "policy's own head if it has one, else a fresh head). separate: a reward model (vlm-rl train-reward), an "
+                  "SFT model or a saved critic (default: the policy's start). lora: a saved lora critic (default: a fresh adapter)."},
     )
     train_data: str = field(
         default="synthetic", metadata={"help": "Prompt dataset (.jsonl/.json/dataset dir), or 'synthetic' (the embedded shapes VQA set)."}
@@ -92,6 +96,15 @@ class PPOConfig(TrainingArguments):
     )
     scale_rewards: bool = field(
         default=True, metadata={"help": "grpo: divide by the group's reward std (false: only centre, as Dr. GRPO)."}
+    )
+    critic: str = field(
+        default="shared",
+        metadata={"help": "gae's value model: shared (a value head on the policy's backbone), separate (its own VLM "
+                  "backbone that sees the image, from value_model_name_or_path) or lora (a second adapter on the LoRA "
+                  "policy's base). README: critics."},
+    )
+    critic_learning_rate: float | None = field(
+        default=None, metadata={"help": "The critic's learning rate (its own optimiser parameter group); default: learning_rate."}
     )
     critic_warmup_steps: int = field(
         default=0, metadata={"help": "gae: the first N iterations train only the value head, the policy frozen (OpenRLHF's freezing_actor_steps)."}
@@ -219,8 +232,14 @@ class PPOConfig(TrainingArguments):
             )
         if self.critic_warmup_steps < 0:
             raise ConfigError(f"critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}")
+        if self.critic not in CRITICS:
+            raise ConfigError(f"critic must be one of {', '.join(CRITICS)}, got {self.critic!r}")
+        if self.critic_learning_rate is not None and self.critic_learning_rate <= 0:
+            raise ConfigError(f"critic_learning_rate must be > 0, got {self.critic_learning_rate}")
         if estimator in CRITIC_FREE_ESTIMATORS:
             for name, unused, why in (
+                ("critic", self.critic != "shared", "chooses the value model"),
+                ("critic_learning_rate", self.critic_learning_rate is not None, "trains the value model"),
                 ("critic_warmup_steps", self.critic_warmup_steps > 0, "warms up the value model"),
                 ("value_model_name_or_path", self.value_model_name_or_path is not None, "starts the value model"),
                 ("whiten_rewards", self.whiten_rewards, "whitens the rewards before GAE"),

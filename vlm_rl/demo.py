@@ -3,6 +3,10 @@
 The demonstrations are noisy (a fraction of the SFT answers is wrong, as human demonstrations are),
 so SFT alone learns an imperfect policy; PPO with a verifiable exact-match reward then has something
 real to fix. Each stage calls the same function its `vlm-rl` command calls.
+
+`--estimators gae,gae:separate,grpo,rloo` trains one policy per variant (an advantage estimator, for gae
+optionally with its critic) from the same SFT checkpoint, with the same reward, prompts, seed and episode
+budget, and compares them all with SFT in one report.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class DemoConfig:
     ppo_epochs: int = 2
     ppo_learning_rate: float = 1e-3
     kl_coef: float = 0.02
+    estimators: str = "gae"  # comma-separated variants: gae (critic shared), gae:separate, grpo, rloo, reinforce_pp
+    num_generations: int = 4  # samples per prompt for grpo and rloo (the others: 1); the episode budget is the same
     temperature: float = 1.0
     max_new_tokens: int = 4
     # compare
@@ -53,8 +59,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     A non-empty `cfg.out` is refused unless `cfg.overwrite`, which lets every stage replace its output."""
     from vlm_rl.atomic import refuse_existing_output
     from vlm_rl.compare import run_compare
-    from vlm_rl.config import PPOConfig
-    from vlm_rl.ppo import build_trainer
     from vlm_rl.sft import parse_args as parse_sft_args
     from vlm_rl.sft import run_sft
     from vlm_rl.synthetic_data import make_synthetic_data
@@ -62,7 +66,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from vlm_rl.families import get_family
 
-    get_family(cfg.family)  # an unknown family is refused before anything is written
+    get_family(cfg.family)  # an unknown family or variant is refused before anything is written
+    variants = parse_variants(cfg.estimators)
     out = Path(cfg.out)
     if not cfg.overwrite:
         refuse_existing_output(out)
@@ -100,9 +105,61 @@ def run_demo(cfg: DemoConfig) -> dict:
     sft_dir = run_sft(sft_config)
     timings["sft"] = time.time() - t
 
-    t = stage("4/5 PPO")
+    runs = {}
+    for k, (name, estimator, critic) in enumerate(variants):
+        single = len(variants) == 1
+        t = stage("4/5 PPO" + ("" if single else f" ({k + 1}/{len(variants)}: {name})"))
+        run_dir = out / ("ppo" if single else f"ppo-{name}")
+        run_ppo(cfg, sft_dir, data_dir, run_dir, estimator, critic)
+        runs["rl" if single else name] = str(run_dir)
+        timings["ppo" if single else f"ppo-{name}"] = time.time() - t
+
+    t = stage("5/5 compare")
+    summary = run_compare(
+        models={"sft": str(sft_dir), **runs},
+        data=str(data_dir / "test.jsonl"),
+        reward_specs=["exact_match"],
+        out_dir=str(out / "report"),
+        runs=runs,
+        max_samples=cfg.compare_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+    )
+    timings["compare"] = time.time() - t
+    (out / "demo.json").write_text(json.dumps({"config": asdict(cfg), "timings_s": timings, "summary": summary}, indent=2))
+    return summary
+
+
+def parse_variants(spec: str) -> list[tuple[str, str, str]]:
+    """'gae,gae:separate,grpo' -> [(name, advantage_estimator, critic)]; a UserError for an unknown one."""
+    from vlm_rl.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS
+    from vlm_rl.errors import UserError
+
+    variants = []
+    for item in (v.strip() for v in spec.split(",") if v.strip()):
+        estimator, _, critic = item.partition(":")
+        if estimator not in ADVANTAGE_ESTIMATORS or (critic and (estimator in CRITIC_FREE_ESTIMATORS or critic not in ("shared", "separate"))):
+            raise UserError(
+                f"--estimators: unknown variant {item!r}; use {', '.join(ADVANTAGE_ESTIMATORS)}, or gae:shared / gae:separate "
+                "(the demo trains the full model, so no LoRA critic)"
+            )
+        name = estimator if critic in ("", "shared") else f"{estimator}-{critic}"
+        variants.append((name, estimator, critic or "shared"))
+    names = [name for name, _, _ in variants]
+    if not names or len(set(names)) < len(names):
+        raise UserError(f"--estimators {spec!r}: give one or more different variants")
+    return variants
+
+
+def run_ppo(cfg: DemoConfig, sft_dir: Path, data_dir: Path, run_dir: Path, estimator: str, critic: str) -> None:
+    """PPO from the SFT checkpoint with `estimator` (and `critic`, for gae), on the demo's reward and budget."""
+    from vlm_rl.config import PPOConfig
+    from vlm_rl.ppo import build_trainer
+
+    group = estimator in ("grpo", "rloo")
     ppo_config = PPOConfig(
-        output_dir=str(out / "ppo"),
+        output_dir=str(run_dir),
         model_name_or_path=str(sft_dir),
         train_data=str(data_dir / "train.jsonl"),
         reward=["exact_match"],
@@ -118,6 +175,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         num_ppo_epochs=cfg.ppo_epochs,
         learning_rate=cfg.ppo_learning_rate,
         kl_coef=cfg.kl_coef,
+        advantage_estimator=estimator,
+        num_generations=cfg.num_generations if group else 1,
+        **({"critic": critic} if estimator == "gae" else {}),
         missing_eos_penalty=1.0,
         eval_data=str(data_dir / "test.jsonl"),  # held-out reward curves in the logs and the report
         eval_num_samples=cfg.ppo_batch_size,
@@ -128,23 +188,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         overwrite_output_dir=cfg.overwrite,
     )
     build_trainer(ppo_config).train()
-    timings["ppo"] = time.time() - t
-
-    t = stage("5/5 compare")
-    summary = run_compare(
-        models={"sft": str(sft_dir), "rl": str(out / "ppo")},
-        data=str(data_dir / "test.jsonl"),
-        reward_specs=["exact_match"],
-        out_dir=str(out / "report"),
-        runs={"rl": str(out / "ppo")},
-        max_samples=cfg.compare_samples,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-    )
-    timings["compare"] = time.time() - t
-    (out / "demo.json").write_text(json.dumps({"config": asdict(cfg), "timings_s": timings, "summary": summary}, indent=2))
-    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,10 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.pop("torch_num_threads"))
     started = time.time()
     summary = run_demo(DemoConfig(**args))
-    sft, rl = summary["models"]["sft"], summary["models"]["rl"]
-    diff = summary["differences"]["rl"]
-    print(f"\nheld-out exact match (sampled, T={args['temperature']}): SFT {sft['mean_reward']:.3f} -> RL {rl['mean_reward']:.3f}")
-    print(f"RL - SFT: {diff['mean']:+.3f}, 95% CI [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]")
+    timings = json.loads((Path(args["out"]) / "demo.json").read_text())["timings_s"]
+    sft = summary["models"]["sft"]
+    print(f"\nheld-out exact match (sampled, T={args['temperature']}), {sft['n']} prompts:")
+    print(f"  {'model':<14} {'reward':>7} {'- SFT [95% CI]':>24} {'KL to SFT':>10} {'PPO time':>9}")
+    print(f"  {'sft':<14} {sft['mean_reward']:>7.3f}")
+    for name, diff in summary["differences"].items():
+        model = summary["models"][name]
+        ci = f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]"
+        seconds = timings.get("ppo" if name == "rl" else f"ppo-{name}", float("nan"))
+        print(f"  {name:<14} {model['mean_reward']:>7.3f} {ci:>24} {model['kl_to_first']:>10.3f} {seconds:>8.0f}s")
     print(f"demo finished in {time.time() - started:.0f} s; report: {Path(args['out']) / 'report' / 'report.html'}")
 
 

@@ -32,7 +32,8 @@ def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> to
     """
     inputs = rollout.model_inputs(model)
     check_model_inputs(model, inputs, rollout.num_images, rollout.sources, where)
-    backbone, _ = causal_lm_parts(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = base if not hasattr(base, "lm_head") else causal_lm_parts(model)[0]  # a separate critic is a backbone
     if hasattr(backbone, "rope_deltas"):
         backbone.rope_deltas = None
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T_q + T_r, H)

@@ -8,13 +8,13 @@ from trl import TrlParser
 
 from vlm_rl.checkpoint import refuse_previous_run
 from vlm_rl.config import PPOConfig
+from vlm_rl.critic import load_critic
 from vlm_rl.data import load_samples
 from vlm_rl.model_loading import load_policy_and_reference, load_processor
 from vlm_rl.preemption import Preempted
 from vlm_rl.synthetic_data import resolve_data_path
 from vlm_rl.trainer import PPOTrainer
 from vlm_rl.validate import check_data
-from vlm_rl.value_head import hidden_size_of, load_value_head
 
 
 def build_trainer(config: PPOConfig) -> PPOTrainer:
@@ -22,7 +22,6 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
     from accelerate import PartialState
 
     from reward_models.base import load_rewards
-    from vlm_rl.model_loading import is_adapter_dir
     from vlm_rl.tiny import resolve_model_path
 
     with PartialState().main_process_first():  # rank 0 builds the embedded defaults; the others then read them
@@ -35,14 +34,7 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
     processor = load_processor(model_path, config.min_pixels, config.max_pixels)
     check_prompt_data(config, processor, [(data_path, config.train_split), (eval_path, config.eval_split)])
     policy, reference = load_policy_and_reference(config)
-    value_head = None  # critic-free estimators load none (and PPOTrainer creates none)
-    head_dir = config.value_model_name_or_path or (model_path if not is_adapter_dir(model_path) else None)
-    if head_dir is not None and config.uses_critic:
-        try:
-            value_head = load_value_head(head_dir, hidden_size_of(policy))
-        except FileNotFoundError:
-            if config.value_model_name_or_path:
-                raise
+    critic = load_critic(config, policy, model_path)  # None for the critic-free estimators
     dataset = load_samples(data_path, split=config.train_split)
     eval_dataset = load_samples(eval_path, split=config.eval_split) if eval_path else None
     return PPOTrainer(
@@ -52,7 +44,7 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
         ref_model=reference,
         reward=load_rewards(config.reward),
         train_dataset=dataset,
-        value_head=value_head,
+        critic=critic,
         eval_dataset=eval_dataset,
     )
 

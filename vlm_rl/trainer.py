@@ -52,7 +52,8 @@ from vlm_rl.preemption import Preempted, StopOnSignal, resume_command
 from vlm_rl.rollout import Rollout, encode_prompts, prompt_lengths
 from vlm_rl.sharding import configure_deepspeed, gathered_parameters, is_deepspeed, load_unsharded, prepare_frozen, zero_stage
 from vlm_rl.vision_features import FeatureLookup, ImageFeatures, encode_images, plan_sharing, tower_trains
-from vlm_rl.value_head import PolicyAndValue, ValueHead, hidden_size_of, load_value_head, save_value_head
+from vlm_rl.critic import Critic, PolicyAndValue, keeping_requires_grad, load_critic_state, save_critic
+from vlm_rl.value_head import ValueHead, hidden_size_of
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "ppo_config.yaml"
@@ -68,8 +69,8 @@ class NonFiniteError(RuntimeError):
 
 
 class PPOTrainer(Trainer):
-    """PPO with a shared-backbone value head for Qwen2-VL (or critic-free: GRPO, RLOO, REINFORCE++, without any
-    value head); `accelerate launch` it like any TRL trainer."""
+    """PPO for Qwen2-VL-style VLMs with a critic (shared value head, separate value model or LoRA critic; see
+    vlm_rl/critic.py), or critic-free (GRPO, RLOO, REINFORCE++); `accelerate launch` it like any TRL trainer."""
 
     def __init__(
         self,
@@ -79,7 +80,7 @@ class PPOTrainer(Trainer):
         ref_model: nn.Module | None,
         reward,
         train_dataset: PromptDataset,
-        value_head: ValueHead | None = None,
+        critic: Critic | None = None,
         callbacks=None,
         eval_dataset: PromptDataset | None = None,
     ):
@@ -92,15 +93,20 @@ class PPOTrainer(Trainer):
         # Which models read each rollout's image features instead of encoding the images (vision_features.py);
         # decided before ZeRO-3 partitions the reference, when its weights can still be compared.
         reward_models = [(m.name, m) for m in learned_reward_models(reward)]
-        self.sharing = plan_sharing(model, ref_model, reward_models, args.reuse_vision_features)
-        if not args.uses_critic and value_head is not None:
-            raise ValueError(f"advantage_estimator={args.advantage_estimator} has no value model: pass no value_head")
-        if args.uses_critic and value_head is None:
-            value_head = ValueHead(hidden_size_of(model))
+        if not args.uses_critic and critic is not None:
+            raise ValueError(f"advantage_estimator={args.advantage_estimator} has no value model: pass no critic")
+        if args.uses_critic and critic is None:
+            if args.critic != "shared":
+                raise ValueError(f"critic={args.critic}: build it with vlm_rl.critic.load_critic and pass it")
+            critic = Critic(ValueHead(hidden_size_of(model)))
+        if critic is not None and critic.mode != args.critic:
+            raise ValueError(f"the critic passed is {critic.mode}, the config says critic={args.critic}")
+        critic_backbone = None if critic is None else critic.backbone
+        self.sharing = plan_sharing(model, ref_model, reward_models, args.reuse_vision_features, critic=critic_backbone)
         if args.skip_long_prompts:
             train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
         super().__init__(
-            model=PolicyAndValue(model, value_head),
+            model=PolicyAndValue(model, critic),
             args=args,
             processing_class=processing_class,
             train_dataset=train_dataset,
@@ -254,7 +260,7 @@ class PPOTrainer(Trainer):
             if self.ref_model is not None:
                 return response_logprobs(self.ref_model, mb, self.args.temperature, where="reference forward")[0]
             policy = self.accelerator.unwrap_model(self.model_wrapped).policy
-            with policy.disable_adapter():
+            with keeping_requires_grad(policy), policy.disable_adapter():  # (peft's exit would freeze a lora critic)
                 return response_logprobs(policy, mb, self.args.temperature, where="reference forward (adapters disabled)")[0]
 
     def advantages(self, rollout: Rollout, scored: dict) -> dict[str, torch.Tensor]:
@@ -354,8 +360,11 @@ class PPOTrainer(Trainer):
                 stats["policy/entropy_avg"].append(masked_mean(entropy.detach(), mask))
                 stats["val/ratio"].append(pg_stats["ratio"])
         if not policy_weight:  # warm-up: the policy keeps its weights (and AdamW skips parameters without a gradient)
-            for p in self.accelerator.unwrap_model(self.model_wrapped).policy.parameters():
-                p.grad = None
+            wrapped = self.accelerator.unwrap_model(self.model_wrapped)
+            critic_names = wrapped.critic_parameter_names()
+            for name, p in wrapped.named_parameters():
+                if name not in critic_names:
+                    p.grad = None
         # Under DeepSpeed the engine has clipped and stepped already (at the last backward); this reads its norm.
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(self.model_wrapped.parameters(), args.max_grad_norm or math.inf) or 0.0)
         not_finite = self.sum_over_ranks(torch.tensor(float(not finite), device=device)) > 0
@@ -373,6 +382,25 @@ class PPOTrainer(Trainer):
             stats["loss/value_avg"].append(totals[1] * accelerator.num_processes)
         stats["train/grad_norm"].append(grad_norm.detach().float())
         stats["train/skipped_steps"].append(torch.zeros((), device=device))
+
+    @property
+    def critic_learning_rate(self) -> float:
+        return self.args.critic_learning_rate or self.args.learning_rate
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """transformers' optimizer (its weight-decay groups), each group split into the policy's parameters and the
+        critic's (marked `critic: True`), which train at `critic_learning_rate`."""
+        optimizer = super().create_optimizer(model)
+        critic = {id(p) for n, p in self.model.named_parameters() if n in self.model.critic_parameter_names()}
+        groups, optimizer.param_groups = optimizer.param_groups, []
+        for group in groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            for is_critic in (False, True):
+                params = [p for p in group["params"] if (id(p) in critic) == is_critic]
+                if params:
+                    lr = self.critic_learning_rate if is_critic else group["lr"]
+                    optimizer.add_param_group({**settings, "params": params, "lr": lr, "critic": is_critic})
+        return optimizer
 
     def skip_step(self, grad_norm: torch.Tensor) -> None:
         """Count a skipped step; after `max_skipped_steps` in a row, write a checkpoint and stop."""
@@ -618,8 +646,8 @@ class PPOTrainer(Trainer):
         with gathered_parameters(wrapped, self.accelerator):
             if self.is_world_process_zero():
                 wrapped.policy.save_pretrained(directory, safe_serialization=True)
-                if wrapped.value_head is not None:  # critic-free estimators have none
-                    save_value_head(wrapped.value_head, directory)
+                if wrapped.critic is not None:  # critic-free estimators have none
+                    save_critic(wrapped.critic, directory, self.processor)
                 self.processor.save_pretrained(directory)
 
     def save_final(self, output_dir: str) -> None:
@@ -684,8 +712,8 @@ class PPOTrainer(Trainer):
                 saved = load_unsharded(type(policy), checkpoint, policy.dtype)
                 policy.load_state_dict(saved.state_dict())
                 del saved
-            if wrapped.value_head is not None:
-                wrapped.value_head.load_state_dict(load_value_head(checkpoint, hidden_size_of(policy)).state_dict())
+            if wrapped.critic is not None:
+                load_critic_state(wrapped.critic, policy, checkpoint)
         if is_deepspeed(self.accelerator):
             self.model_wrapped.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         else:  # loaded on the CPU (a CPU rank's device can be "cpu:N", which torch.load cannot map to); the
@@ -705,10 +733,9 @@ class PPOTrainer(Trainer):
         lambdas = getattr(scheduler, "lr_lambdas", None)
         if lambdas is None:
             return
-        scheduler.base_lrs = [self.args.learning_rate] * len(scheduler.base_lrs)
-        for group, lr_lambda in zip(self.optimizer.param_groups, lambdas):
-            group["initial_lr"] = self.args.learning_rate
-            group["lr"] = self.args.learning_rate * lr_lambda(scheduler.last_epoch)
+        for i, (group, lr_lambda) in enumerate(zip(self.optimizer.param_groups, lambdas)):
+            scheduler.base_lrs[i] = group["initial_lr"] = self.critic_learning_rate if group.get("critic") else self.args.learning_rate
+            group["lr"] = group["initial_lr"] * lr_lambda(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 

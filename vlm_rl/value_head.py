@@ -1,4 +1,4 @@
-"""The policy with a value head on its last hidden state (shared backbone), and the head's save/load."""
+"""The value head (a scalar per token from a backbone's hidden states) and its save/load; `vlm_rl.critic` places it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlm_rl.logprobs import response_hidden_states, response_logprobs
-from vlm_rl.rollout import Rollout
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -27,38 +25,6 @@ class ValueHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return self.summary(hidden.float()).squeeze(-1)
-
-
-class PolicyAndValue(nn.Module):
-    """One module, so that accelerate/DDP wraps (and synchronises) the policy and the value head together.
-
-    `value_head` is None for the critic-free advantage estimators: the values are then zeros."""
-
-    def __init__(self, policy: nn.Module, value_head: ValueHead | None):
-        super().__init__()
-        self.policy = policy
-        self.value_head = value_head
-
-    def forward(self, rollout: Rollout, temperature: float, where: str = "policy forward") -> tuple[torch.Tensor, ...]:
-        """-> logprobs, entropy, values: each `(B, T_r)`, 0 where the response mask is False."""
-        hidden = response_hidden_states(self.policy, rollout, where)  # (B, T_r, H)
-        logprobs, entropy = response_logprobs(self.policy, rollout, temperature, hidden=hidden)
-        if self.value_head is None:
-            return logprobs, entropy, torch.zeros_like(logprobs)
-        values = self.value_head(hidden).masked_fill(~rollout.response_mask, 0.0)  # (B, T_r)
-        return logprobs, entropy, values
-
-    # What TRL's unwrap_model_for_generation and transformers' Trainer ask of a model, answered by the policy.
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        policy = self.policy
-        return bool(getattr(policy, "is_activation_checkpointing", getattr(policy, "is_gradient_checkpointing", False)))
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.policy.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.policy.activation_checkpointing_disable()
 
 
 def hidden_size_of(model: nn.Module) -> int:

@@ -207,6 +207,7 @@ class FeatureSharing:
 
     enabled: bool  # the policy encodes each rollout's images once
     reference: bool = False
+    critic: bool = False  # a separate critic (its own backbone) of the same tower
     reward_models: list[tuple[str, nn.Module]] = field(default_factory=list)  # the learned reward models that share
     towers: frozenset[int] = frozenset()
     notes: list[str] = field(default_factory=list)  # who does not share, and why
@@ -217,16 +218,23 @@ class FeatureSharing:
         sharing = ["generate", "old-policy", "value", "training forwards"]
         if self.reference:
             sharing.append("reference")
+        if self.critic:
+            sharing.append("separate critic")
         sharing += [f"reward model {name!r}" for name, _ in self.reward_models]
         line = f"vision features: each rollout image encoded once, shared by {', '.join(sharing)}"
         return line + (f"; not shared: {'; '.join(self.notes)}" if self.notes else "")
 
 
 def plan_sharing(
-    policy: nn.Module, reference: nn.Module | None, reward_models: Sequence[tuple[str, nn.Module]], enabled: bool
+    policy: nn.Module,
+    reference: nn.Module | None,
+    reward_models: Sequence[tuple[str, nn.Module]],
+    enabled: bool,
+    critic: nn.Module | None = None,
 ) -> FeatureSharing:
-    """Decide the sharing for a run: on only where exact (the policy's tower frozen; the reference's and each
-    reward model's tower the same, see `same_tower`). `reference` None: the policy with adapters disabled."""
+    """Decide the sharing for a run: on only where exact (the policy's tower frozen; the reference's, a separate
+    critic's and each reward model's tower the same and frozen, see `same_tower`). `reference` None: the policy
+    with adapters disabled; `critic` None: no separate critic."""
     if vision_tower(policy) is None:
         return FeatureSharing(False, notes=["the policy has no vision tower"])
     if not enabled:
@@ -243,6 +251,14 @@ def plan_sharing(
             towers.add(id(vision_tower(reference)))
         else:
             plan.notes.append(f"reference ({why})")
+    if critic is not None:
+        plan.critic, why = same_tower(policy, critic)
+        if plan.critic and tower_trains(critic):
+            plan.critic, why = False, "its vision tower trains"
+        if plan.critic:
+            towers.add(id(vision_tower(critic)))
+        else:
+            plan.notes.append(f"separate critic ({why})")
     for name, model in reward_models:
         same, why = same_tower(policy, model)
         if same:
