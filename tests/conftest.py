@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:  # parallel workers: each builds the embedded defaults into its own cache
+    os.environ["VLM_RL_CACHE"] = os.path.join(os.environ.get("VLM_RL_CACHE", os.path.expanduser("~/.cache/vlm_rl")), os.environ["PYTEST_XDIST_WORKER"])
 # One intra-op thread: tiny-model matmuls are 100x slower with 2 threads on small VMs (benchmarks/cpu_threads.py).
 torch.set_num_threads(1)
 

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import user_error
+
+from vlm_rl.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,10 +93,12 @@ def test_help_lists_the_commands(tmp_path, flag):
 
 
 @pytest.mark.parametrize("command", ["make-tiny-model", "make-data"])
-def test_command_help(tmp_path, command):
-    result = vlm_rl(command, "--help", cwd=tmp_path)
-    assert result.returncode == 0
-    assert f"vlm-rl {command}" in result.stdout and "out_dir" in result.stdout and "--seed" in result.stdout
+def test_command_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main([command, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    assert f"vlm-rl {command}" in out and "out_dir" in out and "--seed" in out
 
 
 def test_unknown_command(tmp_path):
@@ -113,18 +118,16 @@ def test_console_script_is_installed(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["make-data", "make-tiny-model"])
-def test_a_user_file_survives_and_overwrite_replaces(tmp_path, command):
+def test_a_user_file_survives_and_overwrite_replaces(tmp_path, command, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # in-process (the subprocess path is test_make_tiny_model's): "project" is relative
     out = tmp_path / "project"
     out.mkdir()
     (out / "thesis.tex").write_text("two years of work")
     extra = ["--n", "10"] if command == "make-data" else []
-    refused = vlm_rl(command, "project", *extra, cwd=tmp_path)
-    assert refused.returncode == 2, refused.stderr
-    assert f"vlm-rl {command}: error: project is not empty" in refused.stderr and "--overwrite" in refused.stderr
-    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    refused = user_error(capsys, [command, "project", *extra])
+    assert f"vlm-rl {command}: error: project is not empty" in refused and "--overwrite" in refused
     assert [p.name for p in tmp_path.iterdir()] == ["project"] and (out / "thesis.tex").read_text() == "two years of work"
 
-    replaced = vlm_rl(command, "project", *extra, "--overwrite", cwd=tmp_path)
-    assert replaced.returncode == 0, replaced.stderr
+    cli_main([command, "project", *extra, "--overwrite"])
     assert not (out / "thesis.tex").exists() and (out / ("train.jsonl" if command == "make-data" else "config.json")).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["project"]  # nothing left aside

@@ -41,42 +41,33 @@ def test_tiny_config_trains_logs_checkpoints_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_sample_different_prompts_and_stay_in_sync(tmp_path, tiny_model_dir, synthetic_data_dir):
-    out = tmp_path / "ppo2"
-    # accelerate's --cpu launcher starts a single process; the torchrun-based one (--multi_gpu) with use_cpu gives 2 CPU ranks.
-    run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py",
-         "--config", "configs/ppo_tiny.yaml", "--output_dir", str(out), "--report_to", "none",
-         "--model_name_or_path", str(tiny_model_dir), "--train_data", str(synthetic_data_dir / "train.jsonl"),
-         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--num_mini_batches", "1",
-         "--total_episodes", "16", "--save_steps", "0"], tmp_path)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == [2, 2]
-    assert not set(ranks[0]["sources"]) & set(ranks[1]["sources"])  # each rank rolls out its own prompts
-    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were all-reduced: identical weights
-    assert len(json.loads((out / "trainer_state.json").read_text())["log_history"]) == 2  # 16 episodes / (2 x 4)
-
-
-@pytest.mark.slow
-def test_two_ranks_resume_exactly_whiten_globally_and_drop_long_prompts_in_step(tmp_path, tiny_model_dir, synthetic_data_dir):
+def test_two_ranks_sample_apart_train_in_step_resume_exactly_and_whiten_globally(tmp_path, tiny_model_dir, synthetic_data_dir):
+    """2 DDP ranks (accelerate's torchrun launcher with use_cpu) with a separate critic: each rank its own prompts,
+    weights in step, exact resume (policy and critic), advantages whitened over both ranks, long prompts dropped
+    the same on both."""
     # 32 prompts of 36-50 tokens; max_prompt_length 41 keeps 24: 3 global batches of 2 ranks x (2 x 2 accumulated).
     args = ["--config", "configs/ppo_tiny.yaml", "--report_to", "none", "--model_name_or_path", str(tiny_model_dir),
             "--train_data", str(synthetic_data_dir / "train.jsonl"), "--reward", "trainer_helpers:completion_length",
             "--skip_long_prompts", "true", "--max_prompt_length", "41", "--learning_rate", "1e-2", "--kl_coef", "0.5",
             "--max_new_tokens", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-            "--num_mini_batches", "1", "--num_ppo_epochs", "2", "--total_episodes", "24", "--save_steps", "1", "--save_total_limit", "5"]
+            "--num_mini_batches", "1", "--num_ppo_epochs", "2", "--total_episodes", "24", "--save_steps", "1", "--save_total_limit", "5",
+            "--critic", "separate", "--critic_learning_rate", "3e-3"]
     launch = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py", *args]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run([*launch, "--output_dir", str(straight)], tmp_path)
     run([*launch, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-1")], tmp_path)
 
     ranks = [json.loads((straight / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert not set(ranks[0]["sources"]) & set(ranks[1]["sources"])  # each rank rolls out its own prompts
     assert [r["num_prompts"] for r in ranks] == [24, 24]  # the same prompts dropped on both ranks
+    assert (straight / "checkpoint-1" / "critic" / "value_head.safetensors").exists()
     history = json.loads((straight / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history] == [1, 2, 3] and all(h["objective/kl"] != 0 for h in history[1:])
     # Resumed from checkpoint-1 on 2 ranks: each rank's weights and every later metric as in the uninterrupted run.
     again = [json.loads((resumed / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["checksum"] for r in again] == [r["checksum"] for r in ranks]
-    assert len({r["checksum"] for r in ranks}) == 1
+    assert [r["checksum"] for r in again] == [r["checksum"] for r in ranks]  # policy and critic (all parameters)
+    assert len({r["checksum"] for r in ranks}) == 1  # gradients all-reduced: identical weights on both ranks
     resumed_history = json.loads((resumed / "trainer_state.json").read_text())["log_history"]
     for want, got in zip(history[1:], resumed_history[1:], strict=True):
         for name, value in want.items():
