@@ -106,7 +106,8 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
         source = adapter_base_path(path)
     processor = AutoProcessor.from_pretrained(source)
     edges = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
-    if edges and not family_of(AutoConfig.from_pretrained(source)).image_layout.resizable:
+    model_dir = adapter_base_path(path) if is_adapter_dir(path) else path  # an adapter has no model config
+    if edges and not family_of(AutoConfig.from_pretrained(model_dir)).image_layout.resizable:
         raise UserError(
             f"min_pixels/max_pixels: {source} resizes every image to its vision tower's fixed input size, so the "
             "number of vision tokens per image cannot change; leave min_pixels and max_pixels unset for it"
