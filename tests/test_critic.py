@@ -139,3 +139,20 @@ def test_the_separate_critic_sees_the_image(tmp_path, tiny_model_dir):
         assert torch.equal(rollout.query_response[i, : rollout.context_length], rollout.query_response[j, : rollout.context_length])
     differences = torch.stack([(values[i] - values[j]).abs() for i, j in pairs])
     assert differences.min() > 1e-5, differences  # equal pixels give equal values to ~1e-7
+
+
+def test_a_separate_critic_starts_from_a_reward_model(tmp_path, tiny_model_dir):
+    """InstructGPT's initialisation: the reward model's backbone, and its score head as the value head."""
+    from reward_models.vlm_reward import VLMRewardModel
+
+    reward_model = VLMRewardModel.from_base(str(tiny_model_dir))
+    with torch.no_grad():
+        reward_model.head.weight.normal_()
+        reward_model.backbone.language_model.norm.weight.add_(0.5)  # a backbone the SFT model does not have
+    reward_model.save_pretrained(tmp_path / "rm")
+    critic = load_separate_critic(str(tmp_path / "rm"), torch.float32)
+    torch.testing.assert_close(critic.head.summary.weight, reward_model.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(critic.head.summary.bias, reward_model.head.bias, rtol=0, atol=0)
+    mine, theirs = dict(critic.backbone.named_parameters()), dict(reward_model.backbone.named_parameters())
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
+    assert not any(p.requires_grad for p in critic.backbone.visual.parameters())  # its vision tower frozen

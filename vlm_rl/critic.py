@@ -31,7 +31,6 @@ from vlm_rl.value_head import VALUE_HEAD_FILE, ValueHead, hidden_size_of, load_v
 CRITICS = ("shared", "separate", "lora")
 CRITIC_ADAPTER = "critic"  # the lora critic's adapter name on the policy
 CRITIC_DIR = "critic"  # checkpoint-N/critic/: the separate critic's backbone, or the lora critic's adapter; + its head
-REWARD_HEAD_FILE = "reward_head.safetensors"  # the scalar head of a reward model written by VLMRewardModel
 
 
 class Critic(nn.Module):
@@ -156,6 +155,8 @@ def is_backbone_only(path: str | os.PathLike) -> bool:
 def starting_head(path: str | os.PathLike, hidden_size: int) -> ValueHead:
     """The value head a critic starts from: `value_head.safetensors` of `path`, else a reward model's head (the
     InstructGPT initialisation: V starts as the reward model's score of the text so far), else a fresh one (V = 0)."""
+    from reward_models.vlm_reward import REWARD_HEAD_FILE
+
     path = Path(path)
     if (path / VALUE_HEAD_FILE).exists():
         return load_value_head(path, hidden_size)
