@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from vlm_rl.demo import DemoConfig, run_demo
+from vlm_rl.demo import DemoConfig, ppo_learning_rate, run_demo
 from vlm_rl.errors import UserError
 
 
@@ -54,3 +54,8 @@ def test_demo_refuses_an_unknown_variant_before_writing_anything(tmp_path):
     with pytest.raises(UserError, match="unknown variant 'gae:lora'"):
         run_demo(DemoConfig(out=str(tmp_path / "demo"), n=40, sft_steps=1, ppo_episodes=16, ppo_batch_size=16, estimators="gae,gae:lora"))
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_learning_rate_is_the_familys_unless_given():
+    assert [ppo_learning_rate(DemoConfig(family=f)) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")] == [1e-3, 5e-4, 5e-4, 1e-3]
+    assert ppo_learning_rate(DemoConfig(family="qwen3_vl", ppo_learning_rate=2e-3)) == 2e-3
