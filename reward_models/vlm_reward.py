@@ -237,6 +237,15 @@ class VLMRewardModel(nn.Module, Reward):
         """The backbone (e.g. a Qwen2VLModel), also when peft wraps it."""
         return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
 
+    # What the engines read of a model they shard (TRL's prepare_deepspeed, accelerate's FSDP2 wrap policy).
+    @property
+    def config(self):
+        return self.base_backbone.config
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        return list(getattr(self.base_backbone, "_no_split_modules", None) or [])
+
     def save_pretrained(
         self,
         path: str | os.PathLike,

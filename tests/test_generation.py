@@ -121,3 +121,19 @@ def test_first_eos_mask_by_position_when_pad_is_eos(tiny_processor):
         [True, False, False, False, False],
     ]
     assert has_eos.tolist() == [True, True, False, True]
+
+
+def test_a_seeded_generate_samples_from_its_seed_and_leaves_the_global_stream_alone(tiny_model, tiny_processor, prompts):
+    # A rank that has finished keeps sampling until all have (synced_gpus): were it drawing from the global stream,
+    # every later draw would depend on how long the other ranks decoded.
+    tok = tiny_processor.tokenizer
+    tokens = []
+    for global_seed, max_new_tokens in ((0, 2), (1, 8)):
+        torch.manual_seed(global_seed)
+        tokens.append(generate_responses(tiny_model, prompts, make_generation_config(tok, max_new_tokens=max_new_tokens), seed=123))
+        after = torch.rand(4)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(4))  # not one draw taken from the global stream
+    assert torch.equal(tokens[1][:, :2], tokens[0])  # the same seed, the same samples, whatever the global stream
+    other = generate_responses(tiny_model, prompts, make_generation_config(tok, max_new_tokens=8), seed=124)
+    assert not torch.equal(other, tokens[1])

@@ -15,7 +15,7 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machine
 
 def run(cmd, tmp_path, timeout=600):
     env = {**os.environ, "VLM_RL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO / "tests")}  # rewards from tests/trainer_helpers.py
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}  # this checkout; rewards from tests/trainer_helpers.py
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -121,8 +121,8 @@ def test_accumulating_4_micro_batches_trains_like_one_big_batch(tmp_path, tiny_m
     one, four = runs[1], runs[4]
     assert [h["step"] for h in one] == [h["step"] for h in four] == [1, 2, 3, 4]
     assert len({h["objective/scores"] for h in one}) > 1  # the policy moves
-    for a, b in zip(one, four):
-        for name in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "lr"):
+    for a, b in zip(one, four):  # (not policy/approxkl_avg: as in TRL, a mean of micro-batch means, split-dependent)
+        for name in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "lr"):
             assert b[name] == pytest.approx(a[name], rel=1e-3, abs=1e-5), (a["step"], name)
 
 

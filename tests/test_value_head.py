@@ -45,3 +45,15 @@ def test_value_head_stays_fp32_under_bf16_autocast():
         values = head(hidden.bfloat16())
     assert values.dtype == torch.float32
     assert torch.equal(values, head(hidden.bfloat16().float()))  # exactly the fp32 computation
+
+
+def test_a_head_an_engine_cast_to_bf16_computes_in_bf16_and_returns_fp32():
+    # DeepSpeed's bf16 mode casts the whole model, the value head included, and hands it bf16 or fp32 states.
+    head = ValueHead(8)
+    torch.nn.init.normal_(head.summary.weight)
+    head.to(torch.bfloat16)
+    hidden = torch.randn(2, 3, 8)
+    for states in (hidden, hidden.bfloat16()):
+        values = head(states)
+        assert values.dtype == torch.float32 and values.shape == (2, 3)
+        assert torch.equal(values, head.summary(hidden.bfloat16()).float().squeeze(-1))

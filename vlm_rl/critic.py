@@ -81,6 +81,13 @@ class PolicyAndValue(nn.Module):
     def value_head(self) -> ValueHead | None:
         return None if self.critic is None else self.critic.head
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The layer classes that FSDP shards as units of their own (accelerate's transformer wrap policy reads this
+        attribute of the model it prepares): the policy's, and a separate critic's."""
+        models = [self.policy] + ([self.critic.backbone] if self.critic is not None and self.critic.backbone is not None else [])
+        return sorted({name for m in models for name in (getattr(m, "_no_split_modules", None) or [])})
+
     def forward(self, rollout: Rollout, temperature: float, where: str = "policy forward") -> tuple[torch.Tensor, ...]:
         """-> logprobs, entropy, values: each `(B, T_r)`, 0 where the response mask is False."""
         hidden = response_hidden_states(self.policy, rollout, where)  # (B, T_r, H)
@@ -252,19 +259,27 @@ def load_critic(config, policy: nn.Module, start: str) -> Critic | None:
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 
-def save_critic(critic: Critic, directory: Path, processor) -> None:
+def save_critic(critic: Critic, directory: Path, processor, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The critic beside a saved policy: the shared head as `value_head.safetensors` in `directory`; a separate or
     lora critic as `directory/critic/` (backbone or adapter, head, processor), which `value_model_name_or_path`
-    accepts. (The lora critic's adapter is written there by the policy's own `save_pretrained`.)"""
+    accepts. (The lora critic's adapter is written there by the policy's own `save_pretrained`.) `state_dict`: the
+    critic's full weights, where its modules hold shards (FSDP2)."""
+    from vlm_rl.sharding import submodule_state
+
+    head = critic.head
+    if state_dict is not None:
+        head = ValueHead(head.summary.in_features)
+        head.load_state_dict(submodule_state(state_dict, "head."))
     if critic.mode == "shared":
-        save_value_head(critic.head, directory)
+        save_value_head(head, directory)
         return
     target = directory / CRITIC_DIR
     target.mkdir(parents=True, exist_ok=True)
     if critic.backbone is not None:
-        critic.backbone.save_pretrained(target, safe_serialization=True)
+        backbone_state = None if state_dict is None else submodule_state(state_dict, "backbone.")
+        critic.backbone.save_pretrained(target, safe_serialization=True, state_dict=backbone_state)
         processor.save_pretrained(target)
-    save_value_head(critic.head, target)
+    save_value_head(head, target)
 
 
 def load_critic_state(critic: Critic, policy: nn.Module, checkpoint: Path) -> None:

@@ -119,16 +119,24 @@ def generate_responses(
     generation_config: GenerationConfig,
     synced_gpus: bool = False,
     image_features: ImageFeatures | None = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """One `generate` for the whole left-padded batch. Returns the new tokens `(B, T_r)`, T_r <= max_new_tokens.
 
     `synced_gpus`: every rank keeps stepping until all have finished (needed when the weights stay sharded).
-    `image_features`: the batch's images already encoded; used instead of `pixel_values` where `model` may use them."""
+    `image_features`: the batch's images already encoded; used instead of `pixel_values` where `model` may use them.
+    `seed`: sample from a generator seeded with it, leaving the global RNG streams as they were; a synced rank
+    that has finished keeps drawing until all have, so without it the draws after `generate` would depend on how
+    long the other ranks decoded."""
     if "attention_mask" in inputs and inputs["attention_mask"][:, -1].eq(0).any():
         raise ValueError("prompts must be left-padded for batched generation (set processor.tokenizer.padding_side='left')")
     if image_features is not None and "pixel_values" in inputs and image_features.usable_by(model):
         inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         inputs["mm_encoder_outputs"] = image_features.encoder_outputs()
-    with generation_config_swapped(model, generation_config):
+    device = inputs["input_ids"].device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with generation_config_swapped(model, generation_config), torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         out = model.generate(**inputs, generation_config=generation_config, synced_gpus=synced_gpus)  # (B, T_q + T_r)
     return out[:, inputs["input_ids"].shape[1] :]

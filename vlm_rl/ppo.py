@@ -20,6 +20,7 @@ from vlm_rl.validate import check_data
 def build_trainer(config: PPOConfig) -> PPOTrainer:
     """Policy, reference, value head, processor, reward and data for `config`, wired into a PPOTrainer."""
     from accelerate import PartialState
+    from transformers import set_seed
 
     from reward_models.base import load_rewards
     from vlm_rl.tiny import resolve_model_path
@@ -33,6 +34,7 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
         refuse_previous_run(config.output_dir)  # before any model loads
     processor = load_processor(model_path, config.min_pixels, config.max_pixels)
     check_prompt_data(config, processor, [(data_path, config.train_split), (eval_path, config.eval_split)])
+    set_seed(config.seed)  # what is initialised fresh (a LoRA adapter, a value head) is the same on every engine
     policy, reference = load_policy_and_reference(config)
     critic = load_critic(config, policy, model_path)  # None for the critic-free estimators
     dataset = load_samples(data_path, split=config.train_split)

@@ -26,6 +26,7 @@ import torch
 import yaml
 from peft import PeftModel
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerState
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import rotate_checkpoints
@@ -50,7 +51,23 @@ from vlm_rl.losses import policy_loss, value_loss
 from vlm_rl.masking import masked_mean
 from vlm_rl.preemption import Preempted, StopOnSignal, resume_command
 from vlm_rl.rollout import Rollout, encode_prompts, prompt_lengths
-from vlm_rl.sharding import configure_deepspeed, gathered_parameters, is_deepspeed, load_unsharded, prepare_frozen, zero_stage
+from vlm_rl.sharding import (
+    cast_to_engine_dtype,
+    check_engine,
+    configure_deepspeed,
+    describe_placement,
+    gathered_parameters,
+    is_deepspeed,
+    is_fsdp2,
+    load_optimizer,
+    load_unsharded,
+    prepare_frozen,
+    save_optimizer,
+    submodule_state,
+    unsharded_roots,
+    writable_parameters,
+    zero_stage,
+)
 from vlm_rl.vision_features import FeatureLookup, ImageFeatures, encode_images, plan_sharing, tower_trains
 from vlm_rl.critic import Critic, PolicyAndValue, keeping_requires_grad, load_critic_state, save_critic
 from vlm_rl.value_head import ValueHead, hidden_size_of
@@ -114,6 +131,7 @@ class PPOTrainer(Trainer):
             callbacks=callbacks,
         )
         use_metrics_line(self)
+        check_engine(self.accelerator, fsdp=bool(args.fsdp), deepspeed=bool(args.deepspeed))
         if is_deepspeed(self.accelerator) and args.critic_warmup_steps:
             # The engine steps inside backward: the policy's gradients cannot be dropped before its step.
             raise ConfigError("critic_warmup_steps is not supported under DeepSpeed yet; use DDP, or set it to 0")
@@ -121,6 +139,7 @@ class PPOTrainer(Trainer):
             configure_deepspeed(self.accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm)
         if self.ref_model is not None:
             self.ref_model = prepare_frozen(self.ref_model, self.accelerator)
+        self.reward_models = [prepare_frozen(m, self.accelerator) for _, m in reward_models]  # in place, inside `reward`
         tokenizer = processing_class.tokenizer
         self.eos_ids = eos_token_ids(tokenizer)
         self.pad_id = pad_token_id(tokenizer)
@@ -156,6 +175,20 @@ class PPOTrainer(Trainer):
         chosen = [self.train_dataset[int(i)] for i in order[start : start + prompts]]
         return [dict(sample) for sample in chosen for _ in range(generations)]
 
+    @property
+    def rng_devices(self) -> list[int]:
+        """The CUDA devices whose RNG streams this process draws from (for `torch.random.fork_rng`)."""
+        device = self.accelerator.device
+        return [device.index or 0] if device.type == "cuda" else []
+
+    def models_by_name(self) -> dict[str, nn.Module]:
+        """The models of the run: the policy (with its critic), the reference if separate, the learned reward models."""
+        models = {"policy": self.model_wrapped}
+        if self.ref_model is not None:
+            models["reference"] = self.ref_model
+        models.update({f"reward model {m.name!r}": m for m in self.reward_models})
+        return models
+
     def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over all processes (itself on one); `t` must live on `accelerator.device`."""
         return t if self.accelerator.num_processes == 1 else self.accelerator.reduce(t.clone(), reduction="sum")
@@ -173,13 +206,15 @@ class PPOTrainer(Trainer):
         gather = self.args.ds3_gather_for_generation
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as unwrapped, self.accelerator.autocast():  # sample from the distribution the bf16 forwards compute
+        ) as unwrapped, unsharded_roots([self.model_wrapped], self.accelerator), self.accelerator.autocast():
+            # (autocast: sample from the distribution the bf16 forwards compute)
             check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], sources, "rollout generate")
             features = self.encode_images(unwrapped.policy, query)
-            # Sharded weights not gathered: every rank runs every decoding step (its layers' shards are needed).
-            synced = zero_stage(self.accelerator) == 3 and not gather
+            # Sharded weights (FSDP2, ZeRO-3 not gathered): every rank runs every decoding step (its shards are needed).
+            synced = is_fsdp2(self.accelerator) or (zero_stage(self.accelerator) == 3 and not gather)
             config = generation_config or self.generation_config
-            responses = generate_responses(unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features)
+            seed = int(torch.randint(2**62, ()))  # this rank's stream moves on by one draw, however long decoding runs
+            responses = generate_responses(unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed)
         return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources, family_of(unwrapped.policy), image_features=features)
 
     def encode_images(self, policy: nn.Module, query: dict) -> ImageFeatures | None:
@@ -232,7 +267,7 @@ class PPOTrainer(Trainer):
         Rule rewards read the text; a learned reward model also needs to know whether each response ended."""
         completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
         kwargs = {**reward_kwargs(samples), "completion_ended": rollout.has_eos.tolist()}
-        with self.rewards_reading(rollout):
+        with self.rewards_reading(rollout), unsharded_roots(self.reward_models, self.accelerator):
             columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **kwargs)
         return completions, columns, combined
 
@@ -258,9 +293,11 @@ class PPOTrainer(Trainer):
         """Logprobs under the model as it was when PPO started (see model_loading for the three cases)."""
         with self.accelerator.autocast():  # the same compute dtype as the policy's forwards
             if self.ref_model is not None:
-                return response_logprobs(self.ref_model, mb, self.args.temperature, where="reference forward")[0]
+                with unsharded_roots([self.ref_model], self.accelerator):
+                    return response_logprobs(self.ref_model, mb, self.args.temperature, where="reference forward")[0]
             policy = self.accelerator.unwrap_model(self.model_wrapped).policy
-            with keeping_requires_grad(policy), policy.disable_adapter():  # (peft's exit would freeze a lora critic)
+            # (keeping_requires_grad: peft's exit would freeze a lora critic)
+            with unsharded_roots([self.model_wrapped], self.accelerator), keeping_requires_grad(policy), policy.disable_adapter():
                 return response_logprobs(policy, mb, self.args.temperature, where="reference forward (adapters disabled)")[0]
 
     def advantages(self, rollout: Rollout, scored: dict) -> dict[str, torch.Tensor]:
@@ -366,7 +403,10 @@ class PPOTrainer(Trainer):
                 if name not in critic_names:
                     p.grad = None
         # Under DeepSpeed the engine has clipped and stepped already (at the last backward); this reads its norm.
-        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(self.model_wrapped.parameters(), args.max_grad_norm or math.inf) or 0.0)
+        grad_norm = accelerator.clip_grad_norm_(self.model_wrapped.parameters(), args.max_grad_norm or math.inf)
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = torch.as_tensor(grad_norm or 0.0)
         not_finite = self.sum_over_ranks(torch.tensor(float(not finite), device=device)) > 0
         if not_finite or not torch.isfinite(grad_norm):
             self.optimizer.zero_grad()
@@ -427,6 +467,9 @@ class PPOTrainer(Trainer):
         accelerator = self.accelerator
         checkpoint = self.resolve_checkpoint(resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint)
         replaced = self.claim_output_dir() if checkpoint is None else None
+        if checkpoint is not None:
+            self.load_weights(checkpoint)
+        cast_to_engine_dtype(self.model, accelerator)
         self.create_optimizer_and_scheduler(num_training_steps=self.num_total_batches)
         self.model_wrapped, self.optimizer = accelerator.prepare(self.model, self.optimizer)
         self.model_wrapped.eval()
@@ -442,12 +485,13 @@ class PPOTrainer(Trainer):
         # Each process samples with its own stream (after resuming, the saved per-process RNG state takes over).
         torch.manual_seed(args.seed + accelerator.process_index)
         if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
+            self.load_training_state(checkpoint)
         if self.is_world_process_zero():
             with atomic_file(Path(args.output_dir) / CONFIG_FILE) as f:
                 yaml.safe_dump(self.run_config(), f, sort_keys=True)
         if self.is_world_process_zero():
             console.write(self.sharing.describe())
+            console.write(describe_placement(self.models_by_name(), accelerator))
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start_time = time.time()
         episodes_at_start = self.state.global_step * self.global_batch_size
@@ -520,9 +564,8 @@ class PPOTrainer(Trainer):
         samples = [self.eval_dataset[i] for i in range(first, first + per_rank)]
         model = accelerator.unwrap_model(self.model_wrapped)  # ranks may run different numbers of forwards
         device = accelerator.device
-        cuda = [device.index or 0] if device.type == "cuda" else []
         out = {}
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=self.rng_devices):
             torch.manual_seed(args.seed + self.state.global_step)
             for name, config in (("", self.generation_config), ("_greedy", self.greedy_config)):
                 totals = torch.zeros(4, dtype=torch.float64, device=device)  # scores, scored samples, KL, samples
@@ -624,13 +667,16 @@ class PPOTrainer(Trainer):
             staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         ckpt.save_rng_state(staging, self.accelerator.process_index)
-        if is_deepspeed(self.accelerator):  # ZeRO partitions the optimizer state: the engine saves each rank's shard
-            self.model_wrapped.save_checkpoint(str(staging), tag=DEEPSPEED_TAG)
-        self.save_model_files(staging)
+        # Whatever saving draws (FSDP2's state-dict gathering does) is drawn from a fork: the run goes on with the
+        # streams just saved, as a run resumed from this checkpoint does.
+        with torch.random.fork_rng(devices=self.rng_devices):
+            if is_deepspeed(self.accelerator):  # ZeRO partitions the optimizer state: the engine saves each rank's shard
+                self.model_wrapped.save_checkpoint(str(staging), tag=DEEPSPEED_TAG)
+            else:
+                save_optimizer(self.model_wrapped, self.optimizer, self.accelerator, staging / "optimizer.pt")
+            self.save_model_files(staging)
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
-            if not is_deepspeed(self.accelerator):
-                torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
             self.state.save_to_json(str(staging / "trainer_state.json"))
             (staging / CONFIG_FILE).write_text(yaml.safe_dump(self.run_config(), sort_keys=True))
@@ -641,13 +687,14 @@ class PPOTrainer(Trainer):
         return final
 
     def save_model_files(self, directory: Path) -> None:
-        """Full Hugging Face weights (gathered from every rank under ZeRO-3), written by the main process."""
+        """Full Hugging Face weights (gathered from every rank under ZeRO-3 and FSDP2), written by the main process."""
         wrapped = self.accelerator.unwrap_model(self.model_wrapped)
-        with gathered_parameters(wrapped, self.accelerator):
+        with gathered_parameters(wrapped, self.accelerator) as full:
             if self.is_world_process_zero():
-                wrapped.policy.save_pretrained(directory, safe_serialization=True)
+                part = (lambda prefix: None) if full is None else (lambda prefix: submodule_state(full, prefix))
+                wrapped.policy.save_pretrained(directory, safe_serialization=True, state_dict=part("policy."))
                 if wrapped.critic is not None:  # critic-free estimators have none
-                    save_critic(wrapped.critic, directory, self.processor)
+                    save_critic(wrapped.critic, directory, self.processor, state_dict=part("critic."))
                 self.processor.save_pretrained(directory)
 
     def save_final(self, output_dir: str) -> None:
@@ -689,9 +736,10 @@ class PPOTrainer(Trainer):
             raise ckpt.CheckpointError(f"{path} is incomplete: {problem}. Resume from an earlier checkpoint, or with 'latest'")
         return path
 
-    def load_checkpoint(self, checkpoint: Path) -> None:
-        """Restore the weights, value head, optimizer, scheduler, RNG and state saved by `save_checkpoint`, after
-        checking what this run changed: fixed fields are an error, the others take their new value."""
+    def load_weights(self, checkpoint: Path) -> None:
+        """Restore the policy and critic weights saved by `save_checkpoint` into the unprepared model (the engine
+        then shards them as it shards a fresh start), after checking what this run changed: fixed fields are an
+        error, the others take their new value."""
         errors, changed = ckpt.resume_changes(yaml.safe_load((checkpoint / CONFIG_FILE).read_text()), self.run_config())
         if errors:
             raise ckpt.CheckpointError(
@@ -700,9 +748,8 @@ class PPOTrainer(Trainer):
             )
         for line in changed:
             logger.warning(f"resuming with a changed {line}: the new value is used")
-        wrapped = self.accelerator.unwrap_model(self.model_wrapped)
-        policy = wrapped.policy
-        with gathered_parameters(wrapped, self.accelerator, modify=True):  # ZeRO-3: load whole, re-partition
+        policy = self.model.policy
+        with writable_parameters(self.model, self.accelerator):
             if isinstance(policy, PeftModel):
                 from peft import set_peft_model_state_dict
                 from peft.utils import load_peft_weights
@@ -712,13 +759,15 @@ class PPOTrainer(Trainer):
                 saved = load_unsharded(type(policy), checkpoint, policy.dtype)
                 policy.load_state_dict(saved.state_dict())
                 del saved
-            if wrapped.critic is not None:
-                load_critic_state(wrapped.critic, policy, checkpoint)
+            if self.model.critic is not None:
+                load_critic_state(self.model.critic, policy, checkpoint)
+
+    def load_training_state(self, checkpoint: Path) -> None:
+        """Restore the optimizer, scheduler, RNG and trainer state saved by `save_checkpoint` (after `prepare`)."""
         if is_deepspeed(self.accelerator):
             self.model_wrapped.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
-        else:  # loaded on the CPU (a CPU rank's device can be "cpu:N", which torch.load cannot map to); the
-            # optimizer moves each state tensor to its parameter's device
-            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+        else:
+            load_optimizer(self.model_wrapped, self.optimizer, self.accelerator, checkpoint / "optimizer.pt")
         self.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         self.retarget_learning_rate()
         saved = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))

@@ -23,8 +23,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
+        # In the head's own dtype: fp32, unless an engine cast the whole model (DeepSpeed's bf16 mode does); values out in fp32.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return self.summary(hidden.float()).squeeze(-1)
+            return self.summary(hidden.to(self.summary.weight.dtype)).float().squeeze(-1)
 
 
 def hidden_size_of(model: nn.Module) -> int:
