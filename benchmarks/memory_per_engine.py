@@ -4,8 +4,9 @@ beside the figures two formulas give: the engine's own layout (where it keeps wh
 Engines: DDP (`accelerate launch --multi_gpu`, `--use_cpu true`) and DeepSpeed ZeRO-2 and ZeRO-3
 (`DS_ACCELERATOR=cpu`, `configs/accelerate/zero2.yaml` / `zero3.yaml`), each launched the way
 `tests/test_sharding.py` launches `scripts/ppo.py`: fp32 (`--mixed_precision no`) by default, bf16 with `--bf16`.
-FSDP2 is not here: accelerate turns FSDP on for GPU-like devices only, and the CPU route to vlm-rl's FSDP2 code path
-(a test shim) is not ready yet. It will be one more `Engine` in `ENGINES`, with the layout `fsdp2_layout` below.
+FSDP2 (`configs/accelerate/fsdp2.yaml`): accelerate turns FSDP on for GPU-like devices only, so on CPU ranks the
+launched rank first loads the test shim `tests/multiprocess/fsdp_on_cpu.py` (which lets accelerate's FSDP2
+preparation run there, as `tests/test_sharding.py` does); the trainer code is the one a GPU run takes.
 
 Each launch runs this file as the PPO entry point (`vlm_rl.ppo.main`, the code `scripts/ppo.py` runs) with a probe
 added to the trainer. When training starts, the probe arms a global optimizer-step post-hook; at the first step
@@ -30,6 +31,7 @@ import argparse
 import gc
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -82,7 +84,7 @@ def deepspeed_layout(stage: int):
 
 
 def fsdp2_layout(c: dict, n: int, bf16: bool) -> dict:
-    """FSDP2 (not measured yet): the fp32 weights sharded 1/n (they are the master weights; bf16 compute gathers a
+    """FSDP2: the fp32 weights sharded 1/n (they are the master weights; bf16 compute gathers a
     layer at a time), fp32 gradients and moments 1/n, the reference sharded the same way in the compute dtype."""
     t = c["trainable"]
     return {"weights": 4 * c["params"] / n, "grads": 4 * t / n, "adam": 8 * t / n, "reference": (2 if bf16 else 4) * c["reference"] / n}
@@ -104,7 +106,7 @@ ENGINES = {
     "ddp": Engine("DDP", ["--multi_gpu"], ["--use_cpu", "true"], ddp_layout, ()),
     "zero2": Engine("ZeRO-2", ["--config_file", "configs/accelerate/zero2.yaml"], [], deepspeed_layout(2), ("grads", "adam"), DEEPSPEED_ENV),
     "zero3": Engine("ZeRO-3", ["--config_file", "configs/accelerate/zero3.yaml"], [], deepspeed_layout(3), EVERYTHING, DEEPSPEED_ENV),
-    # FSDP2, once its CPU route runs: Engine("FSDP2", [launch flags], [ppo flags], fsdp2_layout, EVERYTHING)
+    "fsdp2": Engine("FSDP2", ["--config_file", "configs/accelerate/fsdp2.yaml"], [], fsdp2_layout, EVERYTHING),
 }
 
 
@@ -119,13 +121,18 @@ def live_tensor_bytes(bucket_elements: int | None = None) -> dict:
 
     storages: dict[tuple, tuple[int, int]] = {}  # (device, pointer) -> (bytes, elements)
 
+    from torch.distributed.tensor import DTensor
+
     def add(t) -> None:
+        if isinstance(t, DTensor):  # FSDP2's sharded parameters, gradients and moments: this rank's shard
+            t = t.to_local()
         try:
             storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError, TypeError):  # sparse and other storage-less tensors
+            pointer = storage.data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):  # sparse tensors; storages FSDP2 freed after use
             return
-        if storage.data_ptr() and t.device.type != "meta":
-            storages[(t.device.type, storage.data_ptr())] = (storage.nbytes(), storage.nbytes() // t.element_size())
+        if pointer and t.device.type != "meta":
+            storages[(t.device.type, pointer)] = (storage.nbytes(), storage.nbytes() // t.element_size())
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -208,6 +215,8 @@ def run_probed_ppo(argv: list[str]) -> None:
 
     import vlm_rl.ppo as ppo
 
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true":  # FSDP on CPU ranks: the test shim (see the docstring)
+        runpy.run_path(str(REPO / "tests" / "multiprocess" / "fsdp_on_cpu.py"), run_name="fsdp_on_cpu")
     build = ppo.build_trainer
 
     def build_with_probe(config):
@@ -314,12 +323,6 @@ def gpu_table() -> None:
         print(f"  ZeRO-3 generation with ds3_gather_for_generation: the whole policy gathered, 2P = {2 * c['params'] / GB:,.1f} GB")
 
 
-# Under DeepSpeed with bf16 the engine casts the whole module to bf16, the value head too, whose fp32 forward
-# (vlm_rl/value_head.py) then fails ("mat1 and mat2 must have the same dtype"): the bf16 runs use a critic-free
-# estimator (GRPO: no value head), on every engine alike.
-CRITIC_FREE = ["--advantage_estimator", "grpo", "--num_generations", "2"]
-
-
 def launch(engine: Engine, root: Path, model_dir: Path, data: Path, bf16: bool) -> tuple[list[dict], float]:
     """One PPO iteration under `engine` on `RANKS` CPU ranks: each rank's measurement, and the launch's seconds."""
     out = root / engine.name
@@ -330,7 +333,7 @@ def launch(engine: Engine, root: Path, model_dir: Path, data: Path, bf16: bool) 
            "--output_dir", str(out / "run"), "--report_to", "none", "--num_sample_generations", "0", "--max_new_tokens", "6",
            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--num_mini_batches", "1",
            "--num_ppo_epochs", "1", "--local_rollout_forward_batch_size", "2", "--total_episodes", str(2 * RANKS),
-           "--learning_rate", "1e-5", "--save_steps", "0", "--bf16", str(bf16).lower(), *(CRITIC_FREE if bf16 else []),
+           "--learning_rate", "1e-5", "--save_steps", "0", "--bf16", str(bf16).lower(),
            *engine.ppo_flags]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", PROBE_ENV: str(out), **engine.env}
     start = time.perf_counter()
@@ -367,7 +370,7 @@ def summarise(key: str, ranks: list[dict], seconds: float, bf16: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engines", nargs="+", choices=sorted(ENGINES), default=list(ENGINES))
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GRPO: see CRITIC_FREE)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     parser.add_argument("--json", default=None)
     parser.add_argument("--gpu-table", action="store_true", help="print the layouts' figures for Qwen2-VL-2B/7B/72B in bf16 and exit")
     args = parser.parse_args()
@@ -388,10 +391,10 @@ def main() -> None:
     for f in figures.values():
         f["vs_ddp"] = round(max(f["at_step_mib"]) / ddp, 3) if ddp else None
     counts = next(iter(results.values()))[0][0]["counts"]
-    precision = "bf16 (--mixed_precision bf16 --bf16 true), GRPO" if args.bf16 else "fp32 (--mixed_precision no), PPO with a value head"
+    precision = "bf16 (--mixed_precision bf16 --bf16 true), PPO with a value head" if args.bf16 else "fp32 (--mixed_precision no), PPO with a value head"
     print(f"Model states per rank in the first optimiser step, {RANKS} CPU ranks, {precision}")
     print(f"  random Qwen2-VL {SIZE}")
-    print(f"  policy{'' if args.bf16 else ' + value head'} P = {counts['params']:,} parameters, trained P_t = "
+    print(f"  policy + value head P = {counts['params']:,} parameters, trained P_t = "
           f"{counts['trainable']:,} (vision tower frozen), reference P_ref = {counts['reference']:,}")
     print(f"  {'MiB per rank':>37}{'computed':>10}{'measured /':>12}{'':>10}{'':>8}{'between':>10}{'engine':>10}{'launch':>8}")
     print(f"  {'engine':<8}{'at step (rank 0 / 1)':>29}{'(layout)':>10}{'computed':>12}{'textbook':>10}{'vs DDP':>8}"
