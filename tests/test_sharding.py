@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file
 from transformers import Qwen2VLForConditionalGeneration
 
 from reward_models.vlm_reward import VLMRewardModel
@@ -46,14 +47,19 @@ def launch(engine: list[str], out: Path, model_dir, data_dir, *extra: str, preci
 
 
 def ppo(engine: list[str], out: Path, model_dir, data_dir, reward_model: Path, *extra: str) -> tuple[list[dict], str]:
-    """(log history, console output) of a 3-iteration run rewarded by response length and a learned reward model."""
-    result = launch(engine, out, model_dir, data_dir, "--reward", "trainer_helpers:completion_length", f"{reward_model}:0.5", *extra)
+    """(log history, console output) of a 3-iteration run rewarded by response length and a learned reward model,
+    with a separate critic (its own backbone: sharded, saved and resumed like the policy)."""
+    result = launch(engine, out, model_dir, data_dir, "--reward", "trainer_helpers:completion_length", f"{reward_model}:0.5", "--critic", "separate", *extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((out / "trainer_state.json").read_text())["log_history"], result.stdout + result.stderr
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return dict(Qwen2VLForConditionalGeneration.from_pretrained(path).named_parameters())
+    """The policy's full weights in `path` (loaded with `from_pretrained`) and a separate critic's (backbone and
+    value head, as saved in `path/critic/`), by name."""
+    policy = dict(Qwen2VLForConditionalGeneration.from_pretrained(path).named_parameters())
+    files = [path / "critic" / f for f in ("model.safetensors", "value_head.safetensors") if (path / "critic").is_dir()]
+    return {**policy, **{f"critic/{k}": v for f in files for k, v in load_file(f).items()}}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +92,8 @@ def test_sharded_ppo_trains_like_ddp_saves_full_weights_and_resumes_exactly(engi
             assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (engine, want["step"], name)
     reference, start, final = weights(ddp_dir), weights(tiny_model_dir), weights(tmp_path / "straight")  # full weights
     assert max((reference[n] - start[n]).abs().max() for n in start) > 1e-3  # the weights moved
-    assert max((final[n] - reference[n]).abs().max() for n in start) < 1e-4
+    assert final.keys() == reference.keys() and any(n.startswith("critic/") for n in final)
+    assert max((final[n] - reference[n]).abs().max() for n in final) < 1e-4
     weights(tmp_path / "straight" / "checkpoint-1")  # every checkpoint holds loadable full weights
 
     # ZeRO-3 resumes generating on sharded weights in lockstep (ds3_gather_for_generation false): the same samples.
@@ -104,11 +111,11 @@ def test_sharded_ppo_trains_like_ddp_saves_full_weights_and_resumes_exactly(engi
 @pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_the_shipped_zero_configs_train_in_bf16_with_a_separate_critic(engine, tmp_path, tiny_model_dir, synthetic_data_dir):
-    # DeepSpeed's bf16 mode holds every weight in bf16: the fp32 value head and critic are cast before ZeRO-3
-    # partitions them (it cannot partition a mix), and the value head computes in the dtype it was given.
+def test_the_shipped_zero_configs_train_in_bf16_with_the_value_head(engine, tmp_path, tiny_model_dir, synthetic_data_dir):
+    # DeepSpeed's bf16 mode holds every weight in bf16: the fp32 value head is cast before ZeRO-3 partitions it
+    # (it cannot partition a mix), and the value head computes in the dtype it was given.
     out = tmp_path / "run"
-    extra = ["--reward", "trainer_helpers:completion_length", "--critic", "separate", "--total_episodes", "16"]
+    extra = ["--reward", "trainer_helpers:completion_length", "--total_episodes", "16"]
     result = launch(ENGINES[engine], out, tiny_model_dir, synthetic_data_dir, *extra, precision="bf16")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
