@@ -97,9 +97,14 @@ def test_sharded_ppo_trains_like_ddp_saves_full_weights_and_resumes_exactly(engi
     weights(tmp_path / "straight" / "checkpoint-1")  # every checkpoint holds loadable full weights
 
     # ZeRO-3 resumes generating on sharded weights in lockstep (ds3_gather_for_generation false): the same samples.
+    # Resumed through tests/multiprocess/ppo_ranks.py (the same build and train), which reports each rank.
     lockstep = ["--ds3_gather_for_generation", "false"] if engine == "zero3" else []
-    resumed, _ = ppo(ENGINES[engine], tmp_path / "resumed", tiny_model_dir, synthetic_data_dir, reward_model,
+    reporting = [*ENGINES[engine][:-1], "tests/multiprocess/ppo_ranks.py"]
+    resumed, _ = ppo(reporting, tmp_path / "resumed", tiny_model_dir, synthetic_data_dir, reward_model,
                      "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoint-1"), *lockstep)  # fmt: skip
+    ranks = [json.loads((tmp_path / "resumed" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert not set(ranks[0]["sources"]) & set(ranks[1]["sources"])  # each rank rolls out its own prompts
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the same full weights gathered on both ranks
     for want, got in zip(straight, resumed, strict=True):
         for name, value in want.items():
             if name != "eps":

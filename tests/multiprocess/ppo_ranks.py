@@ -1,24 +1,43 @@
-"""Launched by tests/test_ppo_entrypoint.py under `accelerate launch`: trains briefly, then each rank records
-what it saw (its first prompts), what it ended with (a parameter checksum), and the advantages and mask of one
-more rollout (to check that advantages are whitened over the global batch, not per rank)."""
+"""Launched by tests/test_ppo_entrypoint.py and tests/test_sharding.py under `accelerate launch`: trains briefly,
+then each rank records what it saw (its first prompts), what it ended with (a checksum of every weight of the policy
+and critic, gathered whole on the rank under ZeRO-3 and FSDP2), and the advantages and mask of one more rollout (to
+check that advantages are whitened over the global batch, not per rank)."""
 
 import json
+import os
+import runpy
 import sys
 from pathlib import Path
 
 import torch
 from trl import TrlParser
 
-from vlm_rl.config import PPOConfig
-from vlm_rl.ppo import build_trainer
+if os.environ.get("ACCELERATE_USE_FSDP") == "true":  # FSDP on CPU ranks: accelerate would not turn it on
+    runpy.run_path(str(Path(__file__).with_name("fsdp_on_cpu.py")), run_name="fsdp_on_cpu")
+
+from vlm_rl.config import PPOConfig  # noqa: E402
+from vlm_rl.ppo import build_trainer  # noqa: E402
+from vlm_rl.sharding import gathered_parameters  # noqa: E402
+
+
+def full_weights_checksum(trainer) -> float:
+    """The sum of every weight of the policy and critic, gathered whole on this rank whatever the engine."""
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    if trainer.accelerator.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        tensors = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).values()  # on every rank
+        return sum(float(t.detach().double().sum()) for t in tensors)
+    with gathered_parameters(model, trainer.accelerator):
+        return sum(float(p.detach().double().sum()) for p in model.parameters())
+
 
 (config,) = TrlParser((PPOConfig,)).parse_args_and_config(args=sys.argv[1:])
 torch.set_num_threads(1)
 trainer = build_trainer(config)
 first_sources = [s["_source"] for s in trainer.batch_samples(0)]
 trainer.train()
-params = trainer.accelerator.unwrap_model(trainer.model_wrapped).parameters()
-checksum = sum(float(p.detach().double().sum()) for p in params)
+checksum = full_weights_checksum(trainer)
 samples = trainer.batch_samples(0)
 rollout = trainer.make_rollout(samples)
 scored = trainer.score(rollout, samples)
