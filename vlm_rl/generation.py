@@ -112,6 +112,11 @@ def first_eos_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torc
     return response_mask, has_eos
 
 
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG streams a computation on `device` draws from (for `torch.random.fork_rng`)."""
+    return [device.index or 0] if device.type == "cuda" else []
+
+
 @torch.no_grad()
 def generate_responses(
     model: PreTrainedModel,
@@ -133,8 +138,7 @@ def generate_responses(
     if image_features is not None and "pixel_values" in inputs and image_features.usable_by(model):
         inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         inputs["mm_encoder_outputs"] = image_features.encoder_outputs()
-    device = inputs["input_ids"].device
-    devices = [device.index or 0] if device.type == "cuda" else []
+    devices = rng_devices(inputs["input_ids"].device)
     with generation_config_swapped(model, generation_config), torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)

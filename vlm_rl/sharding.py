@@ -22,7 +22,7 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
 
 
 def is_fsdp2(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2
+    return accelerator.is_fsdp2  # (FSDP running, version 2)
 
 
 def check_engine(accelerator: Accelerator, fsdp: bool = False, deepspeed: bool = False) -> None:

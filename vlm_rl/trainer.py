@@ -43,7 +43,7 @@ from vlm_rl.console import use_metrics_line
 from vlm_rl.data import PromptDataset, prompt_text, reward_kwargs
 from vlm_rl.errors import UserError
 from vlm_rl.families import family_of
-from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
+from vlm_rl.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
 from vlm_rl.integrity import check_model_inputs
 from vlm_rl.integrations import LoggedSample, log_samples
 from vlm_rl.logprobs import response_logprobs
@@ -178,8 +178,7 @@ class PPOTrainer(Trainer):
     @property
     def rng_devices(self) -> list[int]:
         """The CUDA devices whose RNG streams this process draws from (for `torch.random.fork_rng`)."""
-        device = self.accelerator.device
-        return [device.index or 0] if device.type == "cuda" else []
+        return rng_devices(self.accelerator.device)
 
     def models_by_name(self) -> dict[str, nn.Module]:
         """The models of the run: the policy (with its critic), the reference if separate, the learned reward models."""
@@ -691,10 +690,11 @@ class PPOTrainer(Trainer):
         wrapped = self.accelerator.unwrap_model(self.model_wrapped)
         with gathered_parameters(wrapped, self.accelerator) as full:
             if self.is_world_process_zero():
-                part = (lambda prefix: None) if full is None else (lambda prefix: submodule_state(full, prefix))
-                wrapped.policy.save_pretrained(directory, safe_serialization=True, state_dict=part("policy."))
+                policy_state = None if full is None else submodule_state(full, "policy.")
+                wrapped.policy.save_pretrained(directory, safe_serialization=True, state_dict=policy_state)
                 if wrapped.critic is not None:  # critic-free estimators have none
-                    save_critic(wrapped.critic, directory, self.processor, state_dict=part("critic."))
+                    critic_state = None if full is None else submodule_state(full, "critic.")
+                    save_critic(wrapped.critic, directory, self.processor, state_dict=critic_state)
                 self.processor.save_pretrained(directory)
 
     def save_final(self, output_dir: str) -> None:
