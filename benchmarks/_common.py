@@ -35,7 +35,7 @@ def model_setup(size: str = "tiny", n: int = 64, device: str = "cpu", bf16: bool
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-    from vlm_rl.tiny import make_tiny_model
+    from vlm_rl.models.tiny import make_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="vlm-rl-bench-"))
     model_dir = make_tiny_model(root / "model") if size == "tiny" else make_sized_model(root / "model", size)
@@ -50,8 +50,8 @@ def model_setup(size: str = "tiny", n: int = 64, device: str = "cpu", bf16: bool
 def synthetic_samples(root: Path, n: int, text_tokens: int | None = None, processor=None) -> list[dict]:
     """`n` synthetic VQA prompts (one image each); with `text_tokens`, each prompt's text is lengthened with an
     instruction to about that many text tokens (chat template included)."""
-    from vlm_rl.data import load_samples
-    from vlm_rl.synthetic_data import make_synthetic_data
+    from vlm_rl.data.formats import load_samples
+    from vlm_rl.data.synthetic import make_synthetic_data
 
     samples = list(load_samples(make_synthetic_data(root / "data", n=n, test_fraction=0.0) / "train.jsonl"))
     if text_tokens is None:
@@ -72,7 +72,7 @@ def qwen2vl_config(tokenizer, vision_depth, vision_dim, vision_heads, hidden, la
     """A Qwen2-VL config of the given sizes (random weights), special ids read from `tokenizer`."""
     from transformers import Qwen2VLConfig
 
-    from vlm_rl.tiny import SPECIAL_TOKENS
+    from vlm_rl.models.tiny import SPECIAL_TOKENS
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     quarter = hidden // heads // 16  # M-RoPE sections (temporal, height, width) in the 2B's 16:24:24, half the head dim
@@ -99,7 +99,7 @@ def make_sized_model(out_dir: Path, size: str = "cpu", seed: int = 0) -> Path:
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vlm_rl.tiny import build_processor
+    from vlm_rl.models.tiny import build_processor
 
     processor = build_processor()
     pixels = IMAGE_SIDE * IMAGE_SIDE
@@ -133,11 +133,11 @@ def ppo_trainer(model_dir: Path, root: Path, samples: list[dict], batch: int, re
                 device: str = "cpu", bf16: bool = False, **overrides):
     """A PPOTrainer as `vlm-rl ppo` builds it (policy and reference from `model_dir`, the rule reward above):
     `batch` prompts per iteration in micro-batches of batch / 2, scored in one micro-batch."""
-    from reward_models.base import load_rewards
-    from vlm_rl.config import PPOConfig
-    from vlm_rl.data import PromptDataset
-    from vlm_rl.model_loading import load_policy_and_reference, load_processor
-    from vlm_rl.trainer import PPOTrainer
+    from reward_models.registry import load_rewards
+    from vlm_rl.training.config import PPOConfig
+    from vlm_rl.data.formats import PromptDataset
+    from vlm_rl.models.loading import load_policy_and_reference, load_processor
+    from vlm_rl.training.trainer import PPOTrainer
 
     settings = dict(
         output_dir=str(root / "run"), model_name_or_path=str(model_dir), use_cpu=device == "cpu", bf16=bf16,

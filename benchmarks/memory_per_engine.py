@@ -3,10 +3,10 @@ beside the figures two formulas give: the engine's own layout (where it keeps wh
 
 Engines: DDP (`accelerate launch --multi_gpu`, `--use_cpu true`) and DeepSpeed ZeRO-2 and ZeRO-3
 (`DS_ACCELERATOR=cpu`, `configs/accelerate/zero2.yaml` / `zero3.yaml`), each launched the way
-`tests/test_sharding.py` launches `scripts/ppo.py`: fp32 (`--mixed_precision no`) by default, bf16 with `--bf16`.
+`tests/training/test_sharding.py` launches `scripts/ppo.py`: fp32 (`--mixed_precision no`) by default, bf16 with `--bf16`.
 FSDP2 (`configs/accelerate/fsdp2.yaml`): accelerate turns FSDP on for GPU-like devices only, so on CPU ranks the
 launched rank first loads the test shim `tests/multiprocess/fsdp_on_cpu.py` (which lets accelerate's FSDP2
-preparation run there, as `tests/test_sharding.py` does); the trainer code is the one a GPU run takes.
+preparation run there, as `tests/training/test_sharding.py` does); the trainer code is the one a GPU run takes.
 
 Each launch runs this file as the PPO entry point (`vlm_rl.ppo.main`, the code `scripts/ppo.py` runs) with a probe
 added to the trainer. When training starts, the probe arms a global optimizer-step post-hook; at the first step
@@ -237,7 +237,7 @@ def make_model(out_dir: Path) -> Path:
     from _common import qwen2vl_config
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vlm_rl.tiny import build_processor
+    from vlm_rl.models.tiny import build_processor
 
     processor = build_processor()
     with torch.random.fork_rng(devices=[]):
@@ -379,7 +379,7 @@ def main() -> None:
         return
     from _common import write_json
 
-    from vlm_rl.synthetic_data import make_synthetic_data
+    from vlm_rl.data.synthetic import make_synthetic_data
 
     root = Path(tempfile.mkdtemp(prefix="vlm-rl-bench-"))
     model_dir = make_model(root / "model")

@@ -77,9 +77,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    import vlm_rl.trainer as trainer_module
+    import vlm_rl.training.trainer as trainer_module
     from transformers import AutoProcessor
-    from vlm_rl.critic import PolicyAndValue
+    from vlm_rl.models.critic import PolicyAndValue
 
     root = Path(tempfile.mkdtemp(prefix="vlm-rl-bench-"))
     model_dir = make_sized_model(root / "model", args.size)

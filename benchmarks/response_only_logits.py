@@ -19,9 +19,9 @@ import torch
 from _common import SIZES, best_of, in_subprocess, model_setup, peak_rss_mib, rss_mib, write_json
 from trl.trainer.utils import selective_log_softmax
 
-from vlm_rl.families import family_of
-from vlm_rl.logprobs import response_hidden_states
-from vlm_rl.rollout import Rollout, encode_prompts
+from vlm_rl.models.families import family_of
+from vlm_rl.rollout.logprobs import response_hidden_states
+from vlm_rl.rollout.batch import Rollout, encode_prompts
 
 QWEN2_VL_VOCAB = 151_936
 

@@ -35,11 +35,11 @@ def train_step(args, model_dir: Path, samples: list[dict], device: torch.device)
     """One forward+backward of the policy and value head over a rollout micro-batch, with pixels and with features."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-    from vlm_rl.critic import Critic, PolicyAndValue
-    from vlm_rl.families import family_of
-    from vlm_rl.rollout import Rollout, encode_prompts
-    from vlm_rl.value_head import ValueHead
-    from vlm_rl.vision_features import encode_images
+    from vlm_rl.models.critic import Critic, PolicyAndValue
+    from vlm_rl.models.families import family_of
+    from vlm_rl.rollout.batch import Rollout, encode_prompts
+    from vlm_rl.models.value_head import ValueHead
+    from vlm_rl.models.vision_features import encode_images
 
     processor = AutoProcessor.from_pretrained(model_dir)
     policy = Qwen2VLForConditionalGeneration.from_pretrained(model_dir).to(device)
@@ -73,7 +73,7 @@ def train_step(args, model_dir: Path, samples: list[dict], device: torch.device)
 
 def ppo_iteration(args, model_dir: Path, root: Path, device: torch.device) -> dict:
     """One PPO iteration of two trainers that differ only in reuse_vision_features, from the same seed."""
-    from vlm_rl.vision_features import vision_tower
+    from vlm_rl.models.vision_features import vision_tower
 
     trainers, calls = {}, {}
     for reuse in (True, False):

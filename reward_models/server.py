@@ -46,7 +46,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from reward_models.base import Reward, as_reward, load_reward, load_rewards, validate_scores
+from reward_models.base import Reward, as_reward, validate_scores
+from reward_models.registry import load_reward, load_rewards
 
 __all__ = [
     "BadRequest",

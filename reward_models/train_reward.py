@@ -15,7 +15,7 @@ set, as in TRL's RewardTrainer); chosen and rejected go through one batched forw
 (written atomically) is a `VLMRewardModel` directory plus `eval_results.json` (with a `log_history` of the loss
 and learning rate every `--logging_steps` optimiser steps) and `train_reward_config.yaml` (the full resolved
 config). A non-empty output directory is refused before anything loads unless `--overwrite`, which replaces it
-whole; every data row is checked (`vlm_rl.validate`) before the model loads.
+whole; every data row is checked (`vlm_rl.data.validate`) before the model loads.
 
 Multi-process training goes through `accelerate` (`Accelerator`, `prepare`, `backward`, `gather_for_metrics`);
 train loss/accuracy are reduced over processes, eval metrics gathered without the padding duplicates. The LR
@@ -44,10 +44,10 @@ import torch.nn.functional as F
 
 from reward_models.base import completion_text
 from vlm_rl.atomic import refuse_existing_output, run_config_yaml
-from vlm_rl.config import ConfigError
-from vlm_rl.data import DataError
-from vlm_rl.families import Family, family_of, join_images
-from vlm_rl.model_loading import require_model
+from vlm_rl.errors import ConfigError
+from vlm_rl.data.formats import DataError
+from vlm_rl.models.families import Family, family_of, join_images
+from vlm_rl.models.loading import require_model
 
 TRAIN_CONFIG_FILE = "train_reward_config.yaml"
 
@@ -106,7 +106,7 @@ class RewardTrainingConfig:
     lora_alpha: int = field(default=32)
     lora_dropout: float = field(default=0.05)
     lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Language-model modules LoRA adapts (default: the model family's, vlm_rl.families)."}
+        default=None, metadata={"help": "Language-model modules LoRA adapts (default: the model family's, vlm_rl.models.families)."}
     )
 
     seed: int = field(default=0)
@@ -139,10 +139,10 @@ class RewardTrainingConfig:
 
 
 def load_pairs(path: str, split: str):
-    """Preference pairs in the normal form, every row checked first (`vlm_rl.validate`: images opened, chosen
+    """Preference pairs in the normal form, every row checked first (`vlm_rl.data.validate`: images opened, chosen
     and rejected readable); a DataError lists every problem."""
-    from vlm_rl.data import load_samples
-    from vlm_rl.validate import check_data
+    from vlm_rl.data.formats import load_samples
+    from vlm_rl.data.validate import check_data
 
     check_data(path, "reward", split=split).raise_if_problems()
     dataset = load_samples(path, split=split, check_images=False)
@@ -158,7 +158,7 @@ class PairCollator:
     With ``cache=True`` each pair is run through the processor once (keyed by its ``_source``) and later batches
     only pad and concatenate the stored tensors: for small models the image processor costs about as much as
     the forward. It keeps every pair's ``pixel_values`` in memory, so it is meant for small data sets.
-    ``family`` (vlm_rl.families) says how the processor lays out the images, so that they can be split per image.
+    ``family`` (vlm_rl.models.families) says how the processor lays out the images, so that they can be split per image.
     """
 
     TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # per-token tensors, padded per batch
@@ -264,7 +264,7 @@ def train(config: RewardTrainingConfig) -> dict:
     from transformers import get_scheduler
 
     from reward_models.vlm_reward import VLMRewardModel
-    from vlm_rl.synthetic_data import resolve_data_path
+    from vlm_rl.data.synthetic import resolve_data_path
 
     start_time = time.perf_counter()
     if not config.overwrite_output_dir:  # before anything loads; the save below checks again
@@ -291,7 +291,7 @@ def train(config: RewardTrainingConfig) -> dict:
         metadata={"trained_with": "reward_models.train_reward"},
     )
     if config.min_pixels is not None or config.max_pixels is not None:
-        from vlm_rl.model_loading import load_processor
+        from vlm_rl.models.loading import load_processor
 
         model.processor = load_processor(model_path, config.min_pixels, config.max_pixels)
     if config.use_peft:

@@ -1,4 +1,4 @@
-"""A learned reward model that sees the image: a VLM backbone (any family of ``vlm_rl.families``) + a scalar head.
+"""A learned reward model that sees the image: a VLM backbone (any family of ``vlm_rl.models.families``) + a scalar head.
 
 Architecture
 ------------
@@ -54,10 +54,10 @@ from torch import nn
 
 from reward_models.base import Reward, completion_texts
 from vlm_rl.atomic import atomic_dir
-from vlm_rl.families import family_of
-from vlm_rl.integrity import check_model_inputs
-from vlm_rl.model_loading import language_model_lora_config
-from vlm_rl.vision_features import FeatureLookup, ImageFeatures
+from vlm_rl.models.families import family_of
+from vlm_rl.rollout.integrity import check_model_inputs
+from vlm_rl.models.loading import language_model_lora_config
+from vlm_rl.models.vision_features import FeatureLookup, ImageFeatures
 
 REWARD_CONFIG_NAME = "reward_config.json"
 REWARD_HEAD_FILE = "reward_head.safetensors"
@@ -141,7 +141,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class VLMRewardModel(nn.Module, Reward):
-    """VLM backbone (any family of ``vlm_rl.families``) + fp32 scalar head on the last real token (see the module docstring)."""
+    """VLM backbone (any family of ``vlm_rl.models.families``) + fp32 scalar head on the last real token (see the module docstring)."""
 
     def __init__(
         self,
@@ -175,8 +175,8 @@ class VLMRewardModel(nn.Module, Reward):
     @classmethod
     def from_base(cls, model_name_or_path: str, dtype: torch.dtype = torch.float32, **kwargs) -> VLMRewardModel:
         """A fresh reward model on the backbone of a VLM checkpoint ('tiny', a directory or a peft adapter)."""
-        from vlm_rl.model_loading import load_base_model, load_processor
-        from vlm_rl.tiny import resolve_model_path
+        from vlm_rl.models.loading import load_base_model, load_processor
+        from vlm_rl.models.tiny import resolve_model_path
 
         path = resolve_model_path(model_name_or_path)
         full = load_base_model(path, dtype)
@@ -193,7 +193,7 @@ class VLMRewardModel(nn.Module, Reward):
         """Load a directory written by ``save_pretrained``. ``device`` None: the current CUDA device if any, else CPU."""
         from transformers import AutoModel, AutoProcessor
 
-        from vlm_rl.families import family_of
+        from vlm_rl.models.families import family_of
 
         path = Path(path)
         config_path = path / REWARD_CONFIG_NAME
@@ -226,7 +226,7 @@ class VLMRewardModel(nn.Module, Reward):
 
     def enable_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] | None = None) -> None:
         """Wrap the backbone with LoRA adapters on the language model's `target_modules` (default: the family's,
-        vlm_rl.families); the head stays fully trainable."""
+        vlm_rl.models.families); the head stays fully trainable."""
         from peft import get_peft_model
 
         lora = language_model_lora_config(r, alpha, dropout, target_modules, family_of(self.base_backbone))

@@ -1,4 +1,4 @@
-"""Rewards for tests/test_compare.py, importable as `compare_helpers:NAME`."""
+"""Rewards for tests/evaluation/test_compare.py, importable as `compare_helpers:NAME`."""
 
 from __future__ import annotations
 

@@ -18,14 +18,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from vlm_rl.tiny import make_tiny_model
+    from vlm_rl.models.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2-vl", seed=0)
 
 
 @pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory) -> Path:
-    from vlm_rl.synthetic_data import make_synthetic_data
+    from vlm_rl.data.synthetic import make_synthetic_data
 
     return make_synthetic_data(tmp_path_factory.mktemp("data") / "shapes", n=40, seed=0)
 

@@ -1,4 +1,4 @@
-"""Rewards for tests/test_score.py, importable as `score_helpers:NAME` (in-process and in `vlm-rl score` subprocesses)."""
+"""Rewards for tests/evaluation/test_score.py, importable as `score_helpers:NAME` (in-process and in `vlm-rl score` subprocesses)."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def test_an_unreachable_reward_server_is_a_user_error_naming_the_url(capsys):
 
 
 def test_a_module_callable_reward_imports_from_the_current_directory(tmp_path, monkeypatch):
-    from reward_models.base import load_reward
+    from reward_models.registry import load_reward
 
     (tmp_path / "cwd_reward_for_test.py").write_text("def brevity(prompts, completions, **kwargs):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
     monkeypatch.chdir(tmp_path)

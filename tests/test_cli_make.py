@@ -47,13 +47,13 @@ def test_make_data(tmp_path):
     for name in ("train.jsonl", "test.jsonl", "preferences.jsonl", "preferences_test.jsonl"):
         assert (out / name).is_file(), name
     assert len(list((out / "images").glob("*.png"))) == 20
-    from vlm_rl.data import load_samples
+    from vlm_rl.data.formats import load_samples
 
     train, test = load_samples(out / "train.jsonl"), load_samples(out / "test.jsonl")
     assert len(train) == 16 and len(test) == 4
     assert train[0]["images"][0].mode == "RGB" and train[0]["completion"] == train[0]["answer"]
     # Same flags as the library defaults -> the same bytes.
-    from vlm_rl.synthetic_data import make_synthetic_data
+    from vlm_rl.data.synthetic import make_synthetic_data
 
     lib = make_synthetic_data(tmp_path / "lib", n=20, seed=0)
     assert (lib / "train.jsonl").read_bytes() == (out / "train.jsonl").read_bytes()

@@ -10,7 +10,7 @@ from pathlib import Path
 from vlm_rl.cli import main as cli_main
 from vlm_rl.ppo import main as ppo_main
 from vlm_rl.sft import main as sft_main
-from vlm_rl.synthetic_data import make_synthetic_data
+from vlm_rl.data.synthetic import make_synthetic_data
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_AND_SHORT = {

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import Qwen2VLForConditionalGeneration
 
-from reward_models.base import load_rewards
-from vlm_rl.config import PPOConfig
-from vlm_rl.critic import load_critic
-from vlm_rl.data import load_samples
-from vlm_rl.model_loading import load_policy_and_reference, load_processor
-from vlm_rl.trainer import PPOTrainer
+from reward_models.registry import load_rewards
+from vlm_rl.training.config import PPOConfig
+from vlm_rl.models.critic import load_critic
+from vlm_rl.data.formats import load_samples
+from vlm_rl.models.loading import load_policy_and_reference, load_processor
+from vlm_rl.training.trainer import PPOTrainer
 
 
 def completion_length(prompts, completions, **kwargs):
@@ -149,8 +149,8 @@ def make_sft_adapter(model_dir: Path, out: Path) -> Path:
     from peft import get_peft_model
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vlm_rl.families import get_family
-    from vlm_rl.model_loading import language_model_lora_config
+    from vlm_rl.models.families import get_family
+    from vlm_rl.models.loading import language_model_lora_config
 
     torch.manual_seed(0)
     sft = get_peft_model(Qwen2VLForConditionalGeneration.from_pretrained(model_dir), language_model_lora_config(4, 8, 0.0, ["q_proj", "v_proj"], get_family("qwen2_vl"), task_type="CAUSAL_LM"))

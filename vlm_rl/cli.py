@@ -14,14 +14,14 @@ COMMANDS = {
     "demo": ("vlm_rl.demo", "make-tiny-model -> make-data -> SFT -> PPO -> compare, on CPU, offline"),
     "ppo": ("vlm_rl.ppo", "PPO-train a Qwen2-VL policy (flags: PPOConfig; --config YAML)"),
     "sft": ("vlm_rl.sft", "supervised fine-tuning with TRL's SFTTrainer (the checkpoint PPO starts from)"),
-    "score": ("vlm_rl.score", "score existing responses offline with one or more rewards"),
-    "compare": ("vlm_rl.compare", "compare checkpoints on the same prompts; writes summary.json and report.html"),
+    "score": ("vlm_rl.evaluation.score", "score existing responses offline with one or more rewards"),
+    "compare": ("vlm_rl.evaluation.compare", "compare checkpoints on the same prompts; writes summary.json and report.html"),
     "train-reward": ("reward_models.train_reward", "train a Qwen2-VL reward model (Bradley-Terry) on preference pairs"),
     "serve-reward": ("reward_models.server", "serve any reward over HTTP on loopback"),
     "make-tiny-model": ("vlm_rl.cli", "write an embedded tiny VLM (model + processor; --family qwen2_vl|qwen2_5_vl|qwen3_vl|llava) to a directory"),
-    "generate": ("vlm_rl.generate", "answer prompts with any checkpoint; writes JSONL that score reads"),
+    "generate": ("vlm_rl.evaluation.generate", "answer prompts with any checkpoint; writes JSONL that score reads"),
     "make-data": ("vlm_rl.cli", "write the synthetic shapes VQA dataset (train/test JSONL + preference pairs)"),
-    "validate-data": ("vlm_rl.validate", "check every row of a dataset for a task; list every problem by file, line and field"),
+    "validate-data": ("vlm_rl.data.validate", "check every row of a dataset for a task; list every problem by file, line and field"),
 }
 OVERWRITE_HELP = "replace a non-empty out_dir whole (default: refuse it; nothing in it is touched)"
 
@@ -30,19 +30,19 @@ def make_tiny_model_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="vlm-rl make-tiny-model", description=COMMANDS["make-tiny-model"][1])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    from vlm_rl.families import FAMILIES
+    from vlm_rl.models.families import FAMILIES
 
     parser.add_argument("--family", default="qwen2_vl", choices=list(FAMILIES), help="model family (default: qwen2_vl)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
-    from vlm_rl.tiny import make_tiny_model
+    from vlm_rl.models.tiny import make_tiny_model
 
     path = make_tiny_model(args.out_dir, seed=args.seed, family=args.family, overwrite=args.overwrite)
     print(f"tiny {FAMILIES[args.family].title} written to {path}")
 
 
 def make_data_main(argv: list[str]) -> None:
-    from vlm_rl.synthetic_data import TASKS
+    from vlm_rl.data.synthetic import TASKS
 
     parser = argparse.ArgumentParser(prog="vlm-rl make-data", description=COMMANDS["make-data"][1])
     parser.add_argument("out_dir")
@@ -53,7 +53,7 @@ def make_data_main(argv: list[str]) -> None:
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
-    from vlm_rl.synthetic_data import make_synthetic_data
+    from vlm_rl.data.synthetic import make_synthetic_data
 
     try:
         path = make_synthetic_data(

@@ -30,7 +30,7 @@ class DemoConfig:
     out: str = "outputs/demo"
     overwrite: bool = False  # replace a non-empty `out` (default: refuse it before any stage runs)
     seed: int = 0
-    family: str = "qwen2_vl"  # the tiny model's family (vlm_rl.families); the settings below were tuned on qwen2_vl
+    family: str = "qwen2_vl"  # the tiny model's family (vlm_rl.models.families); the settings below were tuned on qwen2_vl
     # data: colour questions, 30% of the demonstrations wrong
     n: int = 2000
     noise: float = 0.3
@@ -63,13 +63,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage into `cfg.out`; returns the comparison summary (also in `out/report/summary.json`).
     A non-empty `cfg.out` is refused unless `cfg.overwrite`, which lets every stage replace its output."""
     from vlm_rl.atomic import refuse_existing_output
-    from vlm_rl.compare import run_compare
+    from vlm_rl.evaluation.compare import run_compare
     from vlm_rl.sft import parse_args as parse_sft_args
     from vlm_rl.sft import run_sft
-    from vlm_rl.synthetic_data import make_synthetic_data
-    from vlm_rl.tiny import make_tiny_model
+    from vlm_rl.data.synthetic import make_synthetic_data
+    from vlm_rl.models.tiny import make_tiny_model
 
-    from vlm_rl.families import get_family
+    from vlm_rl.models.families import get_family
 
     get_family(cfg.family)  # an unknown family or variant is refused before anything is written
     variants = parse_variants(cfg.estimators)
@@ -138,7 +138,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def parse_variants(spec: str) -> list[tuple[str, str, str]]:
     """'gae,gae:separate,grpo' -> [(name, advantage_estimator, critic)]; a UserError for an unknown one."""
-    from vlm_rl.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS
+    from vlm_rl.algorithms.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS
     from vlm_rl.errors import UserError
 
     variants = []
@@ -164,7 +164,7 @@ def ppo_learning_rate(cfg: DemoConfig) -> float:
 
 def run_ppo(cfg: DemoConfig, sft_dir: Path, data_dir: Path, run_dir: Path, estimator: str, critic: str) -> None:
     """PPO from the SFT checkpoint with `estimator` (and `critic`, for gae), on the demo's reward and budget."""
-    from vlm_rl.config import PPOConfig
+    from vlm_rl.training.config import PPOConfig
     from vlm_rl.ppo import build_trainer
 
     group = estimator in ("grpo", "rloo")

@@ -19,6 +19,11 @@ class UserError(Exception):
     """A user error: the message names the file/line/field (or flag, path, URL) and says what to do."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config field (PPOConfig, a reward's training arguments) with a value that makes no sense; the message
+    names the field."""
+
+
 def run_command(command: str, main: Callable[[list[str]], object], argv: Sequence[str]) -> None:
     """Run `main(argv)` as `vlm-rl COMMAND`: a UserError becomes `vlm-rl COMMAND: error: MESSAGE` on stderr and
     exit status 2. `--debug` anywhere in `argv` (removed before `main` sees it) or VLM_RL_DEBUG=1 lets it

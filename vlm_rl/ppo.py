@@ -6,15 +6,15 @@ import sys
 
 from trl import TrlParser
 
-from vlm_rl.checkpoint import refuse_previous_run
-from vlm_rl.config import PPOConfig
-from vlm_rl.critic import load_critic
-from vlm_rl.data import load_samples
-from vlm_rl.model_loading import load_policy_and_reference, load_processor
-from vlm_rl.preemption import Preempted
-from vlm_rl.synthetic_data import resolve_data_path
-from vlm_rl.trainer import PPOTrainer
-from vlm_rl.validate import check_data
+from vlm_rl.training.checkpoint import refuse_previous_run
+from vlm_rl.training.config import PPOConfig
+from vlm_rl.models.critic import load_critic
+from vlm_rl.data.formats import load_samples
+from vlm_rl.models.loading import load_policy_and_reference, load_processor
+from vlm_rl.training.preemption import Preempted
+from vlm_rl.data.synthetic import resolve_data_path
+from vlm_rl.training.trainer import PPOTrainer
+from vlm_rl.data.validate import check_data
 
 
 def build_trainer(config: PPOConfig) -> PPOTrainer:
@@ -22,8 +22,8 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
     from accelerate import PartialState
     from transformers import set_seed
 
-    from reward_models.base import load_rewards
-    from vlm_rl.tiny import resolve_model_path
+    from reward_models.registry import load_rewards
+    from vlm_rl.models.tiny import resolve_model_path
 
     with PartialState().main_process_first():  # rank 0 builds the embedded defaults; the others then read them
         model_path = resolve_model_path(config.model_name_or_path)
@@ -55,7 +55,7 @@ def check_prompt_data(config: PPOConfig, processor, sources: list[tuple[str | No
     """Every row of the prompt data ((path, split) pairs) checked before the policy loads: readable, images opened,
     placeholders counted, prompt lengths against max_prompt_length, the columns the rewards read. A DataError
     lists every problem."""
-    from reward_models.base import reward_columns
+    from reward_models.registry import reward_columns
 
     columns = reward_columns(config.reward)
     for path, split in sources:

@@ -33,7 +33,7 @@ import torch
 from trl import SFTConfig
 
 from vlm_rl.atomic import move_aside, refuse_existing_output, remove, write_run_config
-from vlm_rl.families import Family, family_of
+from vlm_rl.models.families import Family, family_of
 logger = logging.getLogger(__name__)
 SFT_CONFIG_FILE = "sft_config.yaml"
 
@@ -195,9 +195,9 @@ def to_sft_dataset(samples: Iterable[dict[str, Any]]):
 def _load(spec: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
     from accelerate import PartialState
 
-    from vlm_rl.data import load_samples  # data.py is the one loader of every dataset format
-    from vlm_rl.synthetic_data import resolve_data_path
-    from vlm_rl.validate import check_data
+    from vlm_rl.data.formats import load_samples  # formats.py is the one loader of every dataset format
+    from vlm_rl.data.synthetic import resolve_data_path
+    from vlm_rl.data.validate import check_data
 
     with PartialState().main_process_first():  # rank 0 builds the embedded synthetic set; the others then read it
         path = resolve_data_path(spec, split)
@@ -212,10 +212,10 @@ def _load(spec: str, split: str, limit: int | None = None) -> list[dict[str, Any
 
 
 def lora_config_from(config: VLMSFTConfig, family: Family):
-    """The `peft.LoraConfig` for `config` on a model of `family` (vlm_rl.families), or None without `use_peft`."""
+    """The `peft.LoraConfig` for `config` on a model of `family` (vlm_rl.models.families), or None without `use_peft`."""
     if not config.use_peft:
         return None
-    from vlm_rl.model_loading import language_model_lora_config
+    from vlm_rl.models.loading import language_model_lora_config
 
     return language_model_lora_config(
         config.lora_r,
@@ -245,7 +245,7 @@ def _resolve_model_path(name_or_path: str) -> str:
     `base_model_name_or_path` works from any working directory."""
     from accelerate import PartialState
 
-    from vlm_rl.model_loading import require_model
+    from vlm_rl.models.loading import require_model
 
     with PartialState().main_process_first():  # rank 0 builds the embedded tiny model; the others then read it
         name_or_path = require_model(name_or_path)

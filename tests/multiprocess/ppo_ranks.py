@@ -1,4 +1,4 @@
-"""Launched by tests/test_ppo_entrypoint.py and tests/test_sharding.py under `accelerate launch`: trains briefly,
+"""Launched by tests/training/test_ppo_entrypoint.py and tests/training/test_sharding.py under `accelerate launch`: trains briefly,
 then each rank records what it saw (its first prompts), what it ended with (a checksum of every weight of the policy
 and critic, gathered whole on the rank under ZeRO-3 and FSDP2), and the advantages and mask of one more rollout (to
 check that advantages are whitened over the global batch, not per rank)."""
@@ -15,9 +15,9 @@ from trl import TrlParser
 if os.environ.get("ACCELERATE_USE_FSDP") == "true":  # FSDP on CPU ranks: accelerate would not turn it on
     runpy.run_path(str(Path(__file__).with_name("fsdp_on_cpu.py")), run_name="fsdp_on_cpu")
 
-from vlm_rl.config import PPOConfig  # noqa: E402
+from vlm_rl.training.config import PPOConfig  # noqa: E402
 from vlm_rl.ppo import build_trainer  # noqa: E402
-from vlm_rl.sharding import gathered_parameters  # noqa: E402
+from vlm_rl.models.sharding import gathered_parameters  # noqa: E402
 
 
 def full_weights_checksum(trainer) -> float:

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_reward_model_from_sft_reaches_90_percent(tmp_path, tiny_model_dir):
     from reward_models.train_reward import main as train_reward
     from vlm_rl.sft import parse_args, run_sft
-    from vlm_rl.synthetic_data import make_synthetic_data
+    from vlm_rl.data.synthetic import make_synthetic_data
 
     data = make_synthetic_data(tmp_path / "colour", n=1000, seed=0, noise=0.3, tasks=["colour"])
     sft = run_sft(parse_args(["--config", str(REPO / "configs/sft_tiny.yaml"), "--model_name_or_path", str(tiny_model_dir),

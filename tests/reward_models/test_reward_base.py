@@ -13,22 +13,8 @@ import pytest
 import torch
 
 from reward_models import base
-from reward_models.base import (
-    CombinedReward,
-    FunctionReward,
-    Reward,
-    RewardOutputError,
-    ScaledReward,
-    as_reward,
-    available_rewards,
-    completion_text,
-    load_reward,
-    load_rewards,
-    parse_args,
-    register_reward,
-    split_weight,
-    validate_scores,
-)
+from reward_models.base import CombinedReward, FunctionReward, Reward, RewardOutputError, ScaledReward, as_reward, completion_text, register_reward, validate_scores
+from reward_models.registry import available_rewards, load_reward, load_rewards, parse_args, split_weight
 from reward_models.remote import RemoteReward
 from reward_models.rules import ContainsAnswer, ExactMatch, FormatReward, LengthReward
 
@@ -43,9 +29,12 @@ def helpers(monkeypatch):
 
 
 @pytest.fixture()
-def isolated_registry(monkeypatch):
-    base._ensure_builtins()
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+def isolated_registry():
+    """Rewards a test registers are gone after it."""
+    saved = dict(base._REGISTRY)
+    yield
+    base._REGISTRY.clear()
+    base._REGISTRY.update(saved)
 
 
 # ----------------------------------------------------------------------------- parsing

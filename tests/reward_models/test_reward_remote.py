@@ -14,7 +14,8 @@ import pytest
 from http_helpers import post
 from PIL import Image
 
-from reward_models.base import Reward, load_reward, load_rewards
+from reward_models.base import Reward
+from reward_models.registry import load_reward, load_rewards
 from reward_models.remote import RemoteReward, RemoteRewardError, encode_image
 from reward_models.server import decode_image, is_loopback, make_server, running_server
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reward_models.base import load_reward, load_rewards
+from reward_models.registry import load_reward, load_rewards
 from reward_models.vlm_reward import (
     REWARD_CONFIG_NAME,
     REWARD_HEAD_FILE,
@@ -16,8 +16,8 @@ from reward_models.vlm_reward import (
     encode_for_reward,
     last_token_index,
 )
-from vlm_rl.data import load_samples
-from vlm_rl.integrity import MultimodalIntegrityError
+from vlm_rl.data.formats import load_samples
+from vlm_rl.rollout.integrity import MultimodalIntegrityError
 
 N_PAIRS = 16
 

@@ -1,0 +1,182 @@
+"""Synthetic visual question answering with verifiable answers: coloured shapes on a canvas.
+
+Each scene holds 1-4 copies of one shape in one colour, in a row through one half of the image. A row asks
+about one attribute (colour, shape, count, position) and has a one-word `answer`. `response` is the
+demonstration an SFT stage learns from; with `noise > 0` a fraction of demonstrations is wrong (as
+human demonstrations are), while `answer` stays the truth a verifiable reward checks against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from vlm_rl.atomic import atomic_dir
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["square", "circle", "triangle"]
+POSITIONS = ["left", "right", "top", "bottom"]
+COUNT_WORDS = ["one", "two", "three", "four"]
+TASKS = ["colour", "shape", "count", "position"]
+
+RGB = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 215, 20),
+    "purple": (140, 40, 170),
+    "orange": (245, 140, 20),
+}
+
+QUESTIONS = {
+    "colour": "What colour is the {shape}? Answer with one word.",
+    "shape": "What shape is in the picture? Answer with one word.",
+    "count": "How many {shape}s are there? Answer with one word.",
+    "position": "Where is the {colour} {shape}: left, right, top or bottom? Answer with one word.",
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    count: int
+    position: str
+    size: tuple[int, int]
+
+    def answer(self, task: str) -> str:
+        return {
+            "colour": self.colour,
+            "shape": self.shape,
+            "count": COUNT_WORDS[self.count - 1],
+            "position": self.position,
+        }[task]
+
+    def choices(self, task: str) -> list[str]:
+        return {"colour": COLOURS, "shape": SHAPES, "count": COUNT_WORDS, "position": POSITIONS}[task]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    width = rng.choice([56, 84])
+    height = rng.choice([56, 84])
+    return Scene(rng.choice(COLOURS), rng.choice(SHAPES), rng.randint(1, 4), rng.choice(POSITIONS), (width, height))
+
+
+def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
+    """Render the scene: `count` shapes in one evenly spaced row through the middle of the named half, so that
+    shapes never touch (the count is unambiguous) and the group sits in that half only (a "top" scene is not
+    also a "left" scene). Each shape fills 70% of its slot (with +-1 px jitter: always >= 2 px apart): as large as the layout allows, because a tiny
+    vision encoder cannot find a shape that covers a sliver of one vision token."""
+    width, height = scene.size
+    image = Image.new("RGB", (width, height), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    k = scene.count
+    if scene.position in ("left", "right"):
+        side = int(0.7 * min(width / 2, height / k))
+    else:
+        side = int(0.7 * min(height / 2, width / k))
+    if scene.position in ("left", "right"):
+        x = width * (0.25 if scene.position == "left" else 0.75)
+        centres = [(x, height * (j + 0.5) / k) for j in range(k)]
+    else:
+        y = height * (0.25 if scene.position == "top" else 0.75)
+        centres = [(width * (j + 0.5) / k, y) for j in range(k)]
+    for cx, cy in centres:
+        cx += rng.randint(-1, 1)
+        cy += rng.randint(-1, 1)
+        box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+        fill = RGB[scene.colour]
+        if scene.shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif scene.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        else:
+            draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+    return image
+
+
+def make_row(scene: Scene, task: str, image_path: str, rng: random.Random, noise: float) -> dict:
+    answer = scene.answer(task)
+    wrong = rng.choice([c for c in scene.choices(task) if c != answer])
+    response = wrong if rng.random() < noise else answer
+    return {
+        "image": image_path,
+        "prompt": QUESTIONS[task].format(shape=scene.shape, colour=scene.colour),
+        "response": response,
+        "answer": answer,
+        "task": task,
+        "wrong_answer": wrong,
+    }
+
+
+def make_synthetic_data(
+    out_dir: str | os.PathLike,
+    n: int = 400,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    noise: float = 0.0,
+    tasks: list[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `images/`, `train.jsonl`, `test.jsonl`, `preferences.jsonl`, `preferences_test.jsonl` to `out_dir`.
+
+    Deterministic per seed; the directory appears whole or not at all. A non-empty `out_dir` is refused (before
+    anything is drawn) unless `overwrite`, which replaces it whole.
+    """
+    tasks = tasks or TASKS
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"noise must be in [0, 1), got {noise}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    rng = random.Random(seed)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / "images").mkdir()
+        n_test = int(round(n * test_fraction))
+        rows = []
+        for i in range(n):
+            scene = random_scene(rng)
+            image_path = f"images/{i:06d}.png"
+            draw_scene(scene, rng).save(tmp / image_path)
+            is_test = i >= n - n_test
+            # Test rows keep their true answer as the response: they are for evaluation.
+            rows.append(make_row(scene, rng.choice(tasks), image_path, rng, 0.0 if is_test else noise))
+        train, test = rows[: n - n_test], rows[n - n_test :]
+        _write_jsonl(tmp / "train.jsonl", train)
+        _write_jsonl(tmp / "test.jsonl", test)
+        _write_jsonl(tmp / "preferences.jsonl", [_preference(r) for r in train])
+        _write_jsonl(tmp / "preferences_test.jsonl", [_preference(r) for r in test])
+    return out_dir
+
+
+def _preference(row: dict) -> dict:
+    return {"image": row["image"], "prompt": row["prompt"], "chosen": row["answer"], "rejected": row["wrong_answer"]}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def resolve_data_path(spec: str, split: str = "train") -> str:
+    """'synthetic' -> the embedded shapes VQA set's `split` file (built once into the cache); else `spec`."""
+    if spec != "synthetic":
+        return str(spec)
+    from vlm_rl.cache import cache_dir
+
+    # Versioned like the tiny model's cache (v2: shapes in a row through the middle of their half, never touching).
+    path = cache_dir() / "shapes-v2-n400-seed0"
+    if not (path / "train.jsonl").exists():
+        make_synthetic_data(path, n=400, seed=0, overwrite=True)  # the cache is vlm-rl's own: a broken one is rebuilt
+    return str(path / f"{split}.jsonl")

@@ -1,0 +1,279 @@
+"""Check a dataset for a task before any model loads, and list every problem by file, line and field.
+
+    vlm-rl validate-data FILE [--task ppo|sft|reward|score] [--model DIR] [--max_prompt_length N] [--reward SPEC ...]
+
+`check_data` reads every row (the readers of `vlm_rl.data.formats`, so the same formats and the same normal form) and
+collects, instead of stopping at the first:
+  * the file: missing, unsupported type, empty, or unreadable as a whole (a .json list that is not JSON);
+  * each row: not UTF-8, not JSON, not an object, no prompt, bad messages, image placeholders that do not
+    match the images (`<image>` or `{"type": "image"}` parts), images that do not exist or cannot be opened;
+  * what the task needs: a demonstration (`response`/`completion`/final assistant turn) for sft, `chosen` and
+    `rejected` for reward, the response column for score, the columns the chosen rewards read (`answer` for
+    exact_match and contains_answer);
+  * with a processor: prompts longer than `max_prompt_length` tokens (image tokens included), tokenised in
+    batches exactly as PPO encodes them (notes instead of problems when long prompts are to be skipped).
+
+PPO, SFT, train-reward and score run the same check at start (`DataReport.raise_if_problems`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlm_rl.data.formats import DataError, InputRow, normalise_row, open_image, read_rows, response_field, response_text
+
+TASKS = ("ppo", "sft", "reward", "score")
+MAX_LISTED = 50
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: where ("file:line", or the file for a whole-file problem), the field (if one) and the message."""
+
+    source: str
+    field: str | None
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.source}: field '{self.field}': {self.message}" if self.field else f"{self.source}: {self.message}"
+
+
+@dataclass
+class DataReport:
+    """What `check_data` found: every problem, the rows read, and notes that are not errors."""
+
+    path: str
+    task: str
+    rows: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bad_rows(self) -> int:
+        """Rows with at least one problem."""
+        return len({p.source for p in self.problems if p.line is not None})
+
+    @property
+    def usable(self) -> bool:
+        """No whole-file problem and at least one row without problems."""
+        return not any(p.line is None for p in self.problems) and self.bad_rows < self.rows
+
+    def summary(self) -> str:
+        """One line: rows read and problems found."""
+        if not self.problems:
+            return f"{self.path}: {self.rows} row(s) checked for {self.task}: no problems"
+        return (
+            f"{self.path}: {len(self.problems)} problem(s) in {self.bad_rows} of {self.rows} row(s) checked for "
+            f"{self.task}" + ("" if self.usable else " (nothing usable)")
+        )
+
+    def message(self, limit: int = MAX_LISTED) -> str:
+        """The summary, the first `limit` problems (one per line), a count of the rest, and what to do."""
+        lines = [f"  {p}" for p in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"  ... and {len(self.problems) - limit} more")
+        advice = f"Fix them and run again (`vlm-rl validate-data {self.path} --task {self.task}` lists them all)."
+        return "\n".join([self.summary() + ":", *lines, advice])
+
+    def raise_if_problems(self) -> None:
+        """DataError listing the problems (the first MAX_LISTED), if there are any."""
+        if self.problems:
+            raise DataError(self.message())
+
+
+def check_data(
+    path: str | os.PathLike,
+    task: str,
+    *,
+    processor: Any = None,
+    max_prompt_length: int | None = None,
+    required_columns: Sequence[str] | Mapping[str, str] = (),
+    skip_long_prompts: bool = False,
+    split: str = "train",
+    response_column: str = "response",
+    check_images: bool = True,
+    batch_size: int = 32,
+) -> DataReport:
+    """Read every row of `path` and report every problem for `task` (see the module docstring).
+
+    `required_columns`: column names every row must have, or {column: who needs it} for the message.
+    `skip_long_prompts`: prompts over `max_prompt_length` become notes, not problems. `check_images=False`
+    leaves images unopened (and prompt lengths unchecked).
+    """
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+    needed = dict(required_columns) if isinstance(required_columns, Mapping) else {c: "" for c in required_columns}
+    processor = processor if check_images else None  # prompt lengths need the images
+    report = DataReport(str(path), task)
+    try:
+        rows, base_dir = read_rows(path, split)
+        pending: list[dict] = []
+        for sample in _checked_rows(rows, base_dir, task, needed, response_column, check_images, report):
+            pending.append(sample)
+            if len(pending) == batch_size:
+                _check_lengths(processor, max_prompt_length, skip_long_prompts, pending, report)
+                pending = []
+        _check_lengths(processor, max_prompt_length, skip_long_prompts, pending, report)
+    except DataError as e:  # the file as a whole cannot be read
+        report.problems.append(Problem(e.source or str(path), e.field, e.detail))
+        return report
+    if report.rows == 0:
+        report.problems.append(Problem(str(path), None, "empty: no rows. Give a file with one JSON object per line (or a JSON list)."))
+    report.problems.sort(key=lambda p: -1 if p.line is None else p.line)  # length problems come a batch late
+    return report
+
+
+def _checked_rows(
+    rows: Iterator[InputRow],
+    base_dir: Path,
+    task: str,
+    needed: dict[str, str],
+    response_column: str,
+    check_images: bool,
+    report: DataReport,
+) -> Iterator[dict]:
+    """Each row's problems go into `report`; the rows without any come out as samples with opened images."""
+    for row in rows:
+        report.rows += 1
+        found = _row_problems(row, base_dir, task, needed, response_column, check_images)
+        if isinstance(found, dict):
+            yield found
+        else:
+            report.problems += found
+
+
+def _row_problems(
+    row: InputRow, base_dir: Path, task: str, needed: dict[str, str], response_column: str, check_images: bool
+) -> dict | list[Problem]:
+    """The row's sample (images opened) when it has no problem, else every problem found in it."""
+
+    def problem(e: DataError) -> Problem:
+        return Problem(e.source or row.source, e.field, e.detail, row.line)
+
+    if row.error is not None:
+        return [problem(row.error)]
+    try:
+        sample = normalise_row(row.raw, base_dir, row.source)
+    except DataError as e:
+        return [problem(e)]
+    problems = [Problem(row.source, column, f"missing{f' ({who})' if who else ''}. Add the column to every row.", row.line)
+                for column, who in needed.items() if column not in row.raw]
+    for name, value, if_missing in _task_fields(task, row.raw, sample, response_column):
+        try:
+            text = response_text(value, row.source, name, if_missing)
+        except DataError as e:
+            problems.append(problem(e))
+            continue
+        if task == "sft" and not text:
+            problems.append(Problem(row.source, name, "empty demonstration: SFT needs a non-empty answer to learn.", row.line))
+    if task == "sft" and sample["prompt"][-1]["role"] != "user":
+        problems.append(Problem(row.source, "prompt", f"ends with a {sample['prompt'][-1]['role']!r} turn; SFT needs the prompt to end with a user turn.", row.line))
+    images = []
+    if check_images:
+        field_name = "image" if len(sample["images"]) <= 1 else "images"
+        for ref in sample["images"]:
+            try:
+                images.append(open_image(ref, base_dir, row.source, field_name))
+            except DataError as e:
+                problems.append(problem(e))
+    return problems or {**sample, "images": images, "_line": row.line}
+
+
+def _task_fields(task: str, raw: dict, sample: dict, response_column: str) -> list[tuple[str, Any, str]]:
+    """(field, value, what to do when it is missing) for the response-like fields `task` needs."""
+    if task == "sft":
+        return [("response", sample["completion"], "missing demonstration: SFT needs a 'response' (or 'completion', or a final assistant turn).")]
+    if task == "reward":
+        pair = "A preference pair needs 'chosen' and 'rejected' responses."
+        return [("chosen", raw.get("chosen"), f"missing. {pair}"), ("rejected", raw.get("rejected"), f"missing. {pair}")]
+    if task == "score":
+        name, value, if_missing = response_field(raw, sample, response_column)
+        return [(name, value, if_missing)]
+    return []
+
+
+def _check_lengths(processor: Any, max_prompt_length: int | None, skip: bool, samples: list[dict], report: DataReport) -> None:
+    """Prompts (image tokens included) over `max_prompt_length`: problems, or notes when they are to be skipped."""
+    if processor is None or max_prompt_length is None or not samples:
+        return
+    from vlm_rl.rollout.batch import prompt_lengths
+
+    for sample, n in zip(samples, prompt_lengths(processor, samples, batch_size=len(samples))):
+        if n <= max_prompt_length:
+            continue
+        if skip:
+            report.notes.append(f"{sample['_source']}: prompt of {n} tokens > max_prompt_length={max_prompt_length}: skipped (skip_long_prompts)")
+        else:
+            report.problems.append(Problem(
+                sample["_source"], "prompt",
+                f"{n} tokens (image tokens included) > max_prompt_length={max_prompt_length}. Shorten it, lower the "
+                "processor's max_pixels, raise max_prompt_length, or set skip_long_prompts to drop such rows.",
+                sample["_line"],
+            ))
+
+
+# ----------------------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-rl validate-data",
+        description="Check every row of a dataset for a task and list every problem by file, line and field "
+        "(exit status 2 when there are any, 0 when clean).",
+    )
+    parser.add_argument("data", help=".jsonl, .json or a dataset directory (any supported format)")
+    parser.add_argument("--task", choices=TASKS, default="ppo", help="what the data is for (default: ppo)")
+    parser.add_argument("--split", default="train", help="split to read from a dataset directory")
+    parser.add_argument("--model", default=None, help="model directory whose processor measures prompt lengths ('tiny' works)")
+    parser.add_argument(
+        "--max_prompt_length", "--max-prompt-length", type=int, default=None,
+        help="longest prompt in tokens, image tokens included (with --model; default: PPO's max_prompt_length)",
+    )
+    parser.add_argument("--min_pixels", "--min-pixels", type=int, default=None, help="override the processor's min_pixels")
+    parser.add_argument("--max_pixels", "--max-pixels", type=int, default=None, help="override the processor's max_pixels")
+    parser.add_argument("--reward", action="append", default=[], help="reward spec (repeatable): the columns it reads are required (exact_match: answer)")
+    parser.add_argument("--response_column", "--response-column", default="response", help="--task score: the column scored")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vlm-rl validate-data`: every problem on stdout, then the summary; exit status 2 when there are problems."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    processor, max_prompt_length = None, args.max_prompt_length
+    if args.model is not None:
+        from vlm_rl.training.config import PPOConfig
+        from vlm_rl.models.loading import load_processor, require_model
+
+        processor = load_processor(require_model(args.model), args.min_pixels, args.max_pixels)
+        if max_prompt_length is None:
+            max_prompt_length = PPOConfig.__dataclass_fields__["max_prompt_length"].default
+    elif max_prompt_length is not None:
+        parser.error("--max_prompt_length needs --model (its processor counts the tokens)")
+    from reward_models.registry import reward_columns
+
+    report = check_data(
+        args.data, args.task, processor=processor, max_prompt_length=max_prompt_length,
+        required_columns=reward_columns(args.reward), split=args.split, response_column=args.response_column,
+    )
+    for p in report.problems:
+        print(p)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(report.summary())
+    if report.problems:
+        sys.exit(2)
+    return 0
+
+
+if __name__ == "__main__":
+    from vlm_rl.errors import run_command
+
+    run_command("validate-data", main, sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Evaluation commands: generate, score, compare, and the statistics and report behind compare."""

@@ -1,0 +1,155 @@
+"""`vlm-rl compare`: generate from several checkpoints on the same prompts, score, and report side by side.
+
+Every model sees the same prompts, in the same batches, with the same seeds and the same explicit
+generation config. KL to the first model is the mean per-token k1 estimate on each model's own samples:
+mean over response tokens of log p_model(y_t) - log p_first(y_t).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from vlm_rl.evaluation.statistics import read_training_curves, summarize
+from vlm_rl.data.formats import load_samples, prompt_text, reward_kwargs
+from vlm_rl.evaluation.generate import generate_all
+from vlm_rl.rollout.generation import make_generation_config
+from vlm_rl.rollout.logprobs import response_logprobs
+from vlm_rl.algorithms.masking import masked_mean
+from vlm_rl.models.loading import load_base_model, load_processor
+from vlm_rl.evaluation.report import write_report
+
+
+def parse_named(values: list[str], flag: str) -> dict[str, str]:
+    named = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"{flag} expects NAME=PATH, got {value!r}")
+        if name in named:
+            raise SystemExit(f"{flag}: the name {name!r} is used twice")
+        named[name] = path
+    return named
+
+
+def score_generations(
+    reward, samples: list[dict], completions: list[str], eos: list[bool], lengths: list[int], kls: list[float]
+) -> tuple[list[dict], list[float | None]]:
+    """One model's per-prompt records for `summarize`, and its combined reward per prompt.
+
+    The rewards receive `completion_ended=eos`: whether each response ended with an eos token.
+    """
+    columns = {**reward_kwargs(samples), "completion_ended": list(eos)}
+    _, combined = reward.score([s["prompt"] for s in samples], completions, **columns)
+    records = [
+        {"prompt_id": i, "reward": r, "eos": e, "length": n, "kl_to_first": kl}
+        for i, (r, e, n, kl) in enumerate(zip(combined, eos, lengths, kls, strict=True))
+    ]
+    return records, combined
+
+
+def run_compare(
+    models: dict[str, str],
+    data: str,
+    reward_specs: list[str],
+    out_dir: str,
+    runs: dict[str, str] | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    seed: int = 0,
+    num_report_samples: int = 12,
+) -> dict:
+    """Generate, score and write `summary.json` + `report.html` into `out_dir`; returns the summary."""
+    from reward_models.registry import load_rewards
+
+    samples = list(load_samples(data, split="test"))[: max_samples or None]
+    reward = load_rewards(reward_specs)
+    names = list(models)
+    first_model = None
+    records: dict[str, list[dict]] = {}
+    texts: dict[str, list[str]] = {}
+    scores: dict[str, list[float | None]] = {}
+    for name in names:
+        processor = load_processor(models[name])
+        model = load_base_model(models[name], torch.float32).eval()
+        config = make_generation_config(processor.tokenizer, max_new_tokens, temperature=temperature, do_sample=do_sample)
+        rollouts = generate_all(model, processor, samples, config, batch_size, seed, desc=f"generate {name}")
+        completions, kls, eos, lengths = [], [], [], []
+        for rollout in rollouts:
+            completions += processor.batch_decode(rollout.responses, skip_special_tokens=True)
+            eos += rollout.has_eos.tolist()
+            lengths += rollout.response_lengths.tolist()
+            if first_model is None:
+                kls += [0.0] * len(rollout)
+            else:
+                own, _ = response_logprobs(model, rollout, temperature if do_sample else 1.0)
+                ref, _ = response_logprobs(first_model, rollout, temperature if do_sample else 1.0)
+                kls += masked_mean(own - ref, rollout.response_mask, dim=1).tolist()
+        records[name], combined = score_generations(reward, samples, completions, eos, lengths, kls)
+        texts[name], scores[name] = completions, combined
+        if first_model is None:
+            first_model = model
+    summary = summarize(records, names)
+    curves = {name: read_training_curves(path) for name, path in (runs or {}).items()}
+    curves = {name: c for name, c in curves.items() if c}
+    report_samples = [
+        {
+            "image": s["images"][0] if s["images"] else None,
+            "prompt": prompt_text(s["prompt"]),
+            "answer": s.get("answer"),
+            "responses": {name: {"text": texts[name][i], "reward": scores[name][i]} for name in names},
+        }
+        for i, s in enumerate(samples[:num_report_samples])
+    ]
+    meta = {
+        "data": data,
+        "prompts": len(samples),
+        "reward": ", ".join(reward_specs),
+        "generation": f"max_new_tokens={max_new_tokens}, " + (f"sampling, temperature={temperature}, top_k=0, top_p=1" if do_sample else "greedy"),
+        "seed": seed,
+    }
+    path = write_report(out_dir, summary, curves, report_samples, names, meta=meta)
+    print(f"report: {path}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vlm-rl compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="a checkpoint (full or adapter); the first is the baseline")
+    parser.add_argument("--data", required=True, help="prompts (any supported format; 'answer' column for VQA rewards)")
+    parser.add_argument("--reward", action="append", default=None, metavar="SPEC[:WEIGHT]", help="default: exact_match")
+    parser.add_argument("--out", required=True, help="report directory")
+    parser.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="training run whose logs to plot (default: each --model dir that has them)")
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-report-samples", type=int, default=12)
+    parser.add_argument("--torch-num-threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.torch_num_threads:
+        torch.set_num_threads(args.torch_num_threads)
+    models = parse_named(args.model, "--model")
+    runs = parse_named(args.run, "--run") or {n: p for n, p in models.items() if (Path(p) / "trainer_state.json").exists() or list(Path(p).glob("checkpoint-*/trainer_state.json"))}
+    summary = run_compare(
+        models, args.data, args.reward or ["exact_match"], args.out, runs=runs, max_samples=args.max_samples,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        do_sample=not args.greedy, seed=args.seed, num_report_samples=args.num_report_samples,
+    )
+    for name, m in summary["models"].items():
+        line = f"{name:>12}: reward {m['mean_reward']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  eos {m['eos_rate']:.2f}  len {m['mean_length']:.1f}  kl {m['kl_to_first']:.3f}"
+        if name in summary["differences"]:
+            d = summary["differences"][name]
+            line += f"  diff {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""`vlm-rl generate`: answers from any checkpoint, as JSONL that `vlm-rl score` reads directly.
+
+    vlm-rl generate --model runs/ppo/checkpoint-50 --data data/test.jsonl --out answers.jsonl
+    vlm-rl generate --model runs/sft --image cat.png --prompt "What colour is the cat?"
+
+The checkpoint may be a full model, a LoRA adapter (merged into its base) or a PPO `checkpoint-N`. Decoding
+uses the same explicit generation config as PPO's rollouts. Each input row is written back with every one of
+its columns plus `response`; in conversational rows the answer turn (`completion`, the last assistant/gpt
+turn) holds the new answer too, so that every reader sees it, and an answer the row had before is kept as
+`reference_response`. Image paths are rewritten to stay valid relative to the output file; images stored
+inside a dataset directory are written as PNG files beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vlm_rl.atomic import atomic_file
+from vlm_rl.data.formats import DataError, PromptDataset, normalise_row, read_rows
+from vlm_rl.models.families import family_of
+from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
+from vlm_rl.rollout.batch import Rollout, encode_prompts
+
+IMAGE_FIELDS = ("image", "images")
+
+
+@torch.no_grad()
+def generate_all(model, processor, samples: list[dict], config, batch_size: int, seed: int, desc: str) -> list[Rollout]:
+    """Rollouts for every batch of `samples`; batch k is sampled with seed `seed + k` whatever the model."""
+    tok = processor.tokenizer
+    rollouts = []
+    for k, start in enumerate(tqdm(range(0, len(samples), batch_size), desc=desc, leave=False)):
+        batch = samples[start : start + batch_size]
+        query = encode_prompts(processor, batch)
+        torch.manual_seed(seed + k)
+        responses = generate_responses(model, {k2: v for k2, v in query.items() if k2 != "num_images"}, config)
+        sources = [s["_source"] for s in batch]
+        rollouts.append(Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), sources, family_of(model)))
+    return rollouts
+
+
+def portable_images(row: dict, base_dir: Path, out: Path, index: int) -> dict:
+    """`row` with its image references valid from `out`'s directory: relative paths re-based, embedded images
+    (PIL or bytes from a dataset directory) written as PNG files beside `out`."""
+    from PIL import Image
+
+    def portable(ref, j: int):
+        if isinstance(ref, dict) and ref.get("path"):
+            ref = ref["path"]
+        if isinstance(ref, str):
+            return ref if os.path.isabs(ref) or "://" in ref else os.path.relpath(base_dir / ref, out.parent)
+        if isinstance(ref, dict) and ref.get("bytes"):
+            import io
+
+            ref = Image.open(io.BytesIO(ref["bytes"]))
+        if isinstance(ref, Image.Image):
+            folder = out.with_name(f"{out.stem}_images")
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{index}_{j}.png"
+            ref.save(path)
+            return os.path.relpath(path, out.parent)
+        return ref
+
+    row = dict(row)
+    for field in IMAGE_FIELDS:
+        if field in row and row[field] is not None:
+            value = row[field]
+            row[field] = [portable(r, j) for j, r in enumerate(value)] if isinstance(value, list) else portable(value, 0)
+    return row
+
+
+def with_response(row: dict, response: str) -> dict:
+    """`row` plus `response`, with the answer also in the place its format keeps one (see the module docstring)."""
+    row = copy.deepcopy(row)
+    previous = None
+    for key, speaker in (("messages", "assistant"), ("conversations", "gpt")):
+        turns = row.get(key)
+        if isinstance(turns, list):
+            role_key, text_key = ("role", "content") if key == "messages" else ("from", "value")
+            if turns and isinstance(turns[-1], dict) and str(turns[-1].get(role_key, "")).lower() == speaker:
+                previous = turns.pop()[text_key]
+            turns.append({role_key: speaker, text_key: response})
+    if isinstance(row.get("prompt"), list):  # TRL prompt-completion
+        previous = row.get("completion", previous)
+        row["completion"] = [{"role": "assistant", "content": response}]
+    previous = row.get("response", previous)
+    if previous is not None:
+        row["reference_response"] = previous
+    row["response"] = response
+    return row
+
+
+def run_generate(
+    model_path: str,
+    out: str,
+    data: str | None = None,
+    image: str | None = None,
+    prompt: str | None = None,
+    split: str = "test",
+    max_samples: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Answer every row of `data` (or the one `image`/`prompt` pair) with the checkpoint at `model_path`."""
+    from vlm_rl.models.loading import load_base_model, load_processor
+
+    out = Path(out)
+    if (data is None) == (prompt is None):
+        raise DataError("give either --data FILE or --prompt TEXT (with --image IMAGE for a question about an image)")
+    if data is not None:
+        input_rows, base_dir = read_rows(data, split)
+        rows = []
+        for row in input_rows:
+            if row.error is not None:
+                raise row.error
+            rows.append((row.source, row.raw))
+    else:
+        single = {"prompt": prompt, **({"image": str(Path(image).resolve())} if image else {})}
+        rows, base_dir = [("--prompt", single)], Path.cwd()
+    rows = rows[: max_samples or None]
+    samples = list(PromptDataset([normalise_row(row, base_dir, where) for where, row in rows], base_dir))  # images opened
+    processor = load_processor(model_path)
+    model = load_base_model(model_path, torch.float32).eval()
+    config = make_generation_config(processor.tokenizer, max_new_tokens, temperature=temperature, do_sample=do_sample)
+    responses = []
+    for rollout in generate_all(model, processor, samples, config, batch_size, seed, desc="generate"):
+        responses += processor.batch_decode(rollout.responses, skip_special_tokens=True)
+    with atomic_file(out) as f:
+        for i, ((_, row), response) in enumerate(zip(rows, responses, strict=True)):
+            f.write(json.dumps(with_response(portable_images(row, base_dir, out, i), response), ensure_ascii=False) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vlm-rl generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a full model, a LoRA adapter, or a PPO checkpoint-N directory")
+    parser.add_argument("--data", help="prompts in any supported format (see the README)")
+    parser.add_argument("--image", help="with --prompt: one image to ask about")
+    parser.add_argument("--prompt", help="one question instead of --data")
+    parser.add_argument("--out", default=None, help="output JSONL (default: print the answer(s))")
+    parser.add_argument("--split", default="test", help="split of a dataset directory")
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.image and not args.prompt:
+        parser.error("--image needs --prompt")
+    if args.out is None and args.data is not None:
+        parser.error("--data needs --out")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vlm-rl-generate-")) / "answer.jsonl"
+    path = run_generate(
+        args.model, str(out), data=args.data, image=args.image, prompt=args.prompt, split=args.split,
+        max_samples=args.max_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, do_sample=not args.greedy, seed=args.seed,
+    )  # fmt: skip
+    if args.out is None:
+        print(json.loads(path.read_text())["response"])
+        shutil.rmtree(path.parent)
+    else:
+        print(f"{len(path.read_text().splitlines())} answers written to {path}")
+
+
+if __name__ == "__main__":
+    from vlm_rl.errors import run_command
+
+    run_command("generate", main, sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Rollouts: generation config and batched generate, the Rollout batch, per-token logprobs, input integrity checks."""

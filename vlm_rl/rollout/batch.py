@@ -1,0 +1,178 @@
+"""The rollout batch: padded query|response, masks, image tensors (and their encoded features), and selection
+into micro-batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from vlm_rl.models.families import Family, Images, join_images
+from vlm_rl.rollout.generation import first_eos_mask
+from vlm_rl.models.vision_features import ImageFeatures
+
+
+class PromptTooLongError(ValueError):
+    """A prompt (image tokens included) exceeds max_prompt_length; prompts are never cut through their images."""
+
+
+def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None = None) -> dict:
+    """Chat-template and process a batch of normal-form samples, left-padded.
+
+    Returns the processor's tensors, ready for `generate`: `input_ids, attention_mask (B, T_q)`, and by family
+    (vlm_rl.models.families) the Qwen families' `mm_token_type_ids (B, T_q)`, `pixel_values (N_patches, D)` and
+    `image_grid_thw (N_images, 3)`, or LLaVA's `pixel_values (N_images, 3, H, W)`; plus `num_images` (list, per
+    sample).
+    """
+    texts = [processor.apply_chat_template(s["prompt"], add_generation_prompt=True, tokenize=False) for s in samples]
+    images = [image for s in samples for image in s["images"]]
+    batch = processor(
+        text=texts,
+        images=images or None,
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
+    batch = dict(batch)
+    batch["num_images"] = [len(s["images"]) for s in samples]
+    if max_prompt_length is not None:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        too_long = [(s.get("_source", f"sample {i}"), n) for i, (s, n) in enumerate(zip(samples, lengths)) if n > max_prompt_length]
+        if too_long:
+            names = ", ".join(f"{src} ({n} tokens)" for src, n in too_long)
+            raise PromptTooLongError(
+                f"prompt longer than max_prompt_length={max_prompt_length}: {names}. Raise max_prompt_length, "
+                "lower the processor's max_pixels, or set skip_long_prompts to drop such samples"
+            )
+    return batch
+
+
+def prompt_lengths(processor, samples: Sequence[dict], batch_size: int = 32) -> list[int]:
+    """Each sample's prompt length in tokens, image tokens included, as `encode_prompts` makes it."""
+    lengths = []
+    for start in range(0, len(samples), batch_size):
+        batch = encode_prompts(processor, [samples[i] for i in range(start, min(start + batch_size, len(samples)))])
+        lengths += batch["attention_mask"].sum(dim=1).tolist()
+    return lengths
+
+
+@dataclass
+class Rollout:
+    """One generated batch of a model of `family`. Queries are left-padded, responses right-padded after their
+    first eos."""
+
+    query_response: torch.Tensor  # (B, T_q + T_r)
+    attention_mask: torch.Tensor  # (B, T_q + T_r)
+    mm_token_type_ids: torch.Tensor | None  # (B, T_q + T_r); the Qwen families' M-RoPE input
+    response_mask: torch.Tensor  # (B, T_r) bool
+    has_eos: torch.Tensor  # (B,) bool
+    pixel_values: torch.Tensor | None  # Qwen: (N_patches, D); LLaVA: (N_images, 3, H, W)
+    image_grid_thw: torch.Tensor | None  # (N_images, 3); None for LLaVA
+    num_images: list[int]
+    context_length: int
+    sources: list[str]
+    family: Family
+    image_features: ImageFeatures | None = None  # the vision tower's output per image, encoded once (vision_features.py)
+
+    @classmethod
+    def from_generation(
+        cls,
+        query: dict,
+        response_ids: torch.Tensor,
+        eos_ids: list[int],
+        pad_id: int,
+        sources: list[str],
+        family: Family,
+        image_features: ImageFeatures | None = None,
+    ) -> Rollout:
+        """Cut each response after its first eos (the rest becomes pad, masked out) and join it to its query
+        (`encode_prompts`' output for a model of `family`)."""
+        response_mask, has_eos = first_eos_mask(response_ids, eos_ids)  # (B, T_r), (B,)
+        response_ids = response_ids.masked_fill(~response_mask, pad_id)
+        token_types = query.get("mm_token_type_ids")
+        return cls(
+            query_response=torch.cat([query["input_ids"], response_ids], dim=1),
+            attention_mask=torch.cat([query["attention_mask"], response_mask.to(query["attention_mask"].dtype)], dim=1),
+            mm_token_type_ids=None if token_types is None else torch.cat([token_types, torch.zeros_like(response_ids)], dim=1),
+            response_mask=response_mask,
+            has_eos=has_eos,
+            pixel_values=query.get("pixel_values"),
+            image_grid_thw=query.get("image_grid_thw"),
+            num_images=list(query["num_images"]),
+            context_length=query["input_ids"].shape[1],
+            sources=list(sources),
+            family=family,
+            image_features=image_features,
+        )
+
+    def __len__(self) -> int:
+        return self.query_response.shape[0]
+
+    @property
+    def responses(self) -> torch.Tensor:  # (B, T_r)
+        return self.query_response[:, self.context_length :]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:  # (B,)
+        return self.response_mask.sum(dim=1)
+
+    def images(self) -> Images:
+        """The image tensors that are present (`pixel_values`, and the Qwen families' `image_grid_thw`)."""
+        tensors = {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+        return {k: tensors[k] for k in self.family.image_layout.keys if tensors[k] is not None}
+
+    def per_image(self) -> list[Images]:
+        """The image tensors of each image, in batch order."""
+        return self.family.image_layout.split(self.images()) if sum(self.num_images) else []
+
+    def model_inputs(self, model: torch.nn.Module | None = None) -> dict:
+        """Keyword arguments for a forward over query|response: the positions `generate` used
+        (`Family.position_inputs`), and the images.
+
+        The images go in as the encoded `image_features` when `model` may use them exactly (its vision tower is
+        one they stand for, see `ImageFeatures.usable_by`), else as `pixel_values` (+ `image_grid_thw`)."""
+        images = self.images() if sum(self.num_images) else {}
+        inputs = {
+            "input_ids": self.query_response,
+            "attention_mask": self.attention_mask,
+            **self.family.position_inputs(self.attention_mask, self.mm_token_type_ids, images),
+        }
+        if not sum(self.num_images):
+            return inputs
+        if model is not None and self.image_features is not None and self.image_features.usable_by(model):
+            inputs["mm_encoder_outputs"] = self.image_features.encoder_outputs()
+        else:
+            inputs.update(images)
+        return inputs
+
+    def select(self, indices: list[int] | torch.Tensor) -> Rollout:
+        """The rows `indices`, with their images' tensors (and encoded features) in the same order."""
+        indices = [int(i) for i in indices]
+        first = [sum(self.num_images[:i]) for i in range(len(self.num_images))]  # each sample's first image
+        chosen = [j for i in indices for j in range(first[i], first[i] + self.num_images[i])]
+        per_image = self.per_image()
+        images = join_images([per_image[j] for j in chosen], self.family.image_layout.keys)
+        image_features = None if self.image_features is None or not chosen else self.image_features.select(chosen)
+        index = torch.tensor(indices, device=self.query_response.device)
+        token_types = self.mm_token_type_ids
+        return replace(
+            self,
+            query_response=self.query_response[index],
+            attention_mask=self.attention_mask[index],
+            mm_token_type_ids=None if token_types is None else token_types[index],
+            response_mask=self.response_mask[index],
+            has_eos=self.has_eos[index],
+            pixel_values=images.get("pixel_values"),
+            image_grid_thw=images.get("image_grid_thw"),
+            image_features=image_features,
+            num_images=[self.num_images[i] for i in indices],
+            sources=[self.sources[i] for i in indices],
+        )
+
+    def to(self, device: torch.device | str) -> Rollout:
+        moved = {
+            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), (torch.Tensor, ImageFeatures)) else getattr(self, f.name)
+            for f in fields(self)
+        }
+        return Rollout(**moved)

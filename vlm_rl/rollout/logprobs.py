@@ -1,0 +1,61 @@
+"""One forward over query|response -> per-token logprobs and entropy of the response tokens.
+
+Only the hidden states that predict response tokens go through the LM head: a VLM prompt holds hundreds
+of image tokens, and their logits over a 151k vocabulary are never materialised. Logits are divided by
+the sampling temperature and taken in fp32 (also under bf16 autocast), so that they are the distribution the rollout sampled from.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from vlm_rl.rollout.integrity import check_model_inputs
+from vlm_rl.rollout.batch import Rollout
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(backbone returning last_hidden_state, lm_head) of a Qwen2-VL, also when wrapped by peft."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "lm_head") or not hasattr(base, "model"):
+        raise TypeError(f"expected a *ForConditionalGeneration model with .model and .lm_head, got {type(base).__name__}")
+    return base.model, base.lm_head
+
+
+def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> torch.Tensor:
+    """Last hidden states at the positions that predict response tokens. (B, T_r, H)
+
+    M-RoPE positions are recomputed from this batch's own attention_mask, mm_token_type_ids and
+    image_grid_thw (no past_key_values), so a `rope_deltas` cached by an earlier `generate` never leaks in.
+    The images go in as the rollout's encoded features where `model` may use them exactly, else as pixels.
+    """
+    inputs = rollout.model_inputs(model)
+    check_model_inputs(model, inputs, rollout.num_images, rollout.sources, where)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = base if not hasattr(base, "lm_head") else causal_lm_parts(model)[0]  # a separate critic is a backbone
+    if hasattr(backbone, "rope_deltas"):
+        backbone.rope_deltas = None
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T_q + T_r, H)
+    c = rollout.context_length
+    return hidden[:, c - 1 : -1]  # (B, T_r, H): position t predicts token t + 1
+
+
+def response_logprobs(
+    model: nn.Module,
+    rollout: Rollout,
+    temperature: float,
+    hidden: torch.Tensor | None = None,
+    where: str = "forward",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token logprobs `(B, T_r)` and entropy `(B, T_r)` of the response tokens; 0 where masked."""
+    if hidden is None:
+        hidden = response_hidden_states(model, rollout, where)
+    _, lm_head = causal_lm_parts(model)
+    logits = lm_head(hidden)  # (B, T_r, V), in the compute dtype (bf16 under autocast)
+    with torch.autocast(device_type=logits.device.type, enabled=False):  # the log-softmax in fp32
+        logits = logits.float() / temperature
+        logprobs = selective_log_softmax(logits, rollout.responses)  # (B, T_r)
+        entropy = entropy_from_logits(logits)  # (B, T_r)
+    mask = rollout.response_mask
+    return logprobs.masked_fill(~mask, 0.0), entropy.masked_fill(~mask, 0.0)

@@ -1,0 +1,801 @@
+"""PPOTrainer: rollout -> score -> advantages -> PPO epochs, orchestrated with accelerate.
+
+Built on transformers' Trainer for what users expect of a TRL trainer (report_to, callbacks, the progress
+bar, TrainerState and trainer_state.json, checkpoint rotation) and on TRL's utilities for the rest. The
+math lives in advantages.py and losses.py, checkpoints in checkpoint.py; this file only wires it together.
+
+What stays right at scale: one optimiser step (and one gradient clip) per mini-batch, whatever its split
+into micro-batches; the loss is a token mean over the whole mini-batch on every rank (so the gradient does
+not depend on the split or on the number of ranks); advantages are whitened over the global batch; fp32
+master weights under bf16 autocast; samples a reward cannot score take no part in the update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from peft import PeftModel
+from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers import Trainer, TrainerState
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import rotate_checkpoints
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import disable_dropout_in_model
+
+from reward_models.vlm_reward import learned_reward_models, shared_image_features
+from vlm_rl.training import checkpoint as ckpt
+from vlm_rl.algorithms.advantages import compute_gae, discounted_returns, grpo_advantages, kl_penalty, rloo_advantages, shape_rewards, whiten
+from vlm_rl.atomic import atomic_file
+from vlm_rl.errors import ConfigError, UserError
+from vlm_rl.training.config import PPOConfig
+from vlm_rl.training import console
+from vlm_rl.training.console import use_metrics_line
+from vlm_rl.data.formats import PromptDataset, prompt_text, reward_kwargs
+from vlm_rl.models.families import family_of
+from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
+from vlm_rl.rollout.integrity import check_model_inputs
+from vlm_rl.training.integrations import LoggedSample, log_samples
+from vlm_rl.rollout.logprobs import response_logprobs
+from vlm_rl.algorithms.losses import policy_loss, value_loss
+from vlm_rl.algorithms.masking import masked_mean
+from vlm_rl.training.preemption import Preempted, StopOnSignal, resume_command
+from vlm_rl.rollout.batch import Rollout, encode_prompts, prompt_lengths
+from vlm_rl.models.sharding import (
+    cast_to_engine_dtype,
+    check_engine,
+    configure_deepspeed,
+    describe_placement,
+    gathered_parameters,
+    is_deepspeed,
+    is_fsdp2,
+    load_optimizer,
+    load_unsharded,
+    prepare_frozen,
+    save_optimizer,
+    submodule_state,
+    unsharded_roots,
+    writable_parameters,
+    zero_stage,
+)
+from vlm_rl.models.vision_features import FeatureLookup, ImageFeatures, encode_images, plan_sharing, tower_trains
+from vlm_rl.models.critic import Critic, PolicyAndValue, keeping_requires_grad, load_critic_state, save_critic
+from vlm_rl.models.value_head import ValueHead, hidden_size_of
+
+logger = logging.getLogger(__name__)
+CONFIG_FILE = "ppo_config.yaml"
+DEEPSPEED_TAG = "deepspeed"  # checkpoint-N/deepspeed/: the engine's own files (weights and optimizer shards per rank)
+
+
+class RewardCoverageError(UserError):
+    """A reward returned None ("cannot score") for more of a batch than `max_unscored_fraction` allows."""
+
+
+class NonFiniteError(RuntimeError):
+    """`max_skipped_steps` optimiser steps in a row had a non-finite loss or gradient norm."""
+
+
+class PPOTrainer(Trainer):
+    """PPO for Qwen2-VL-style VLMs with a critic (shared value head, separate value model or LoRA critic; see
+    vlm_rl/models/critic.py), or critic-free (GRPO, RLOO, REINFORCE++); `accelerate launch` it like any TRL trainer."""
+
+    def __init__(
+        self,
+        args: PPOConfig,
+        processing_class,
+        model: nn.Module,
+        ref_model: nn.Module | None,
+        reward,
+        train_dataset: PromptDataset,
+        critic: Critic | None = None,
+        callbacks=None,
+        eval_dataset: PromptDataset | None = None,
+    ):
+        if ref_model is None and not isinstance(model, PeftModel):
+            raise ValueError("ref_model is required unless the policy is a peft model (then the reference is the base)")
+        disable_dropout_in_model(model)
+        self.processor = processing_class
+        self.reward = reward
+        self.ref_model = ref_model
+        # Which models read each rollout's image features instead of encoding the images (vision_features.py);
+        # decided before ZeRO-3 partitions the reference, when its weights can still be compared.
+        reward_models = [(m.name, m) for m in learned_reward_models(reward)]
+        if not args.uses_critic and critic is not None:
+            raise ValueError(f"advantage_estimator={args.advantage_estimator} has no value model: pass no critic")
+        if args.uses_critic and critic is None:
+            if args.critic != "shared":
+                raise ValueError(f"critic={args.critic}: build it with vlm_rl.models.critic.load_critic and pass it")
+            critic = Critic(ValueHead(hidden_size_of(model)))
+        if critic is not None and critic.mode != args.critic:
+            raise ValueError(f"the critic passed is {critic.mode}, the config says critic={args.critic}")
+        critic_backbone = None if critic is None else critic.backbone
+        self.sharing = plan_sharing(model, ref_model, reward_models, args.reuse_vision_features, critic=critic_backbone)
+        if args.skip_long_prompts:
+            train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
+        super().__init__(
+            model=PolicyAndValue(model, critic),
+            args=args,
+            processing_class=processing_class,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+        )
+        use_metrics_line(self)
+        check_engine(self.accelerator, fsdp=bool(args.fsdp), deepspeed=bool(args.deepspeed))
+        if is_deepspeed(self.accelerator) and args.critic_warmup_steps:
+            # The engine steps inside backward: the policy's gradients cannot be dropped before its step.
+            raise ConfigError("critic_warmup_steps is not supported under DeepSpeed yet; use DDP, or set it to 0")
+        if is_deepspeed(self.accelerator):
+            configure_deepspeed(self.accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm)
+        if self.ref_model is not None:
+            self.ref_model = prepare_frozen(self.ref_model, self.accelerator)
+        self.reward_models = [prepare_frozen(m, self.accelerator) for _, m in reward_models]  # in place, inside `reward`
+        tokenizer = processing_class.tokenizer
+        self.eos_ids = eos_token_ids(tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
+        self.generation_config = make_generation_config(tokenizer, args.max_new_tokens, temperature=args.temperature)
+        self.greedy_config = make_generation_config(tokenizer, args.max_new_tokens, do_sample=False)
+        self.global_batch_size = args.local_batch_size * self.accelerator.num_processes  # samples (episodes)
+        self.prompts_per_batch = self.global_batch_size // args.num_generations  # each sampled num_generations times
+        self.batches_per_epoch = len(train_dataset) // self.prompts_per_batch
+        batch = "(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x processes)"
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                f"the dataset has {len(train_dataset)} prompts, fewer than one batch of {self.prompts_per_batch} "
+                f"({self.global_batch_size} samples {batch} / num_generations={args.num_generations})"
+            )
+        total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset) * args.num_generations)
+        if total_episodes < self.global_batch_size:
+            raise ConfigError(f"total_episodes={total_episodes} is less than one batch of {self.global_batch_size} {batch}")
+        self.num_total_batches = math.ceil(total_episodes / self.global_batch_size)
+        self.eval_every = int(args.eval_steps) if args.eval_steps else max(1, self.num_total_batches // 10)
+        self.skipped_in_a_row = 0
+
+    # ---- data -------------------------------------------------------------------------------------
+
+    def batch_samples(self, iteration: int) -> list[dict]:
+        """This process's samples for PPO iteration `iteration`: local_batch_size / num_generations prompts, each
+        repeated num_generations times in a row (a group, whole on this process), taken from a fixed shuffle per
+        epoch, so resuming replays it."""
+        generations = self.args.num_generations
+        prompts = self.args.local_batch_size // generations
+        epoch, k = divmod(iteration, self.batches_per_epoch)
+        order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed + epoch))
+        start = k * self.prompts_per_batch + self.accelerator.process_index * prompts
+        chosen = [self.train_dataset[int(i)] for i in order[start : start + prompts]]
+        return [dict(sample) for sample in chosen for _ in range(generations)]
+
+    @property
+    def rng_devices(self) -> list[int]:
+        """The CUDA devices whose RNG streams this process draws from (for `torch.random.fork_rng`)."""
+        return rng_devices(self.accelerator.device)
+
+    def models_by_name(self) -> dict[str, nn.Module]:
+        """The models of the run: the policy (with its critic), the reference if separate, the learned reward models."""
+        models = {"policy": self.model_wrapped}
+        if self.ref_model is not None:
+            models["reference"] = self.ref_model
+        models.update({f"reward model {m.name!r}": m for m in self.reward_models})
+        return models
+
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over all processes (itself on one); `t` must live on `accelerator.device`."""
+        return t if self.accelerator.num_processes == 1 else self.accelerator.reduce(t.clone(), reduction="sum")
+
+    # ---- one PPO iteration --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def make_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
+        """Steps 1-2: encode the prompts (left-padded) and generate all responses in one batched call
+        (with the rollout's sampling config unless another is given)."""
+        query = encode_prompts(self.processor, samples, self.args.max_prompt_length)
+        query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
+        generate_inputs = {k: v for k, v in query.items() if k != "num_images"}
+        sources = [s["_source"] for s in samples]
+        gather = self.args.ds3_gather_for_generation
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+        ) as unwrapped, unsharded_roots([self.model_wrapped], self.accelerator), self.accelerator.autocast():
+            # (autocast: sample from the distribution the bf16 forwards compute)
+            check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], sources, "rollout generate")
+            features = self.encode_images(unwrapped.policy, query)
+            # Sharded weights (FSDP2, ZeRO-3 not gathered): every rank runs every decoding step (its shards are needed).
+            synced = is_fsdp2(self.accelerator) or (zero_stage(self.accelerator) == 3 and not gather)
+            config = generation_config or self.generation_config
+            seed = int(torch.randint(2**62, ()))  # this rank's stream moves on by one draw, however long decoding runs
+            responses = generate_responses(unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed)
+        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources, family_of(unwrapped.policy), image_features=features)
+
+    def encode_images(self, policy: nn.Module, query: dict) -> ImageFeatures | None:
+        """Each image of the batch through the policy's vision tower once, for every later forward of the rollout
+        that may use the features exactly (generate, old policy, value, reference, reward model, training epochs)."""
+        if not self.sharing.enabled or query.get("pixel_values") is None or tower_trains(policy):
+            return None
+        return encode_images(policy, query["pixel_values"], query.get("image_grid_thw"), self.sharing.towers)
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout, samples: list[dict]) -> dict[str, torch.Tensor | dict]:
+        """Step 3: old-policy logprobs, reference logprobs, values (micro-batched) and the reward scores."""
+        temperature = self.args.temperature
+        logprobs, ref_logprobs, values, entropy = [], [], [], []
+        step = self.args.local_rollout_forward_batch_size
+        for start in range(0, len(rollout), step):
+            mb = rollout.select(range(start, min(start + step, len(rollout))))
+            lp, ent, v = self.model_wrapped(mb, temperature, where="old-policy/value forward")
+            logprobs.append(lp)
+            entropy.append(ent)
+            values.append(v)
+            ref_logprobs.append(self.reference_logprobs(mb))
+        completions, columns, combined = self.reward_scores(rollout, samples)
+        device = rollout.query_response.device
+        unscored = torch.tensor([c is None for c in combined], device=device)  # (B,)
+        self.check_reward_coverage(columns, unscored)
+        return {
+            "logprobs": torch.cat(logprobs),  # (B, T_r)
+            "ref_logprobs": torch.cat(ref_logprobs),  # (B, T_r)
+            "values": torch.cat(values),  # (B, T_r)
+            "entropy": torch.cat(entropy),  # (B, T_r)
+            "scores": torch.tensor([0.0 if c is None else float(c) for c in combined], device=device),  # (B,)
+            "unscored": unscored,
+            "reward_columns": columns,
+            "completions": completions,
+        }
+
+    def rewards_reading(self, rollout: Rollout):
+        """A context in which the learned reward models that share the vision tower take the rollout's image
+        features for the images they find in it (pixel for pixel) instead of encoding them again."""
+        features = rollout.image_features
+        if features is None or not self.sharing.reward_models:
+            return nullcontext()
+        lookup = FeatureLookup(rollout.per_image(), features)
+        return shared_image_features([m for _, m in self.sharing.reward_models], lookup)
+
+    def reward_scores(self, rollout: Rollout, samples: list[dict]) -> tuple[list[str], dict[str, list], list[float | None]]:
+        """(decoded completions, each reward's scores, the combined score per sample) for the rollout's responses.
+
+        Rule rewards read the text; a learned reward model also needs to know whether each response ended."""
+        completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
+        kwargs = {**reward_kwargs(samples), "completion_ended": rollout.has_eos.tolist()}
+        with self.rewards_reading(rollout), unsharded_roots(self.reward_models, self.accelerator):
+            columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **kwargs)
+        return completions, columns, combined
+
+    def check_reward_coverage(self, columns: dict[str, list], unscored: torch.Tensor) -> None:
+        """Stop when the rewards could not score more than `max_unscored_fraction` of the global batch."""
+        device = self.accelerator.device
+        n = self.sum_over_ranks(torch.tensor(float(len(unscored)), device=device))
+        fraction = (self.sum_over_ranks(unscored.float().sum().to(device)) / n).item()
+        if fraction <= self.args.max_unscored_fraction:
+            return
+        per_reward = {
+            name: (self.sum_over_ranks(torch.tensor(float(sum(v is None for v in col)), device=device)) / n).item()
+            for name, col in columns.items()
+        }
+        names = ", ".join(f"{name!r} returned None for {f:.0%}" for name, f in per_reward.items() if f > 0)
+        raise RewardCoverageError(
+            f"{fraction:.0%} of this batch could not be scored (max_unscored_fraction={self.args.max_unscored_fraction}): "
+            f"{names}. A reward that cannot score that much of the data is broken or mismatched to it; fix the reward "
+            "or the data, or raise max_unscored_fraction"
+        )
+
+    def reference_logprobs(self, mb: Rollout) -> torch.Tensor:
+        """Logprobs under the model as it was when PPO started (see model_loading for the three cases)."""
+        with self.accelerator.autocast():  # the same compute dtype as the policy's forwards
+            if self.ref_model is not None:
+                with unsharded_roots([self.ref_model], self.accelerator):
+                    return response_logprobs(self.ref_model, mb, self.args.temperature, where="reference forward")[0]
+            policy = self.accelerator.unwrap_model(self.model_wrapped).policy
+            # (keeping_requires_grad: peft's exit would freeze a lora critic)
+            with unsharded_roots([self.model_wrapped], self.accelerator), keeping_requires_grad(policy), policy.disable_adapter():
+                return response_logprobs(policy, mb, self.args.temperature, where="reference forward (adapters disabled)")[0]
+
+    def advantages(self, rollout: Rollout, scored: dict) -> dict[str, torch.Tensor]:
+        """Steps 4-5: shaped per-token rewards and the advantage estimator's advantages (README: advantage estimators).
+
+        gae: GAE over `score on the last token - kl_coef x KL per token`, whitened over the global batch.
+        reinforce_pp: the same rewards' discounted return (no critic), whitened over the global batch.
+        grpo/rloo: the score replaced by its group-relative advantage (each prompt's num_generations samples,
+        whole on this process), then the same per-token KL penalty, and the discounted return; not whitened.
+        Unscored samples are left out (`train_mask` is False on all their tokens): they get no reward,
+        no advantage, no share of the group or whitening statistics and no loss.
+        """
+        args = self.args
+        estimator = args.advantage_estimator
+        mask = rollout.response_mask  # (B, T_r)
+        scored_rows = ~scored["unscored"]  # (B,)
+        train_mask = mask & scored_rows[:, None]  # (B, T_r)
+        scores = scored["scores"]
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~rollout.has_eos).float()
+        kl = torch.where(mask, kl_penalty(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator), 0.0)  # (B, T_r)
+        outcome = scores  # (B,) what lands on the last token
+        if estimator == "grpo":
+            outcome = grpo_advantages(scores, scored_rows, args.num_generations, scale_rewards=args.scale_rewards)
+        elif estimator == "rloo":
+            outcome = rloo_advantages(scores, scored_rows, args.num_generations)
+        rewards = shape_rewards(outcome, kl, train_mask, args.kl_coef)  # (B, T_r)
+        if estimator == "gae":
+            if args.whiten_rewards:
+                rewards = whiten(rewards, train_mask, shift_mean=False, all_reduce_sum=self.sum_over_ranks)
+            advantages, returns = compute_gae(rewards, scored["values"], train_mask, args.gamma, args.lam)
+        else:  # critic-free: the return is the advantage (no value to subtract, none to learn)
+            advantages = returns = discounted_returns(rewards, train_mask, args.gamma)
+        if estimator in ("gae", "reinforce_pp"):
+            advantages = whiten(advantages, train_mask, all_reduce_sum=self.sum_over_ranks)
+        return {"kl": kl, "scores": scores, "train_mask": train_mask, "advantages": advantages, "returns": returns}
+
+    def training_policy(self) -> bool:
+        """False during the critic warm-up (the first `critic_warmup_steps` iterations): only the value head learns."""
+        return self.state.global_step >= self.args.critic_warmup_steps
+
+    def optimise(self, rollout: Rollout, old: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Step 6: num_ppo_epochs x mini-batches, one optimiser step per mini-batch."""
+        stats = defaultdict(list)
+        self.model_wrapped.train()
+        for _ in range(self.args.num_ppo_epochs):
+            order = torch.randperm(len(rollout))
+            for start in range(0, len(rollout), self.args.local_mini_batch_size):
+                self.optimiser_step(rollout, old, order[start : start + self.args.local_mini_batch_size], stats)
+        self.model_wrapped.eval()
+        return stats
+
+    def optimiser_step(self, rollout: Rollout, old: dict[str, torch.Tensor], mini: torch.Tensor, stats: dict) -> None:
+        """One optimiser step on the mini-batch `mini`: its micro-batches' gradients accumulated without
+        synchronising, the loss a token mean over the mini-batch's valid tokens on all ranks, then one
+        all-reduce, one clip and one step (skipped when the loss or the gradient norm is not finite)."""
+        args, accelerator = self.args, self.accelerator
+        device = accelerator.device
+        num_items = self.sum_over_ranks(old["train_mask"][mini].sum().float().to(device))
+        if num_items == 0:  # every sample of this mini-batch is unscored, on every rank
+            return
+        micro_batches = mini.split(args.per_device_train_batch_size)
+        totals = torch.zeros(2, device=device)  # this rank's share of the mini-batch's policy and value losses
+        finite = True
+        critic = args.uses_critic
+        # Critic warm-up: the policy loss stays in the graph with weight 0 (every parameter takes part, so DDP works
+        # without find_unused_parameters) and the policy's gradients (the value loss's, through the shared
+        # backbone) are dropped below.
+        policy_weight = 1.0 if self.training_policy() else 0.0
+        # DeepSpeed accumulates and steps itself: it is told where the mini-batch ends, and divides each loss by
+        # gradient_accumulation_steps (undone below: the token mean is already over the whole mini-batch).
+        deepspeed = is_deepspeed(accelerator)
+        for k, micro in enumerate(micro_batches):
+            idx = micro.tolist()
+            mb = rollout.select(idx)
+            mask = old["train_mask"][idx]  # (b, T_r)
+            last = k == len(micro_batches) - 1
+            if deepspeed:
+                accelerator.gradient_state._set_sync_gradients(last)
+            with nullcontext() if last or deepspeed else accelerator.no_sync(self.model_wrapped):
+                logprobs, entropy, values = self.model_wrapped(mb, args.temperature, where="training forward")
+                pg_loss, pg_stats = policy_loss(logprobs, old["logprobs"][idx], old["advantages"][idx], mask, args.cliprange, num_items)
+                loss = policy_weight * pg_loss
+                vf_loss = torch.zeros((), device=device)
+                if critic:  # critic-free estimators have no value head and no value loss
+                    vf_loss, vf_stats = value_loss(values, old["values"][idx], old["returns"][idx], mask, args.cliprange_value, num_items)
+                    loss = loss + args.vf_coef * vf_loss
+                finite &= bool(torch.isfinite(loss))
+                # DDP averages gradients over ranks; the token mean is already over all ranks' tokens.
+                accelerator.backward(loss * accelerator.num_processes * (args.gradient_accumulation_steps if deepspeed else 1))
+            totals += torch.stack([pg_loss.detach(), vf_loss.detach()])
+            if mask.any():
+                stats["policy/approxkl_avg"].append(pg_stats["approxkl"])
+                stats["policy/clipfrac_avg"].append(pg_stats["clipfrac"])
+                if critic:
+                    stats["val/clipfrac_avg"].append(vf_stats["clipfrac"])
+                stats["policy/entropy_avg"].append(masked_mean(entropy.detach(), mask))
+                stats["val/ratio"].append(pg_stats["ratio"])
+        if not policy_weight:  # warm-up: the policy keeps its weights (and AdamW skips parameters without a gradient)
+            wrapped = self.accelerator.unwrap_model(self.model_wrapped)
+            critic_names = wrapped.critic_parameter_names()
+            for name, p in wrapped.named_parameters():
+                if name not in critic_names:
+                    p.grad = None
+        # Under DeepSpeed the engine has clipped and stepped already (at the last backward); this reads its norm.
+        grad_norm = accelerator.clip_grad_norm_(self.model_wrapped.parameters(), args.max_grad_norm or math.inf)
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = torch.as_tensor(grad_norm or 0.0)
+        not_finite = self.sum_over_ranks(torch.tensor(float(not finite), device=device)) > 0
+        if not_finite or not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad()
+            self.skip_step(grad_norm)
+            stats["train/skipped_steps"].append(torch.ones((), device=device))
+            return
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.skipped_in_a_row = 0
+        # Logged as the mean over ranks, so each rank reports its share x ranks: the mean is the mini-batch's loss.
+        stats["loss/policy_avg"].append(totals[0] * accelerator.num_processes)
+        if critic:
+            stats["loss/value_avg"].append(totals[1] * accelerator.num_processes)
+        stats["train/grad_norm"].append(grad_norm.detach().float())
+        stats["train/skipped_steps"].append(torch.zeros((), device=device))
+
+    @property
+    def critic_learning_rate(self) -> float:
+        return self.args.critic_learning_rate or self.args.learning_rate
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """transformers' optimizer (its weight-decay groups), each group split into the policy's parameters and the
+        critic's (marked `critic: True`), which train at `critic_learning_rate`."""
+        optimizer = super().create_optimizer(model)
+        critic = {id(p) for n, p in self.model.named_parameters() if n in self.model.critic_parameter_names()}
+        groups, optimizer.param_groups = optimizer.param_groups, []
+        for group in groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            for is_critic in (False, True):
+                params = [p for p in group["params"] if (id(p) in critic) == is_critic]
+                if params:
+                    lr = self.critic_learning_rate if is_critic else group["lr"]
+                    optimizer.add_param_group({**settings, "params": params, "lr": lr, "critic": is_critic})
+        return optimizer
+
+    def skip_step(self, grad_norm: torch.Tensor) -> None:
+        """Count a skipped step; after `max_skipped_steps` in a row, write a checkpoint and stop."""
+        self.skipped_in_a_row += 1
+        logger.warning(
+            f"iteration {self.state.global_step + 1}: non-finite loss or gradient norm ({float(grad_norm)}); optimiser step "
+            f"skipped ({self.skipped_in_a_row} in a row, at most {self.args.max_skipped_steps})"
+        )
+        if self.skipped_in_a_row < self.args.max_skipped_steps:
+            return
+        path = Path(self.args.output_dir) / f"{ckpt.PREFIX}{self.state.global_step}"
+        if not path.exists():  # the weights are still those of the last good step: skipped steps changed nothing
+            path = self.save_checkpoint()
+        raise NonFiniteError(
+            f"{self.args.max_skipped_steps} optimiser steps in a row had a non-finite loss or gradient norm; stopped. "
+            f"{path} holds the weights from before them. Lower the learning rate, check the reward for extreme values, "
+            "or try fp32/bf16 instead of fp16"
+        )
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        args = self.args
+        accelerator = self.accelerator
+        checkpoint = self.resolve_checkpoint(resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint)
+        replaced = self.claim_output_dir() if checkpoint is None else None
+        if checkpoint is not None:
+            self.load_weights(checkpoint)
+        cast_to_engine_dtype(self.model, accelerator)
+        self.create_optimizer_and_scheduler(num_training_steps=self.num_total_batches)
+        self.model_wrapped, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        self.model_wrapped.eval()
+        self.state = TrainerState(
+            stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)],
+            max_steps=self.num_total_batches,
+            logging_steps=args.logging_steps,
+            save_steps=args.save_steps,
+            num_train_epochs=math.ceil(self.num_total_batches / self.batches_per_epoch),
+        )
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
+        # Each process samples with its own stream (after resuming, the saved per-process RNG state takes over).
+        torch.manual_seed(args.seed + accelerator.process_index)
+        if checkpoint is not None:
+            self.load_training_state(checkpoint)
+        if self.is_world_process_zero():
+            with atomic_file(Path(args.output_dir) / CONFIG_FILE) as f:
+                yaml.safe_dump(self.run_config(), f, sort_keys=True)
+        if self.is_world_process_zero():
+            console.write(self.sharing.describe())
+            console.write(describe_placement(self.models_by_name(), accelerator))
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        start_time = time.time()
+        episodes_at_start = self.state.global_step * self.global_batch_size
+
+        with StopOnSignal() as stop:
+            for iteration in range(self.state.global_step, self.num_total_batches):
+                metrics = self.iteration(iteration)
+                self.state.global_step = iteration + 1
+                self.state.epoch = (iteration + 1) / self.batches_per_epoch
+                episode = self.state.global_step * self.global_batch_size
+                metrics["eps"] = (episode - episodes_at_start) / max(time.time() - start_time, 1e-9)
+                metrics["episode"] = episode
+                metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+                if self.eval_dataset is not None and (self.state.global_step % self.eval_every == 0 or self.state.global_step == self.num_total_batches):
+                    metrics.update(self.evaluate_policy())
+                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                if self.state.global_step % max(1, int(args.logging_steps)) == 0 or self.state.global_step == self.num_total_batches:
+                    self.log(metrics)
+                saved = args.save_steps and self.state.global_step % int(args.save_steps) == 0
+                if saved:
+                    self.save_checkpoint()
+                if self.stop_requested(stop):
+                    path = self.save_checkpoint() if not saved else Path(args.output_dir) / f"{ckpt.PREFIX}{self.state.global_step}"
+                    launcher = "accelerate launch [your launch flags]" if accelerator.num_processes > 1 else None
+                    raise Preempted(
+                        f"stopped by a signal after iteration {self.state.global_step}; resumable checkpoint {path}. "
+                        f"To resume:\n  {resume_command(str(path), launcher=launcher)}",
+                        stop.signum or 15,
+                    )
+                if self.control.should_training_stop:
+                    break
+
+        if not (args.save_steps and self.state.global_step % int(args.save_steps) == 0):
+            self.save_checkpoint()
+        self.save_final(args.output_dir)
+        if replaced is not None and self.is_world_process_zero():
+            shutil.rmtree(replaced, ignore_errors=True)  # the previous run, kept aside until this one finished
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        return self.state
+
+    def iteration(self, iteration: int) -> dict[str, float]:
+        """One PPO iteration: rollout, score, advantages, optimisation, LR step; returns its metrics."""
+        samples = self.batch_samples(iteration)
+        rollout = self.make_rollout(samples)
+        scored = self.score(rollout, samples)
+        old = {**scored, **self.advantages(rollout, scored)}
+        if self.sum_over_ranks(old["train_mask"].any(dim=1).sum().to(self.accelerator.device)) == 0:
+            logger.warning(f"iteration {iteration + 1}: no sample of the batch could be scored; the update is skipped")
+            stats = {}
+        else:
+            stats = self.optimise(rollout, old)
+        with warnings.catch_warnings():  # an iteration whose steps were all skipped still advances the schedule
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+            self.lr_scheduler.step()
+        metrics = self.metrics(rollout, old, stats)
+        if self.args.num_sample_generations and self.is_world_process_zero() and (iteration + 1) % max(1, int(self.args.logging_steps)) == 0:
+            self.show_samples(iteration + 1, samples, old)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_policy(self) -> dict[str, float]:
+        """The policy on the first `eval_num_samples` held-out prompts (split over the processes), sampled at the
+        rollout temperature and greedily: the mean reward of each and the KL to the reference per sequence.
+
+        Runs on its own RNG stream, seeded by the step, so evaluating changes nothing in training and a resumed
+        run evaluates as the uninterrupted one did."""
+        args, accelerator = self.args, self.accelerator
+        per_rank = min(args.eval_num_samples, len(self.eval_dataset)) // accelerator.num_processes
+        first = accelerator.process_index * per_rank
+        samples = [self.eval_dataset[i] for i in range(first, first + per_rank)]
+        model = accelerator.unwrap_model(self.model_wrapped)  # ranks may run different numbers of forwards
+        device = accelerator.device
+        out = {}
+        with torch.random.fork_rng(devices=self.rng_devices):
+            torch.manual_seed(args.seed + self.state.global_step)
+            for name, config in (("", self.generation_config), ("_greedy", self.greedy_config)):
+                totals = torch.zeros(4, dtype=torch.float64, device=device)  # scores, scored samples, KL, samples
+                for start in range(0, len(samples), args.local_rollout_forward_batch_size):
+                    batch = samples[start : start + args.local_rollout_forward_batch_size]
+                    rollout = self.make_rollout(batch, config)
+                    _, _, combined = self.reward_scores(rollout, batch)
+                    logprobs = model(rollout, args.temperature, where="eval forward")[0]
+                    kl = torch.where(rollout.response_mask, logprobs - self.reference_logprobs(rollout), 0.0).sum(1)  # (b,)
+                    scored = [float(c) for c in combined if c is not None]
+                    totals += torch.tensor([sum(scored), len(scored), float(kl.sum()), len(batch)], dtype=torch.float64, device=device)
+                scores, n_scored, kl, n = self.sum_over_ranks(totals).tolist()
+                out[f"eval/scores{name}"] = scores / n_scored if n_scored else float("nan")
+                out[f"eval/kl{name}"] = kl / max(n, 1)
+        return out
+
+    def stop_requested(self, stop: StopOnSignal) -> bool:
+        """True on every rank as soon as any rank received SIGTERM/SIGINT."""
+        flag = torch.tensor(float(stop.signum is not None), device=self.accelerator.device)
+        return bool(self.sum_over_ranks(flag) > 0)
+
+    def metrics(self, rollout: Rollout, old: dict, stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """TRL's PPO metric names, over all processes. KL and entropy are per sequence (summed over tokens);
+        scores are means over the samples the rewards could score."""
+        device = self.accelerator.device
+        gather = lambda t: self.accelerator.gather_for_metrics(t.detach().float().reshape(-1).to(device)).mean().item()  # noqa: E731
+        total = lambda t: self.sum_over_ranks(t.detach().float().sum().to(device)).item()  # noqa: E731
+        mask = rollout.response_mask
+        scored = ~old["unscored"]  # (B,)
+        n_scored = total(scored)
+        non_score = (-self.args.kl_coef * old["kl"]).sum(1)  # (B,)
+        out = {
+            "objective/kl": gather(old["kl"].sum(1)),
+            "objective/entropy": gather(old["entropy"].sum(1)),
+            "objective/non_score_reward": gather(non_score),
+            "objective/rlhf_reward": total(torch.where(scored, old["scores"] + non_score, 0.0)) / max(n_scored, 1),
+            "objective/scores": total(torch.where(scored, old["scores"], 0.0)) / max(n_scored, 1),
+            "objective/unscored": gather(old["unscored"]),
+            "val/num_eos_tokens": total(rollout.has_eos),
+            "val/response_length": gather(mask.sum(1)),
+        }
+        for name, column in old["reward_columns"].items():
+            values = torch.tensor([0.0 if v is None else float(v) for v in column], device=device)
+            have = torch.tensor([v is not None for v in column], device=device)
+            count = total(have)
+            out[f"objective/scores/{name}"] = total(values) / count if count else float("nan")
+        for name, values in stats.items():
+            out[name] = gather(torch.stack(values).mean())
+        if "train/skipped_steps" in stats:
+            out["train/skipped_steps"] = total(torch.stack(stats["train/skipped_steps"]).sum()) / self.accelerator.num_processes
+        if stats.get("val/ratio"):
+            ratios = torch.stack(stats["val/ratio"])
+            out["val/ratio_var"] = gather(ratios.var() if len(ratios) > 1 else torch.zeros((), device=device))
+        return out
+
+    def show_samples(self, step: int, samples: list[dict], old: dict) -> None:
+        """The batch's first `num_sample_generations` samples as a table on the console and, with their images, in
+        the wandb/trackio runs of `report_to`. A sample the rewards could not score has no score."""
+        scores = [None if unscored else score for score, unscored in zip(old["scores"].tolist(), old["unscored"].tolist())]
+        shown = [
+            LoggedSample(prompt_text(s["prompt"]), s["images"], completion, score, {k: v[i] for k, v in old["reward_columns"].items()})
+            for i, (s, completion, score) in enumerate(zip(samples[: self.args.num_sample_generations], old["completions"], scores))
+        ]
+        console.write(console.samples_table(step, [(s.prompt, s.completion, s.score) for s in shown]))
+        log_samples(self.args.report_to, step, shown)
+
+    # ---- output directory and checkpoints ---------------------------------------------------------
+
+    def run_config(self) -> dict:
+        """This run's full resolved config, as written to `ppo_config.yaml` (plus the number of processes)."""
+        return ckpt.plain({**self.args.to_dict(), "num_processes": self.accelerator.num_processes})
+
+    def claim_output_dir(self) -> Path | None:
+        """Refuse an output_dir holding an earlier run unless `overwrite_output_dir`; then move that run aside
+        (into a hidden directory, removed when this run finishes) and return where it went."""
+        out = Path(self.args.output_dir)
+        previous = ckpt.previous_run(out)
+        if not previous:
+            return None
+        if not self.args.overwrite_output_dir:
+            ckpt.refuse_previous_run(out)
+        aside = out / f".replaced-{int(time.time())}"
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            aside.mkdir()
+            for p in previous:
+                os.replace(p, aside / p.name)
+        self.accelerator.wait_for_everyone()
+        return aside
+
+    def save_checkpoint(self) -> Path:
+        """`output_dir/checkpoint-N/`: the policy (full or adapter), value head, processor, optimizer, scheduler,
+        one RNG state per rank, trainer state and config; built in a staging directory, manifest last, renamed."""
+        out = Path(self.args.output_dir)
+        step = self.state.global_step
+        staging, final = ckpt.staging_dir(out, step), out / f"{ckpt.PREFIX}{step}"
+        if self.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)  # a leftover of an interrupted save of this same step
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        ckpt.save_rng_state(staging, self.accelerator.process_index)
+        # Whatever saving draws (FSDP2's state-dict gathering does) is drawn from a fork: the run goes on with the
+        # streams just saved, as a run resumed from this checkpoint does.
+        with torch.random.fork_rng(devices=self.rng_devices):
+            if is_deepspeed(self.accelerator):  # ZeRO partitions the optimizer state: the engine saves each rank's shard
+                self.model_wrapped.save_checkpoint(str(staging), tag=DEEPSPEED_TAG)
+            else:
+                save_optimizer(self.model_wrapped, self.optimizer, self.accelerator, staging / "optimizer.pt")
+            self.save_model_files(staging)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
+            self.state.save_to_json(str(staging / "trainer_state.json"))
+            (staging / CONFIG_FILE).write_text(yaml.safe_dump(self.run_config(), sort_keys=True))
+            ckpt.write_manifest(staging, step=step, num_processes=self.accelerator.num_processes)
+            ckpt.publish(staging, final)
+            rotate_checkpoints(self.args.output_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def save_model_files(self, directory: Path) -> None:
+        """Full Hugging Face weights (gathered from every rank under ZeRO-3 and FSDP2), written by the main process."""
+        wrapped = self.accelerator.unwrap_model(self.model_wrapped)
+        with gathered_parameters(wrapped, self.accelerator) as full:
+            if self.is_world_process_zero():
+                policy_state = None if full is None else submodule_state(full, "policy.")
+                wrapped.policy.save_pretrained(directory, safe_serialization=True, state_dict=policy_state)
+                if wrapped.critic is not None:  # critic-free estimators have none
+                    critic_state = None if full is None else submodule_state(full, "critic.")
+                    save_critic(wrapped.critic, directory, self.processor, state_dict=critic_state)
+                self.processor.save_pretrained(directory)
+
+    def save_final(self, output_dir: str) -> None:
+        """The final policy, value head, processor and trainer_state.json in `output_dir` itself (each file atomic)."""
+        out = Path(output_dir)
+        staging = out / ".final.staging"
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)  # a leftover of an interrupted save
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.save_model_files(staging)
+        if self.is_world_process_zero():
+            self.state.save_to_json(str(staging / "trainer_state.json"))
+            for f in staging.iterdir():
+                os.replace(f, out / f.name)
+            staging.rmdir()
+        self.accelerator.wait_for_everyone()
+
+    def resolve_checkpoint(self, resume: str | bool | None) -> Path | None:
+        """The checkpoint to resume from: `True`/`latest` is the newest complete one of output_dir."""
+        if resume in (None, False, "", "False", "false"):
+            return None
+        out = Path(self.args.output_dir)
+        if resume in (True, "True", "true", "latest"):
+            found, skipped = ckpt.latest_complete(out)
+            for path, problem in skipped:
+                logger.warning(f"skipping incomplete checkpoint {path}: {problem}")
+            if found is None:
+                why = "".join(f"; {p.name}: {problem}" for p, problem in skipped)
+                raise ckpt.CheckpointError(f"--resume_from_checkpoint {resume}: {out} has no complete checkpoint-N{why}")
+            logger.info(f"resuming from {found}")
+            return found
+        path = Path(resume)
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"--resume_from_checkpoint {path}: not found")
+        problem = ckpt.problem_with(path)
+        if problem is not None:
+            raise ckpt.CheckpointError(f"{path} is incomplete: {problem}. Resume from an earlier checkpoint, or with 'latest'")
+        return path
+
+    def load_weights(self, checkpoint: Path) -> None:
+        """Restore the policy and critic weights saved by `save_checkpoint` into the unprepared model (the engine
+        then shards them as it shards a fresh start), after checking what this run changed: fixed fields are an
+        error, the others take their new value."""
+        errors, changed = ckpt.resume_changes(yaml.safe_load((checkpoint / CONFIG_FILE).read_text()), self.run_config())
+        if errors:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {checkpoint} with a different " + "; ".join(errors) + ". Start a new run (another "
+                "--output_dir) to change these"
+            )
+        for line in changed:
+            logger.warning(f"resuming with a changed {line}: the new value is used")
+        policy = self.model.policy
+        with writable_parameters(self.model, self.accelerator):
+            if isinstance(policy, PeftModel):
+                from peft import set_peft_model_state_dict
+                from peft.utils import load_peft_weights
+
+                set_peft_model_state_dict(policy, load_peft_weights(str(checkpoint), device="cpu"))
+            else:  # from_pretrained applies the checkpoint's key mapping (v5 saves the hub layout)
+                saved = load_unsharded(type(policy), checkpoint, policy.dtype)
+                policy.load_state_dict(saved.state_dict())
+                del saved
+            if self.model.critic is not None:
+                load_critic_state(self.model.critic, policy, checkpoint)
+
+    def load_training_state(self, checkpoint: Path) -> None:
+        """Restore the optimizer, scheduler, RNG and trainer state saved by `save_checkpoint` (after `prepare`)."""
+        if is_deepspeed(self.accelerator):
+            self.model_wrapped.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            load_optimizer(self.model_wrapped, self.optimizer, self.accelerator, checkpoint / "optimizer.pt")
+        self.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        self.retarget_learning_rate()
+        saved = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        self.state.global_step = saved.global_step
+        self.state.epoch = saved.epoch
+        self.state.log_history = saved.log_history
+        ckpt.load_rng_state(checkpoint, self.accelerator.process_index)
+
+    def retarget_learning_rate(self) -> None:
+        """After loading a scheduler: continue its schedule from this run's learning_rate (a changed one takes effect)."""
+        scheduler = self.lr_scheduler
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas is None:
+            return
+        for i, (group, lr_lambda) in enumerate(zip(self.optimizer.param_groups, lambdas)):
+            scheduler.base_lrs[i] = group["initial_lr"] = self.critic_learning_rate if group.get("critic") else self.args.learning_rate
+            group["lr"] = group["initial_lr"] * lr_lambda(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def drop_long_prompts(processor, dataset: PromptDataset, max_prompt_length: int) -> PromptDataset:
+    """`dataset` without the prompts longer than `max_prompt_length` (image tokens included).
+
+    Dropped before batching, identically on every rank, so that every rank keeps full batches.
+    """
+    lengths = prompt_lengths(processor, dataset)
+    keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
+    if len(keep) < len(dataset):
+        dropped = [f"{dataset.rows[i]['_source']} ({n} tokens)" for i, n in enumerate(lengths) if n > max_prompt_length]
+        logger.warning(f"skip_long_prompts: dropped {len(dropped)} prompt(s) longer than {max_prompt_length} tokens: {', '.join(dropped[:10])}")
+    return PromptDataset([dataset.rows[i] for i in keep], dataset.base_dir)
