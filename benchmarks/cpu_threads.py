@@ -8,7 +8,7 @@ On small VMs, waking a second OpenMP thread for each tiny matmul costs far more 
 import torch
 from _common import best_of, model_setup
 
-from vlm_rl.rollout.batch import encode_prompts
+from vlm_rl.data.prompts import encode_prompts
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ from trl.trainer.utils import selective_log_softmax
 
 from vlm_rl.models.families import family_of
 from vlm_rl.rollout.logprobs import response_hidden_states
-from vlm_rl.rollout.batch import Rollout, encode_prompts
+from vlm_rl.rollout.batch import Rollout
+from vlm_rl.data.prompts import encode_prompts
 
 QWEN2_VL_VOCAB = 151_936
 

@@ -10,7 +10,7 @@ import torch
 from _common import SIZES, best_of, model_setup, write_json
 
 from vlm_rl.rollout.generation import generate_responses, make_generation_config
-from vlm_rl.rollout.batch import encode_prompts
+from vlm_rl.data.prompts import encode_prompts
 
 
 def main() -> None:

@@ -37,7 +37,8 @@ def train_step(args, model_dir: Path, samples: list[dict], device: torch.device)
 
     from vlm_rl.models.critic import Critic, PolicyAndValue
     from vlm_rl.models.families import family_of
-    from vlm_rl.rollout.batch import Rollout, encode_prompts
+    from vlm_rl.rollout.batch import Rollout
+    from vlm_rl.data.prompts import encode_prompts
     from vlm_rl.models.value_head import ValueHead
     from vlm_rl.models.vision_features import encode_images
 

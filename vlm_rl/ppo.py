@@ -6,7 +6,7 @@ import sys
 
 from trl import TrlParser
 
-from vlm_rl.training.checkpoint import refuse_previous_run
+from vlm_rl.training.output_dir import refuse_previous_run
 from vlm_rl.training.config import PPOConfig
 from vlm_rl.models.critic import load_critic
 from vlm_rl.data.formats import load_samples

@@ -22,7 +22,8 @@ from vlm_rl.models.families import FAMILIES, family_of, get_family
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.rollout.logprobs import response_logprobs
 from vlm_rl.models.loading import language_model_lora_config, load_processor
-from vlm_rl.rollout.batch import Rollout, encode_prompts
+from vlm_rl.rollout.batch import Rollout
+from vlm_rl.data.prompts import encode_prompts
 from vlm_rl.models.tiny import make_tiny_model
 from vlm_rl.models.vision_features import tower_trains
 from vlm_rl.models.critic import Critic, PolicyAndValue

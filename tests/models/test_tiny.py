@@ -264,7 +264,7 @@ def sample(text: str, size: tuple[int, int], colour=(200, 30, 30)) -> dict:
 
 @pytest.fixture(scope="module")
 def batch3(tiny_processor):
-    from vlm_rl.rollout.batch import encode_prompts
+    from vlm_rl.data.prompts import encode_prompts
 
     samples = [
         sample("What colour?", (84, 84)),
@@ -296,7 +296,7 @@ def test_batch_of_different_image_sizes_is_left_padded(batch3, tiny_processor):
 
 def test_left_padding_does_not_change_a_prompts_next_token_logits(batch3, tiny_processor, model):
     """Correct left padding (masks and M-RoPE positions): each row's logits equal the row's logits alone."""
-    from vlm_rl.rollout.batch import encode_prompts
+    from vlm_rl.data.prompts import encode_prompts
 
     samples, batch = batch3
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")

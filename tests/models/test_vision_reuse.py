@@ -21,7 +21,7 @@ from vlm_rl.rollout.integrity import MultimodalIntegrityError
 from vlm_rl.rollout.logprobs import response_logprobs
 from vlm_rl.models.loading import load_policy_and_reference, load_processor
 from vlm_rl.data.formats import load_samples
-from vlm_rl.rollout.batch import encode_prompts
+from vlm_rl.data.prompts import encode_prompts
 from vlm_rl.training.trainer import PPOTrainer
 from reward_models.registry import load_rewards
 from vlm_rl.models.vision_features import FeatureLookup, encode_images, plan_sharing, vision_tower

@@ -14,7 +14,7 @@ from vlm_rl.rollout.generation import (
     pad_token_id,
     vision_token_ids,
 )
-from vlm_rl.rollout.batch import encode_prompts
+from vlm_rl.data.prompts import encode_prompts
 
 
 @pytest.fixture(scope="module")

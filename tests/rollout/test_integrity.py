@@ -7,7 +7,8 @@ from vlm_rl.data.formats import load_samples
 from vlm_rl.models.families import family_of
 from vlm_rl.rollout.integrity import MultimodalIntegrityError, check_model_inputs
 from vlm_rl.rollout.logprobs import response_logprobs
-from vlm_rl.rollout.batch import Rollout, encode_prompts
+from vlm_rl.rollout.batch import Rollout
+from vlm_rl.data.prompts import encode_prompts
 
 
 @pytest.fixture(scope="module")

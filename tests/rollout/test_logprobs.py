@@ -11,7 +11,8 @@ from vlm_rl.data.formats import load_samples
 from vlm_rl.models.families import family_of
 from vlm_rl.rollout.generation import eos_token_ids, generation_config_swapped, make_generation_config, pad_token_id
 from vlm_rl.rollout.logprobs import response_logprobs
-from vlm_rl.rollout.batch import Rollout, encode_prompts
+from vlm_rl.rollout.batch import Rollout
+from vlm_rl.data.prompts import encode_prompts
 from vlm_rl.models.critic import Critic, PolicyAndValue
 from vlm_rl.models.value_head import ValueHead
 

@@ -5,7 +5,8 @@ import torch
 
 from vlm_rl.data.formats import load_samples
 from vlm_rl.models.families import get_family
-from vlm_rl.rollout.batch import PromptTooLongError, Rollout, encode_prompts
+from vlm_rl.rollout.batch import Rollout
+from vlm_rl.data.prompts import PromptTooLongError, encode_prompts
 
 QWEN2_VL = get_family("qwen2_vl")  # the family of conftest's tiny model
 

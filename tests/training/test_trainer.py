@@ -11,7 +11,8 @@ from vlm_rl.algorithms.advantages import shape_rewards
 from vlm_rl.data.formats import load_samples
 from vlm_rl.models.families import get_family
 from vlm_rl.rollout.generation import eos_token_ids, pad_token_id
-from vlm_rl.rollout.batch import Rollout, encode_prompts
+from vlm_rl.rollout.batch import Rollout
+from vlm_rl.data.prompts import encode_prompts
 from vlm_rl.models.value_head import load_value_head
 
 TRL_METRICS = [

@@ -9,7 +9,7 @@ import torch
 from trainer_helpers import log_history, make_trainer, never_scores, parameters, record_gradients, rollout_and_old, start
 
 from vlm_rl.algorithms.masking import masked_mean
-from vlm_rl.training.trainer import RewardCoverageError
+from vlm_rl.training.scoring import RewardCoverageError
 
 
 def every_other_scored(prompts, completions, **kwargs):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_rl.data.formats import DataError, InputRow, normalise_row, open_image, read_rows, response_field, response_text
+from vlm_rl.data.prompts import prompt_lengths
 
 TASKS = ("ppo", "sft", "reward", "score")
 MAX_LISTED = 50
@@ -203,8 +204,6 @@ def _check_lengths(processor: Any, max_prompt_length: int | None, skip: bool, sa
     """Prompts (image tokens included) over `max_prompt_length`: problems, or notes when they are to be skipped."""
     if processor is None or max_prompt_length is None or not samples:
         return
-    from vlm_rl.rollout.batch import prompt_lengths
-
     for sample, n in zip(samples, prompt_lengths(processor, samples, batch_size=len(samples))):
         if n <= max_prompt_length:
             continue

@@ -29,7 +29,8 @@ from vlm_rl.atomic import atomic_file
 from vlm_rl.data.formats import DataError, PromptDataset, normalise_row, read_rows
 from vlm_rl.models.families import family_of
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
-from vlm_rl.rollout.batch import Rollout, encode_prompts
+from vlm_rl.rollout.batch import Rollout
+from vlm_rl.data.prompts import encode_prompts
 
 IMAGE_FIELDS = ("image", "images")
 

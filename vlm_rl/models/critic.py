@@ -117,6 +117,22 @@ class PolicyAndValue(nn.Module):
         self.policy.activation_checkpointing_disable()
 
 
+def critic_for(config, critic: Critic | None, policy: nn.Module) -> Critic | None:
+    """The run's critic: `critic` as given (checked against `config.critic`), a fresh shared value head when the
+    estimator needs one and none was given, None for the critic-free estimators (`config`: a PPOConfig)."""
+    if not config.uses_critic:
+        if critic is not None:
+            raise ValueError(f"advantage_estimator={config.advantage_estimator} has no value model: pass no critic")
+        return None
+    if critic is None:
+        if config.critic != "shared":
+            raise ValueError(f"critic={config.critic}: build it with vlm_rl.models.critic.load_critic and pass it")
+        critic = Critic(ValueHead(hidden_size_of(policy)))
+    if critic.mode != config.critic:
+        raise ValueError(f"the critic passed is {critic.mode}, the config says critic={config.critic}")
+    return critic
+
+
 @contextmanager
 def keeping_requires_grad(model: nn.Module) -> Iterator[None]:
     """Every parameter's `requires_grad` as it is now, restored when the block ends and whenever the yielded

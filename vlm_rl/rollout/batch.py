@@ -3,7 +3,6 @@ into micro-batches."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -11,50 +10,6 @@ import torch
 from vlm_rl.models.families import Family, Images, join_images
 from vlm_rl.rollout.generation import first_eos_mask
 from vlm_rl.models.vision_features import ImageFeatures
-
-
-class PromptTooLongError(ValueError):
-    """A prompt (image tokens included) exceeds max_prompt_length; prompts are never cut through their images."""
-
-
-def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None = None) -> dict:
-    """Chat-template and process a batch of normal-form samples, left-padded.
-
-    Returns the processor's tensors, ready for `generate`: `input_ids, attention_mask (B, T_q)`, and by family
-    (vlm_rl.models.families) the Qwen families' `mm_token_type_ids (B, T_q)`, `pixel_values (N_patches, D)` and
-    `image_grid_thw (N_images, 3)`, or LLaVA's `pixel_values (N_images, 3, H, W)`; plus `num_images` (list, per
-    sample).
-    """
-    texts = [processor.apply_chat_template(s["prompt"], add_generation_prompt=True, tokenize=False) for s in samples]
-    images = [image for s in samples for image in s["images"]]
-    batch = processor(
-        text=texts,
-        images=images or None,
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-    )
-    batch = dict(batch)
-    batch["num_images"] = [len(s["images"]) for s in samples]
-    if max_prompt_length is not None:
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
-        too_long = [(s.get("_source", f"sample {i}"), n) for i, (s, n) in enumerate(zip(samples, lengths)) if n > max_prompt_length]
-        if too_long:
-            names = ", ".join(f"{src} ({n} tokens)" for src, n in too_long)
-            raise PromptTooLongError(
-                f"prompt longer than max_prompt_length={max_prompt_length}: {names}. Raise max_prompt_length, "
-                "lower the processor's max_pixels, or set skip_long_prompts to drop such samples"
-            )
-    return batch
-
-
-def prompt_lengths(processor, samples: Sequence[dict], batch_size: int = 32) -> list[int]:
-    """Each sample's prompt length in tokens, image tokens included, as `encode_prompts` makes it."""
-    lengths = []
-    for start in range(0, len(samples), batch_size):
-        batch = encode_prompts(processor, [samples[i] for i in range(start, min(start + batch_size, len(samples)))])
-        lengths += batch["attention_mask"].sum(dim=1).tolist()
-    return lengths
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -25,6 +26,7 @@ from vlm_rl.errors import UserError
 MANIFEST = "manifest.json"
 CHECKSUM_BELOW = 1 << 20  # bytes: files smaller than this get a sha256 in the manifest
 PREFIX = "checkpoint-"
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(UserError):
@@ -39,22 +41,6 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """`checkpoint-N` directories of `output_dir`, oldest first."""
     found = [p for p in Path(output_dir).glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
     return sorted(found, key=checkpoint_step)
-
-
-def previous_run(output_dir: str | os.PathLike) -> list[Path]:
-    """What an earlier PPO run left in `output_dir` (its checkpoints and trainer_state.json), oldest first."""
-    out = Path(output_dir)
-    return list_checkpoints(out) + [p for p in (out / "trainer_state.json",) if p.exists()]
-
-
-def refuse_previous_run(output_dir: str | os.PathLike) -> None:
-    """A UserError if `output_dir` holds an earlier run (for a run that neither resumes nor overwrites it)."""
-    previous = previous_run(output_dir)
-    if previous:
-        raise UserError(
-            f"{output_dir} already holds a PPO run ({', '.join(p.name for p in previous)}): pass "
-            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another --output_dir"
-        )
 
 
 def staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
@@ -101,6 +87,30 @@ def problem_with(checkpoint: str | os.PathLike) -> str | None:
         if "sha256" in entry and sha256(path) != entry["sha256"]:
             return f"{name} does not match its checksum"
     return None
+
+
+def resolve_checkpoint(resume: str | bool | None, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` names: None for none, the newest complete one of output_dir for
+    `true`/`latest` (the newer incomplete ones skipped with a warning), or a path, which must be complete."""
+    if resume in (None, False, "", "False", "false"):
+        return None
+    out = Path(output_dir)
+    if resume in (True, "True", "true", "latest"):
+        found, skipped = latest_complete(out)
+        for path, problem in skipped:
+            logger.warning(f"skipping incomplete checkpoint {path}: {problem}")
+        if found is None:
+            why = "".join(f"; {p.name}: {problem}" for p, problem in skipped)
+            raise CheckpointError(f"--resume_from_checkpoint {resume}: {out} has no complete checkpoint-N{why}")
+        logger.info(f"resuming from {found}")
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume_from_checkpoint {path}: not found")
+    problem = problem_with(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} is incomplete: {problem}. Resume from an earlier checkpoint, or with 'latest'")
+    return path
 
 
 def latest_complete(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -257,3 +258,31 @@ class PPOConfig(TrainingArguments):
     @property
     def local_mini_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a run's samples divide into iterations."""
+
+    global_batch_size: int  # samples (episodes) per iteration, over all processes
+    prompts_per_batch: int  # prompts per iteration (each sampled num_generations times)
+    batches_per_epoch: int  # iterations per pass over the prompts
+    num_total_batches: int  # iterations of the run
+
+
+def plan_batches(config: PPOConfig, num_prompts: int, num_processes: int) -> BatchPlan:
+    """The iterations of a run of `config` over `num_prompts` prompts on `num_processes` processes; a ConfigError when
+    the dataset or `total_episodes` is smaller than one batch."""
+    global_batch_size = config.local_batch_size * num_processes
+    prompts_per_batch = global_batch_size // config.num_generations
+    batches_per_epoch = num_prompts // prompts_per_batch
+    batch = "(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x processes)"
+    if batches_per_epoch == 0:
+        raise ConfigError(
+            f"the dataset has {num_prompts} prompts, fewer than one batch of {prompts_per_batch} "
+            f"({global_batch_size} samples {batch} / num_generations={config.num_generations})"
+        )
+    total_episodes = config.total_episodes or int(config.num_train_epochs * num_prompts * config.num_generations)
+    if total_episodes < global_batch_size:
+        raise ConfigError(f"total_episodes={total_episodes} is less than one batch of {global_batch_size} {batch}")
+    return BatchPlan(global_batch_size, prompts_per_batch, batches_per_epoch, math.ceil(total_episodes / global_batch_size))

@@ -1,6 +1,6 @@
-"""Sample generations, with their images, as a table in the `report_to` integrations that show tables: wandb and
-trackio (optional extras), logged the way TRL's GRPOTrainer logs its completions. The metrics reach every
-integration through transformers' own callbacks; this module adds only the table."""
+"""Sample generations: a table on the console and, with their images, in the `report_to` integrations that show
+tables: wandb and trackio (optional extras), logged the way TRL's GRPOTrainer logs its completions. The metrics reach
+every integration through transformers' own callbacks; this module adds only the table."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from types import ModuleType
 
 from PIL import Image
 from transformers.integrations import is_trackio_available, is_wandb_available
+
+from vlm_rl.data.formats import prompt_text
+from vlm_rl.training import console
 
 TABLE = "samples"  # the table's key in the run
 
@@ -69,3 +72,16 @@ def log_samples(report_to: list[str], step: int, samples: list[LoggedSample]) ->
             rows.append([step, s.prompt, image, s.completion, s.score, *s.rewards.values()])
         # train/global_step: transformers' callbacks plot every key against it, the table at this iteration
         logger.log({TABLE: logger.Table(columns=columns, data=rows), "train/global_step": step})
+
+
+def show_samples(report_to: list[str], step: int, samples: list[dict], old: dict) -> None:
+    """`samples` (the batch's first ones) of iteration `step` with their completions and scores (`old`: the
+    iteration's scored rollout) as a table on the console and in the wandb/trackio runs of `report_to`. A sample
+    the rewards could not score has no score."""
+    scores = [None if unscored else score for score, unscored in zip(old["scores"].tolist(), old["unscored"].tolist())]
+    shown = [
+        LoggedSample(prompt_text(s["prompt"]), s["images"], completion, score, {k: v[i] for k, v in old["reward_columns"].items()})
+        for i, (s, completion, score) in enumerate(zip(samples, old["completions"], scores))
+    ]
+    console.write(console.samples_table(step, [(s.prompt, s.completion, s.score) for s in shown]))
+    log_samples(report_to, step, shown)

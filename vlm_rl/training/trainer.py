@@ -1,20 +1,25 @@
-"""PPOTrainer: rollout -> score -> advantages -> PPO epochs, orchestrated with accelerate.
+"""PPOTrainer: the PPO loop for vision-language models, orchestrated with accelerate.
 
-Built on transformers' Trainer for what users expect of a TRL trainer (report_to, callbacks, the progress
-bar, TrainerState and trainer_state.json, checkpoint rotation) and on TRL's utilities for the rest. The
-math lives in advantages.py and losses.py, checkpoints in checkpoint.py; this file only wires it together.
+One iteration is seven steps, each a method below, in order: the prompts of the batch (`batch_samples`), the
+rollout (`make_rollout`: one batched `generate`), scoring (`score`: old-policy logprobs, reference logprobs, values,
+rewards), advantages (`advantages`), optimisation (`optimise`), metrics (`metrics`), then logging and a checkpoint
+(`end_iteration`). The math is in vlm_rl/algorithms/, the models in vlm_rl/models/, the rollout's pieces in
+vlm_rl/rollout/; checkpoints (checkpointing.py), the output directory (output_dir.py) and metrics (metrics.py) have
+their own modules (at ~550 lines this file is over the project's 450-line mark on purpose: one iteration reads top
+to bottom here). Built on transformers' Trainer for what users expect of a TRL trainer (report_to, callbacks, the
+progress bar, TrainerState and trainer_state.json, checkpoint rotation).
 
 What stays right at scale: one optimiser step (and one gradient clip) per mini-batch, whatever its split
 into micro-batches; the loss is a token mean over the whole mini-batch on every rank (so the gradient does
 not depend on the split or on the number of ranks); advantages are whitened over the global batch; fp32
-master weights under bf16 autocast; samples a reward cannot score take no part in the update.
+master weights under bf16 autocast; samples a reward cannot score take no part in the update; every
+collective is issued identically on every rank whatever the data.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 import warnings
@@ -29,63 +34,54 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerState
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import rotate_checkpoints
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
-from reward_models.vlm_reward import learned_reward_models, shared_image_features
-from vlm_rl.training import checkpoint as ckpt
+from reward_models.vlm_reward import learned_reward_models
 from vlm_rl.algorithms.advantages import compute_gae, discounted_returns, grpo_advantages, kl_penalty, rloo_advantages, shape_rewards, whiten
-from vlm_rl.atomic import atomic_file
-from vlm_rl.errors import ConfigError, UserError
-from vlm_rl.training.config import PPOConfig
-from vlm_rl.training import console
-from vlm_rl.training.console import use_metrics_line
-from vlm_rl.data.formats import PromptDataset, prompt_text, reward_kwargs
-from vlm_rl.models.families import family_of
-from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
-from vlm_rl.rollout.integrity import check_model_inputs
-from vlm_rl.training.integrations import LoggedSample, log_samples
-from vlm_rl.rollout.logprobs import response_logprobs
 from vlm_rl.algorithms.losses import policy_loss, value_loss
 from vlm_rl.algorithms.masking import masked_mean
-from vlm_rl.training.preemption import Preempted, StopOnSignal, resume_command
-from vlm_rl.rollout.batch import Rollout, encode_prompts, prompt_lengths
+from vlm_rl.atomic import atomic_file
+from vlm_rl.data.formats import PromptDataset
+from vlm_rl.data.prompts import drop_long_prompts, encode_prompts
+from vlm_rl.errors import ConfigError
+from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_requires_grad
+from vlm_rl.models.families import family_of
 from vlm_rl.models.sharding import (
     cast_to_engine_dtype,
     check_engine,
     configure_deepspeed,
     describe_placement,
-    gathered_parameters,
     is_deepspeed,
     is_fsdp2,
-    load_optimizer,
-    load_unsharded,
     prepare_frozen,
-    save_optimizer,
-    submodule_state,
     unsharded_roots,
-    writable_parameters,
     zero_stage,
 )
-from vlm_rl.models.vision_features import FeatureLookup, ImageFeatures, encode_images, plan_sharing, tower_trains
-from vlm_rl.models.critic import Critic, PolicyAndValue, keeping_requires_grad, load_critic_state, save_critic
-from vlm_rl.models.value_head import ValueHead, hidden_size_of
+from vlm_rl.models.vision_features import ImageFeatures, encode_images, plan_sharing, tower_trains
+from vlm_rl.rollout.batch import Rollout
+from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
+from vlm_rl.rollout.integrity import check_model_inputs
+from vlm_rl.rollout.logprobs import response_logprobs
+from vlm_rl.training import checkpoint as ckpt
+from vlm_rl.training import console
+from vlm_rl.training.checkpointing import CONFIG_FILE, CheckpointingMixin
+from vlm_rl.training.config import PPOConfig, plan_batches
+from vlm_rl.training.console import use_metrics_line
+from vlm_rl.training.integrations import show_samples
+from vlm_rl.training.metrics import iteration_metrics
+from vlm_rl.training.output_dir import claim_output_dir
+from vlm_rl.training.preemption import Preempted, StopOnSignal, resume_command
+from vlm_rl.training.scoring import RolloutRewards
 
 logger = logging.getLogger(__name__)
-CONFIG_FILE = "ppo_config.yaml"
-DEEPSPEED_TAG = "deepspeed"  # checkpoint-N/deepspeed/: the engine's own files (weights and optimizer shards per rank)
-
-
-class RewardCoverageError(UserError):
-    """A reward returned None ("cannot score") for more of a batch than `max_unscored_fraction` allows."""
 
 
 class NonFiniteError(RuntimeError):
     """`max_skipped_steps` optimiser steps in a row had a non-finite loss or gradient norm."""
 
 
-class PPOTrainer(Trainer):
+class PPOTrainer(CheckpointingMixin, Trainer):
     """PPO for Qwen2-VL-style VLMs with a critic (shared value head, separate value model or LoRA critic; see
     vlm_rl/models/critic.py), or critic-free (GRPO, RLOO, REINFORCE++); `accelerate launch` it like any TRL trainer."""
 
@@ -110,14 +106,7 @@ class PPOTrainer(Trainer):
         # Which models read each rollout's image features instead of encoding the images (vision_features.py);
         # decided before ZeRO-3 partitions the reference, when its weights can still be compared.
         reward_models = [(m.name, m) for m in learned_reward_models(reward)]
-        if not args.uses_critic and critic is not None:
-            raise ValueError(f"advantage_estimator={args.advantage_estimator} has no value model: pass no critic")
-        if args.uses_critic and critic is None:
-            if args.critic != "shared":
-                raise ValueError(f"critic={args.critic}: build it with vlm_rl.models.critic.load_critic and pass it")
-            critic = Critic(ValueHead(hidden_size_of(model)))
-        if critic is not None and critic.mode != args.critic:
-            raise ValueError(f"the critic passed is {critic.mode}, the config says critic={args.critic}")
+        critic = critic_for(args, critic, model)
         critic_backbone = None if critic is None else critic.backbone
         self.sharing = plan_sharing(model, ref_model, reward_models, args.reuse_vision_features, critic=critic_backbone)
         if args.skip_long_prompts:
@@ -140,40 +129,19 @@ class PPOTrainer(Trainer):
         if self.ref_model is not None:
             self.ref_model = prepare_frozen(self.ref_model, self.accelerator)
         self.reward_models = [prepare_frozen(m, self.accelerator) for _, m in reward_models]  # in place, inside `reward`
+        self.rewards = RolloutRewards(reward, processing_class, self.accelerator, self.sharing.reward_models, self.reward_models, args.max_unscored_fraction, self.sum_over_ranks)
         tokenizer = processing_class.tokenizer
         self.eos_ids = eos_token_ids(tokenizer)
         self.pad_id = pad_token_id(tokenizer)
         self.generation_config = make_generation_config(tokenizer, args.max_new_tokens, temperature=args.temperature)
         self.greedy_config = make_generation_config(tokenizer, args.max_new_tokens, do_sample=False)
-        self.global_batch_size = args.local_batch_size * self.accelerator.num_processes  # samples (episodes)
-        self.prompts_per_batch = self.global_batch_size // args.num_generations  # each sampled num_generations times
-        self.batches_per_epoch = len(train_dataset) // self.prompts_per_batch
-        batch = "(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x processes)"
-        if self.batches_per_epoch == 0:
-            raise ConfigError(
-                f"the dataset has {len(train_dataset)} prompts, fewer than one batch of {self.prompts_per_batch} "
-                f"({self.global_batch_size} samples {batch} / num_generations={args.num_generations})"
-            )
-        total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset) * args.num_generations)
-        if total_episodes < self.global_batch_size:
-            raise ConfigError(f"total_episodes={total_episodes} is less than one batch of {self.global_batch_size} {batch}")
-        self.num_total_batches = math.ceil(total_episodes / self.global_batch_size)
+        plan = plan_batches(args, len(train_dataset), self.accelerator.num_processes)
+        self.global_batch_size, self.prompts_per_batch = plan.global_batch_size, plan.prompts_per_batch
+        self.batches_per_epoch, self.num_total_batches = plan.batches_per_epoch, plan.num_total_batches
         self.eval_every = int(args.eval_steps) if args.eval_steps else max(1, self.num_total_batches // 10)
         self.skipped_in_a_row = 0
 
-    # ---- data -------------------------------------------------------------------------------------
-
-    def batch_samples(self, iteration: int) -> list[dict]:
-        """This process's samples for PPO iteration `iteration`: local_batch_size / num_generations prompts, each
-        repeated num_generations times in a row (a group, whole on this process), taken from a fixed shuffle per
-        epoch, so resuming replays it."""
-        generations = self.args.num_generations
-        prompts = self.args.local_batch_size // generations
-        epoch, k = divmod(iteration, self.batches_per_epoch)
-        order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed + epoch))
-        start = k * self.prompts_per_batch + self.accelerator.process_index * prompts
-        chosen = [self.train_dataset[int(i)] for i in order[start : start + prompts]]
-        return [dict(sample) for sample in chosen for _ in range(generations)]
+    # ---- helpers -----------------------------------------------------------------------------------
 
     @property
     def rng_devices(self) -> list[int]:
@@ -192,7 +160,122 @@ class PPOTrainer(Trainer):
         """`t` summed over all processes (itself on one); `t` must live on `accelerator.device`."""
         return t if self.accelerator.num_processes == 1 else self.accelerator.reduce(t.clone(), reduction="sum")
 
-    # ---- one PPO iteration --------------------------------------------------------------------------
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainerState:
+        """Every iteration from the first (or the checkpoint's) to `num_total_batches`; a final checkpoint and the
+        final model in output_dir. SIGTERM/SIGINT finish the iteration, checkpoint and raise `Preempted`."""
+        resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
+        checkpoint = ckpt.resolve_checkpoint(resume, self.args.output_dir)
+        replaced = claim_output_dir(self.args.output_dir, self.args.overwrite_output_dir, self.accelerator) if checkpoint is None else None
+        self.start_run(checkpoint)
+        started, episodes_at_start = time.time(), self.state.global_step * self.global_batch_size
+        with StopOnSignal() as stop:
+            for iteration in range(self.state.global_step, self.num_total_batches):
+                metrics = self.iteration(iteration)
+                self.state.global_step = iteration + 1
+                self.state.epoch = (iteration + 1) / self.batches_per_epoch
+                episode = self.state.global_step * self.global_batch_size
+                metrics["eps"] = (episode - episodes_at_start) / max(time.time() - started, 1e-9)
+                metrics["episode"] = episode
+                metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+                self.end_iteration(metrics, stop)
+                if self.control.should_training_stop:
+                    break
+        if not self.saved_this_step():
+            self.save_checkpoint()
+        self.save_final(self.args.output_dir)
+        if replaced is not None and self.is_world_process_zero():
+            shutil.rmtree(replaced, ignore_errors=True)  # the previous run, kept aside until this one finished
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        return self.state
+
+    def start_run(self, checkpoint: Path | None) -> None:
+        """Weights (from `checkpoint` if any), optimizer and schedule, the engine's `prepare`, the trainer state and
+        RNG (the checkpoint's, or seeded per process), `ppo_config.yaml`; what is shared and sharded, printed."""
+        args, accelerator = self.args, self.accelerator
+        if checkpoint is not None:
+            self.load_weights(checkpoint)
+        cast_to_engine_dtype(self.model, accelerator)
+        self.create_optimizer_and_scheduler(num_training_steps=self.num_total_batches)
+        self.model_wrapped, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        self.model_wrapped.eval()
+        self.state = TrainerState(
+            stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)],
+            max_steps=self.num_total_batches,
+            logging_steps=args.logging_steps,
+            save_steps=args.save_steps,
+            num_train_epochs=math.ceil(self.num_total_batches / self.batches_per_epoch),
+        )
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
+        # Each process samples with its own stream (after resuming, the saved per-process RNG state takes over).
+        torch.manual_seed(args.seed + accelerator.process_index)
+        if checkpoint is not None:
+            self.load_training_state(checkpoint)
+        if self.is_world_process_zero():
+            with atomic_file(Path(args.output_dir) / CONFIG_FILE) as f:
+                yaml.safe_dump(self.run_config(), f, sort_keys=True)
+            console.write(self.sharing.describe())
+            console.write(describe_placement(self.models_by_name(), accelerator))
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+
+    def iteration(self, iteration: int) -> dict[str, float]:
+        """One PPO iteration: prompts, rollout, scores, advantages, optimisation, LR step; returns its metrics."""
+        samples = self.batch_samples(iteration)  # 1
+        rollout = self.make_rollout(samples)  # 2
+        scored = self.score(rollout, samples)  # 3
+        old = {**scored, **self.advantages(rollout, scored)}  # 4-5
+        if self.sum_over_ranks(old["train_mask"].any(dim=1).sum().to(self.accelerator.device)) == 0:
+            logger.warning(f"iteration {iteration + 1}: no sample of the batch could be scored; the update is skipped")
+            stats = {}
+        else:
+            stats = self.optimise(rollout, old)  # 6
+        with warnings.catch_warnings():  # an iteration whose steps were all skipped still advances the schedule
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+            self.lr_scheduler.step()
+        metrics = self.metrics(rollout, old, stats)  # 7
+        if self.args.num_sample_generations and self.is_world_process_zero() and (iteration + 1) % max(1, int(self.args.logging_steps)) == 0:
+            show_samples(self.args.report_to, iteration + 1, samples[: self.args.num_sample_generations], old)
+        return metrics
+
+    def end_iteration(self, metrics: dict[str, float], stop: StopOnSignal) -> None:
+        """Evaluate, log and checkpoint as the schedule says; on a stop signal, checkpoint and raise `Preempted`."""
+        args, step = self.args, self.state.global_step
+        last = step == self.num_total_batches
+        if self.eval_dataset is not None and (step % self.eval_every == 0 or last):
+            metrics.update(self.evaluate_policy())
+        self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+        if step % max(1, int(args.logging_steps)) == 0 or last:
+            self.log(metrics)
+        if self.saved_this_step():
+            self.save_checkpoint()
+        if self.stop_requested(stop):
+            path = Path(args.output_dir) / f"{ckpt.PREFIX}{step}" if self.saved_this_step() else self.save_checkpoint()
+            launcher = "accelerate launch [your launch flags]" if self.accelerator.num_processes > 1 else None
+            raise Preempted(
+                f"stopped by a signal after iteration {step}; resumable checkpoint {path}. "
+                f"To resume:\n  {resume_command(str(path), launcher=launcher)}",
+                stop.signum or 15,
+            )
+
+    def saved_this_step(self) -> bool:
+        """Whether `save_steps` puts a checkpoint at this iteration."""
+        return bool(self.args.save_steps) and self.state.global_step % int(self.args.save_steps) == 0
+
+    # ---- the seven steps -----------------------------------------------------------------------------
+
+    def batch_samples(self, iteration: int) -> list[dict]:
+        """This process's samples for PPO iteration `iteration`: local_batch_size / num_generations prompts, each
+        repeated num_generations times in a row (a group, whole on this process), taken from a fixed shuffle per
+        epoch, so resuming replays it."""
+        generations = self.args.num_generations
+        prompts = self.args.local_batch_size // generations
+        epoch, k = divmod(iteration, self.batches_per_epoch)
+        order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed + epoch))
+        start = k * self.prompts_per_batch + self.accelerator.process_index * prompts
+        chosen = [self.train_dataset[int(i)] for i in order[start : start + prompts]]
+        return [dict(sample) for sample in chosen for _ in range(generations)]
 
     @torch.no_grad()
     def make_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
@@ -236,10 +319,10 @@ class PPOTrainer(Trainer):
             entropy.append(ent)
             values.append(v)
             ref_logprobs.append(self.reference_logprobs(mb))
-        completions, columns, combined = self.reward_scores(rollout, samples)
+        completions, columns, combined = self.rewards.score(rollout, samples)
         device = rollout.query_response.device
         unscored = torch.tensor([c is None for c in combined], device=device)  # (B,)
-        self.check_reward_coverage(columns, unscored)
+        self.rewards.check_coverage(columns, unscored)
         return {
             "logprobs": torch.cat(logprobs),  # (B, T_r)
             "ref_logprobs": torch.cat(ref_logprobs),  # (B, T_r)
@@ -250,43 +333,6 @@ class PPOTrainer(Trainer):
             "reward_columns": columns,
             "completions": completions,
         }
-
-    def rewards_reading(self, rollout: Rollout):
-        """A context in which the learned reward models that share the vision tower take the rollout's image
-        features for the images they find in it (pixel for pixel) instead of encoding them again."""
-        features = rollout.image_features
-        if features is None or not self.sharing.reward_models:
-            return nullcontext()
-        lookup = FeatureLookup(rollout.per_image(), features)
-        return shared_image_features([m for _, m in self.sharing.reward_models], lookup)
-
-    def reward_scores(self, rollout: Rollout, samples: list[dict]) -> tuple[list[str], dict[str, list], list[float | None]]:
-        """(decoded completions, each reward's scores, the combined score per sample) for the rollout's responses.
-
-        Rule rewards read the text; a learned reward model also needs to know whether each response ended."""
-        completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
-        kwargs = {**reward_kwargs(samples), "completion_ended": rollout.has_eos.tolist()}
-        with self.rewards_reading(rollout), unsharded_roots(self.reward_models, self.accelerator):
-            columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **kwargs)
-        return completions, columns, combined
-
-    def check_reward_coverage(self, columns: dict[str, list], unscored: torch.Tensor) -> None:
-        """Stop when the rewards could not score more than `max_unscored_fraction` of the global batch."""
-        device = self.accelerator.device
-        n = self.sum_over_ranks(torch.tensor(float(len(unscored)), device=device))
-        fraction = (self.sum_over_ranks(unscored.float().sum().to(device)) / n).item()
-        if fraction <= self.args.max_unscored_fraction:
-            return
-        per_reward = {
-            name: (self.sum_over_ranks(torch.tensor(float(sum(v is None for v in col)), device=device)) / n).item()
-            for name, col in columns.items()
-        }
-        names = ", ".join(f"{name!r} returned None for {f:.0%}" for name, f in per_reward.items() if f > 0)
-        raise RewardCoverageError(
-            f"{fraction:.0%} of this batch could not be scored (max_unscored_fraction={self.args.max_unscored_fraction}): "
-            f"{names}. A reward that cannot score that much of the data is broken or mismatched to it; fix the reward "
-            "or the data, or raise max_unscored_fraction"
-        )
 
     def reference_logprobs(self, mb: Rollout) -> torch.Tensor:
         """Logprobs under the model as it was when PPO started (see model_loading for the three cases)."""
@@ -354,53 +400,65 @@ class PPOTrainer(Trainer):
         synchronising, the loss a token mean over the mini-batch's valid tokens on all ranks, then one
         all-reduce, one clip and one step (skipped when the loss or the gradient norm is not finite)."""
         args, accelerator = self.args, self.accelerator
-        device = accelerator.device
-        num_items = self.sum_over_ranks(old["train_mask"][mini].sum().float().to(device))
+        num_items = self.sum_over_ranks(old["train_mask"][mini].sum().float().to(accelerator.device))
         if num_items == 0:  # every sample of this mini-batch is unscored, on every rank
             return
         micro_batches = mini.split(args.per_device_train_batch_size)
-        totals = torch.zeros(2, device=device)  # this rank's share of the mini-batch's policy and value losses
+        totals = torch.zeros(2, device=accelerator.device)  # this rank's share of the mini-batch's policy and value losses
         finite = True
-        critic = args.uses_critic
-        # Critic warm-up: the policy loss stays in the graph with weight 0 (every parameter takes part, so DDP works
-        # without find_unused_parameters) and the policy's gradients (the value loss's, through the shared
-        # backbone) are dropped below.
-        policy_weight = 1.0 if self.training_policy() else 0.0
-        # DeepSpeed accumulates and steps itself: it is told where the mini-batch ends, and divides each loss by
-        # gradient_accumulation_steps (undone below: the token mean is already over the whole mini-batch).
+        # DeepSpeed accumulates and steps itself: it is told where the mini-batch ends.
         deepspeed = is_deepspeed(accelerator)
         for k, micro in enumerate(micro_batches):
-            idx = micro.tolist()
-            mb = rollout.select(idx)
-            mask = old["train_mask"][idx]  # (b, T_r)
             last = k == len(micro_batches) - 1
             if deepspeed:
                 accelerator.gradient_state._set_sync_gradients(last)
             with nullcontext() if last or deepspeed else accelerator.no_sync(self.model_wrapped):
-                logprobs, entropy, values = self.model_wrapped(mb, args.temperature, where="training forward")
-                pg_loss, pg_stats = policy_loss(logprobs, old["logprobs"][idx], old["advantages"][idx], mask, args.cliprange, num_items)
-                loss = policy_weight * pg_loss
-                vf_loss = torch.zeros((), device=device)
-                if critic:  # critic-free estimators have no value head and no value loss
-                    vf_loss, vf_stats = value_loss(values, old["values"][idx], old["returns"][idx], mask, args.cliprange_value, num_items)
-                    loss = loss + args.vf_coef * vf_loss
-                finite &= bool(torch.isfinite(loss))
-                # DDP averages gradients over ranks; the token mean is already over all ranks' tokens.
-                accelerator.backward(loss * accelerator.num_processes * (args.gradient_accumulation_steps if deepspeed else 1))
-            totals += torch.stack([pg_loss.detach(), vf_loss.detach()])
-            if mask.any():
-                stats["policy/approxkl_avg"].append(pg_stats["approxkl"])
-                stats["policy/clipfrac_avg"].append(pg_stats["clipfrac"])
-                if critic:
-                    stats["val/clipfrac_avg"].append(vf_stats["clipfrac"])
-                stats["policy/entropy_avg"].append(masked_mean(entropy.detach(), mask))
-                stats["val/ratio"].append(pg_stats["ratio"])
-        if not policy_weight:  # warm-up: the policy keeps its weights (and AdamW skips parameters without a gradient)
+                losses, loss_finite = self.micro_batch_backward(rollout, old, micro.tolist(), num_items, stats)
+            totals += losses
+            finite &= loss_finite
+        if not self.training_policy():  # warm-up: the policy keeps its weights (and AdamW skips parameters without a gradient)
             wrapped = self.accelerator.unwrap_model(self.model_wrapped)
             critic_names = wrapped.critic_parameter_names()
             for name, p in wrapped.named_parameters():
                 if name not in critic_names:
                     p.grad = None
+        self.apply_step(totals, finite, stats)
+
+    def micro_batch_backward(self, rollout: Rollout, old: dict, idx: list[int], num_items: torch.Tensor, stats: dict) -> tuple[torch.Tensor, bool]:
+        """One training forward and backward over the micro-batch `idx`: the clipped policy loss (weight 0 during the
+        critic warm-up) plus `vf_coef` x the clipped value loss, each a share of the mini-batch's token mean.
+        Returns (this share's policy and value losses, whether the loss is finite)."""
+        args, accelerator = self.args, self.accelerator
+        mb = rollout.select(idx)
+        mask = old["train_mask"][idx]  # (b, T_r)
+        logprobs, entropy, values = self.model_wrapped(mb, args.temperature, where="training forward")
+        pg_loss, pg_stats = policy_loss(logprobs, old["logprobs"][idx], old["advantages"][idx], mask, args.cliprange, num_items)
+        # Critic warm-up: the policy loss stays in the graph with weight 0 (every parameter takes part, so DDP works
+        # without find_unused_parameters); the policy's gradients (the value loss's, through a shared backbone) are
+        # dropped before the step.
+        loss = (1.0 if self.training_policy() else 0.0) * pg_loss
+        vf_loss = torch.zeros((), device=accelerator.device)
+        if args.uses_critic:  # critic-free estimators have no value head and no value loss
+            vf_loss, vf_stats = value_loss(values, old["values"][idx], old["returns"][idx], mask, args.cliprange_value, num_items)
+            loss = loss + args.vf_coef * vf_loss
+        # DDP averages gradients over ranks, DeepSpeed also divides by gradient_accumulation_steps: the token mean is
+        # already over all ranks' tokens of the whole mini-batch.
+        scale = accelerator.num_processes * (args.gradient_accumulation_steps if is_deepspeed(accelerator) else 1)
+        accelerator.backward(loss * scale)
+        if mask.any():
+            stats["policy/approxkl_avg"].append(pg_stats["approxkl"])
+            stats["policy/clipfrac_avg"].append(pg_stats["clipfrac"])
+            if args.uses_critic:
+                stats["val/clipfrac_avg"].append(vf_stats["clipfrac"])
+            stats["policy/entropy_avg"].append(masked_mean(entropy.detach(), mask))
+            stats["val/ratio"].append(pg_stats["ratio"])
+        return torch.stack([pg_loss.detach(), vf_loss.detach()]), bool(torch.isfinite(loss))
+
+    def apply_step(self, totals: torch.Tensor, finite: bool, stats: dict) -> None:
+        """Clip the accumulated gradients and step, or skip the step when any rank's loss or the gradient norm is not
+        finite; record the step's losses and gradient norm."""
+        args, accelerator = self.args, self.accelerator
+        device = accelerator.device
         # Under DeepSpeed the engine has clipped and stepped already (at the last backward); this reads its norm.
         grad_norm = accelerator.clip_grad_norm_(self.model_wrapped.parameters(), args.max_grad_norm or math.inf)
         if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards
@@ -417,7 +475,7 @@ class PPOTrainer(Trainer):
         self.skipped_in_a_row = 0
         # Logged as the mean over ranks, so each rank reports its share x ranks: the mean is the mini-batch's loss.
         stats["loss/policy_avg"].append(totals[0] * accelerator.num_processes)
-        if critic:
+        if args.uses_critic:
             stats["loss/value_avg"].append(totals[1] * accelerator.num_processes)
         stats["train/grad_norm"].append(grad_norm.detach().float())
         stats["train/skipped_steps"].append(torch.zeros((), device=device))
@@ -459,96 +517,15 @@ class PPOTrainer(Trainer):
             "or try fp32/bf16 instead of fp16"
         )
 
-    # ---- the loop ---------------------------------------------------------------------------------
+    def metrics(self, rollout: Rollout, old: dict, stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """Step 7: TRL's PPO metric names over all processes (metrics.py: one collective, the same on every rank)."""
+        return iteration_metrics(rollout, old, stats, self.step_stat_names, self.args.kl_coef, self.sum_over_ranks, self.accelerator.device)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        args = self.args
-        accelerator = self.accelerator
-        checkpoint = self.resolve_checkpoint(resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint)
-        replaced = self.claim_output_dir() if checkpoint is None else None
-        if checkpoint is not None:
-            self.load_weights(checkpoint)
-        cast_to_engine_dtype(self.model, accelerator)
-        self.create_optimizer_and_scheduler(num_training_steps=self.num_total_batches)
-        self.model_wrapped, self.optimizer = accelerator.prepare(self.model, self.optimizer)
-        self.model_wrapped.eval()
-        self.state = TrainerState(
-            stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)],
-            max_steps=self.num_total_batches,
-            logging_steps=args.logging_steps,
-            save_steps=args.save_steps,
-            num_train_epochs=math.ceil(self.num_total_batches / self.batches_per_epoch),
-        )
-        self.state.is_local_process_zero = self.is_local_process_zero()
-        self.state.is_world_process_zero = self.is_world_process_zero()
-        # Each process samples with its own stream (after resuming, the saved per-process RNG state takes over).
-        torch.manual_seed(args.seed + accelerator.process_index)
-        if checkpoint is not None:
-            self.load_training_state(checkpoint)
-        if self.is_world_process_zero():
-            with atomic_file(Path(args.output_dir) / CONFIG_FILE) as f:
-                yaml.safe_dump(self.run_config(), f, sort_keys=True)
-        if self.is_world_process_zero():
-            console.write(self.sharing.describe())
-            console.write(describe_placement(self.models_by_name(), accelerator))
-        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        start_time = time.time()
-        episodes_at_start = self.state.global_step * self.global_batch_size
-
-        with StopOnSignal() as stop:
-            for iteration in range(self.state.global_step, self.num_total_batches):
-                metrics = self.iteration(iteration)
-                self.state.global_step = iteration + 1
-                self.state.epoch = (iteration + 1) / self.batches_per_epoch
-                episode = self.state.global_step * self.global_batch_size
-                metrics["eps"] = (episode - episodes_at_start) / max(time.time() - start_time, 1e-9)
-                metrics["episode"] = episode
-                metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
-                if self.eval_dataset is not None and (self.state.global_step % self.eval_every == 0 or self.state.global_step == self.num_total_batches):
-                    metrics.update(self.evaluate_policy())
-                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-                if self.state.global_step % max(1, int(args.logging_steps)) == 0 or self.state.global_step == self.num_total_batches:
-                    self.log(metrics)
-                saved = args.save_steps and self.state.global_step % int(args.save_steps) == 0
-                if saved:
-                    self.save_checkpoint()
-                if self.stop_requested(stop):
-                    path = self.save_checkpoint() if not saved else Path(args.output_dir) / f"{ckpt.PREFIX}{self.state.global_step}"
-                    launcher = "accelerate launch [your launch flags]" if accelerator.num_processes > 1 else None
-                    raise Preempted(
-                        f"stopped by a signal after iteration {self.state.global_step}; resumable checkpoint {path}. "
-                        f"To resume:\n  {resume_command(str(path), launcher=launcher)}",
-                        stop.signum or 15,
-                    )
-                if self.control.should_training_stop:
-                    break
-
-        if not (args.save_steps and self.state.global_step % int(args.save_steps) == 0):
-            self.save_checkpoint()
-        self.save_final(args.output_dir)
-        if replaced is not None and self.is_world_process_zero():
-            shutil.rmtree(replaced, ignore_errors=True)  # the previous run, kept aside until this one finished
-        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        return self.state
-
-    def iteration(self, iteration: int) -> dict[str, float]:
-        """One PPO iteration: rollout, score, advantages, optimisation, LR step; returns its metrics."""
-        samples = self.batch_samples(iteration)
-        rollout = self.make_rollout(samples)
-        scored = self.score(rollout, samples)
-        old = {**scored, **self.advantages(rollout, scored)}
-        if self.sum_over_ranks(old["train_mask"].any(dim=1).sum().to(self.accelerator.device)) == 0:
-            logger.warning(f"iteration {iteration + 1}: no sample of the batch could be scored; the update is skipped")
-            stats = {}
-        else:
-            stats = self.optimise(rollout, old)
-        with warnings.catch_warnings():  # an iteration whose steps were all skipped still advances the schedule
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-            self.lr_scheduler.step()
-        metrics = self.metrics(rollout, old, stats)
-        if self.args.num_sample_generations and self.is_world_process_zero() and (iteration + 1) % max(1, int(self.args.logging_steps)) == 0:
-            self.show_samples(iteration + 1, samples, old)
-        return metrics
+    @property
+    def step_stat_names(self) -> tuple[str, ...]:
+        """The statistics `optimise` records, fixed by the config (the critic-free estimators have no value loss)."""
+        names = ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "val/ratio", "loss/policy_avg", "train/grad_norm", "train/skipped_steps")
+        return names + (("val/clipfrac_avg", "loss/value_avg") if self.args.uses_critic else ())
 
     @torch.no_grad()
     def evaluate_policy(self) -> dict[str, float]:
@@ -571,7 +548,7 @@ class PPOTrainer(Trainer):
                 for start in range(0, len(samples), args.local_rollout_forward_batch_size):
                     batch = samples[start : start + args.local_rollout_forward_batch_size]
                     rollout = self.make_rollout(batch, config)
-                    _, _, combined = self.reward_scores(rollout, batch)
+                    _, _, combined = self.rewards.score(rollout, batch)
                     logprobs = model(rollout, args.temperature, where="eval forward")[0]
                     kl = torch.where(rollout.response_mask, logprobs - self.reference_logprobs(rollout), 0.0).sum(1)  # (b,)
                     scored = [float(c) for c in combined if c is not None]
@@ -585,217 +562,3 @@ class PPOTrainer(Trainer):
         """True on every rank as soon as any rank received SIGTERM/SIGINT."""
         flag = torch.tensor(float(stop.signum is not None), device=self.accelerator.device)
         return bool(self.sum_over_ranks(flag) > 0)
-
-    def metrics(self, rollout: Rollout, old: dict, stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-        """TRL's PPO metric names, over all processes. KL and entropy are per sequence (summed over tokens);
-        scores are means over the samples the rewards could score."""
-        device = self.accelerator.device
-        gather = lambda t: self.accelerator.gather_for_metrics(t.detach().float().reshape(-1).to(device)).mean().item()  # noqa: E731
-        total = lambda t: self.sum_over_ranks(t.detach().float().sum().to(device)).item()  # noqa: E731
-        mask = rollout.response_mask
-        scored = ~old["unscored"]  # (B,)
-        n_scored = total(scored)
-        non_score = (-self.args.kl_coef * old["kl"]).sum(1)  # (B,)
-        out = {
-            "objective/kl": gather(old["kl"].sum(1)),
-            "objective/entropy": gather(old["entropy"].sum(1)),
-            "objective/non_score_reward": gather(non_score),
-            "objective/rlhf_reward": total(torch.where(scored, old["scores"] + non_score, 0.0)) / max(n_scored, 1),
-            "objective/scores": total(torch.where(scored, old["scores"], 0.0)) / max(n_scored, 1),
-            "objective/unscored": gather(old["unscored"]),
-            "val/num_eos_tokens": total(rollout.has_eos),
-            "val/response_length": gather(mask.sum(1)),
-        }
-        for name, column in old["reward_columns"].items():
-            values = torch.tensor([0.0 if v is None else float(v) for v in column], device=device)
-            have = torch.tensor([v is not None for v in column], device=device)
-            count = total(have)
-            out[f"objective/scores/{name}"] = total(values) / count if count else float("nan")
-        for name, values in stats.items():
-            out[name] = gather(torch.stack(values).mean())
-        if "train/skipped_steps" in stats:
-            out["train/skipped_steps"] = total(torch.stack(stats["train/skipped_steps"]).sum()) / self.accelerator.num_processes
-        if stats.get("val/ratio"):
-            ratios = torch.stack(stats["val/ratio"])
-            out["val/ratio_var"] = gather(ratios.var() if len(ratios) > 1 else torch.zeros((), device=device))
-        return out
-
-    def show_samples(self, step: int, samples: list[dict], old: dict) -> None:
-        """The batch's first `num_sample_generations` samples as a table on the console and, with their images, in
-        the wandb/trackio runs of `report_to`. A sample the rewards could not score has no score."""
-        scores = [None if unscored else score for score, unscored in zip(old["scores"].tolist(), old["unscored"].tolist())]
-        shown = [
-            LoggedSample(prompt_text(s["prompt"]), s["images"], completion, score, {k: v[i] for k, v in old["reward_columns"].items()})
-            for i, (s, completion, score) in enumerate(zip(samples[: self.args.num_sample_generations], old["completions"], scores))
-        ]
-        console.write(console.samples_table(step, [(s.prompt, s.completion, s.score) for s in shown]))
-        log_samples(self.args.report_to, step, shown)
-
-    # ---- output directory and checkpoints ---------------------------------------------------------
-
-    def run_config(self) -> dict:
-        """This run's full resolved config, as written to `ppo_config.yaml` (plus the number of processes)."""
-        return ckpt.plain({**self.args.to_dict(), "num_processes": self.accelerator.num_processes})
-
-    def claim_output_dir(self) -> Path | None:
-        """Refuse an output_dir holding an earlier run unless `overwrite_output_dir`; then move that run aside
-        (into a hidden directory, removed when this run finishes) and return where it went."""
-        out = Path(self.args.output_dir)
-        previous = ckpt.previous_run(out)
-        if not previous:
-            return None
-        if not self.args.overwrite_output_dir:
-            ckpt.refuse_previous_run(out)
-        aside = out / f".replaced-{int(time.time())}"
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            aside.mkdir()
-            for p in previous:
-                os.replace(p, aside / p.name)
-        self.accelerator.wait_for_everyone()
-        return aside
-
-    def save_checkpoint(self) -> Path:
-        """`output_dir/checkpoint-N/`: the policy (full or adapter), value head, processor, optimizer, scheduler,
-        one RNG state per rank, trainer state and config; built in a staging directory, manifest last, renamed."""
-        out = Path(self.args.output_dir)
-        step = self.state.global_step
-        staging, final = ckpt.staging_dir(out, step), out / f"{ckpt.PREFIX}{step}"
-        if self.is_world_process_zero():
-            shutil.rmtree(staging, ignore_errors=True)  # a leftover of an interrupted save of this same step
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        ckpt.save_rng_state(staging, self.accelerator.process_index)
-        # Whatever saving draws (FSDP2's state-dict gathering does) is drawn from a fork: the run goes on with the
-        # streams just saved, as a run resumed from this checkpoint does.
-        with torch.random.fork_rng(devices=self.rng_devices):
-            if is_deepspeed(self.accelerator):  # ZeRO partitions the optimizer state: the engine saves each rank's shard
-                self.model_wrapped.save_checkpoint(str(staging), tag=DEEPSPEED_TAG)
-            else:
-                save_optimizer(self.model_wrapped, self.optimizer, self.accelerator, staging / "optimizer.pt")
-            self.save_model_files(staging)
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
-            self.state.save_to_json(str(staging / "trainer_state.json"))
-            (staging / CONFIG_FILE).write_text(yaml.safe_dump(self.run_config(), sort_keys=True))
-            ckpt.write_manifest(staging, step=step, num_processes=self.accelerator.num_processes)
-            ckpt.publish(staging, final)
-            rotate_checkpoints(self.args.output_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
-        self.accelerator.wait_for_everyone()
-        return final
-
-    def save_model_files(self, directory: Path) -> None:
-        """Full Hugging Face weights (gathered from every rank under ZeRO-3 and FSDP2), written by the main process."""
-        wrapped = self.accelerator.unwrap_model(self.model_wrapped)
-        with gathered_parameters(wrapped, self.accelerator) as full:
-            if self.is_world_process_zero():
-                policy_state = None if full is None else submodule_state(full, "policy.")
-                wrapped.policy.save_pretrained(directory, safe_serialization=True, state_dict=policy_state)
-                if wrapped.critic is not None:  # critic-free estimators have none
-                    critic_state = None if full is None else submodule_state(full, "critic.")
-                    save_critic(wrapped.critic, directory, self.processor, state_dict=critic_state)
-                self.processor.save_pretrained(directory)
-
-    def save_final(self, output_dir: str) -> None:
-        """The final policy, value head, processor and trainer_state.json in `output_dir` itself (each file atomic)."""
-        out = Path(output_dir)
-        staging = out / ".final.staging"
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            shutil.rmtree(staging, ignore_errors=True)  # a leftover of an interrupted save
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        self.save_model_files(staging)
-        if self.is_world_process_zero():
-            self.state.save_to_json(str(staging / "trainer_state.json"))
-            for f in staging.iterdir():
-                os.replace(f, out / f.name)
-            staging.rmdir()
-        self.accelerator.wait_for_everyone()
-
-    def resolve_checkpoint(self, resume: str | bool | None) -> Path | None:
-        """The checkpoint to resume from: `True`/`latest` is the newest complete one of output_dir."""
-        if resume in (None, False, "", "False", "false"):
-            return None
-        out = Path(self.args.output_dir)
-        if resume in (True, "True", "true", "latest"):
-            found, skipped = ckpt.latest_complete(out)
-            for path, problem in skipped:
-                logger.warning(f"skipping incomplete checkpoint {path}: {problem}")
-            if found is None:
-                why = "".join(f"; {p.name}: {problem}" for p, problem in skipped)
-                raise ckpt.CheckpointError(f"--resume_from_checkpoint {resume}: {out} has no complete checkpoint-N{why}")
-            logger.info(f"resuming from {found}")
-            return found
-        path = Path(resume)
-        if not path.is_dir():
-            raise ckpt.CheckpointError(f"--resume_from_checkpoint {path}: not found")
-        problem = ckpt.problem_with(path)
-        if problem is not None:
-            raise ckpt.CheckpointError(f"{path} is incomplete: {problem}. Resume from an earlier checkpoint, or with 'latest'")
-        return path
-
-    def load_weights(self, checkpoint: Path) -> None:
-        """Restore the policy and critic weights saved by `save_checkpoint` into the unprepared model (the engine
-        then shards them as it shards a fresh start), after checking what this run changed: fixed fields are an
-        error, the others take their new value."""
-        errors, changed = ckpt.resume_changes(yaml.safe_load((checkpoint / CONFIG_FILE).read_text()), self.run_config())
-        if errors:
-            raise ckpt.CheckpointError(
-                f"cannot resume from {checkpoint} with a different " + "; ".join(errors) + ". Start a new run (another "
-                "--output_dir) to change these"
-            )
-        for line in changed:
-            logger.warning(f"resuming with a changed {line}: the new value is used")
-        policy = self.model.policy
-        with writable_parameters(self.model, self.accelerator):
-            if isinstance(policy, PeftModel):
-                from peft import set_peft_model_state_dict
-                from peft.utils import load_peft_weights
-
-                set_peft_model_state_dict(policy, load_peft_weights(str(checkpoint), device="cpu"))
-            else:  # from_pretrained applies the checkpoint's key mapping (v5 saves the hub layout)
-                saved = load_unsharded(type(policy), checkpoint, policy.dtype)
-                policy.load_state_dict(saved.state_dict())
-                del saved
-            if self.model.critic is not None:
-                load_critic_state(self.model.critic, policy, checkpoint)
-
-    def load_training_state(self, checkpoint: Path) -> None:
-        """Restore the optimizer, scheduler, RNG and trainer state saved by `save_checkpoint` (after `prepare`)."""
-        if is_deepspeed(self.accelerator):
-            self.model_wrapped.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
-        else:
-            load_optimizer(self.model_wrapped, self.optimizer, self.accelerator, checkpoint / "optimizer.pt")
-        self.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        self.retarget_learning_rate()
-        saved = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
-        self.state.global_step = saved.global_step
-        self.state.epoch = saved.epoch
-        self.state.log_history = saved.log_history
-        ckpt.load_rng_state(checkpoint, self.accelerator.process_index)
-
-    def retarget_learning_rate(self) -> None:
-        """After loading a scheduler: continue its schedule from this run's learning_rate (a changed one takes effect)."""
-        scheduler = self.lr_scheduler
-        lambdas = getattr(scheduler, "lr_lambdas", None)
-        if lambdas is None:
-            return
-        for i, (group, lr_lambda) in enumerate(zip(self.optimizer.param_groups, lambdas)):
-            scheduler.base_lrs[i] = group["initial_lr"] = self.critic_learning_rate if group.get("critic") else self.args.learning_rate
-            group["lr"] = group["initial_lr"] * lr_lambda(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-
-def drop_long_prompts(processor, dataset: PromptDataset, max_prompt_length: int) -> PromptDataset:
-    """`dataset` without the prompts longer than `max_prompt_length` (image tokens included).
-
-    Dropped before batching, identically on every rank, so that every rank keeps full batches.
-    """
-    lengths = prompt_lengths(processor, dataset)
-    keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
-    if len(keep) < len(dataset):
-        dropped = [f"{dataset.rows[i]['_source']} ({n} tokens)" for i, n in enumerate(lengths) if n > max_prompt_length]
-        logger.warning(f"skip_long_prompts: dropped {len(dropped)} prompt(s) longer than {max_prompt_length} tokens: {', '.join(dropped[:10])}")
-    return PromptDataset([dataset.rows[i] for i in keep], dataset.base_dir)
