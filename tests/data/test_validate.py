@@ -199,3 +199,14 @@ def test_train_reward_stops_before_the_model_loads(synthetic_data_dir, tmp_path,
     err = stops_early(capsys, ["train-reward", "--model_name_or_path", str(tiny_model_dir), "--train_data", str(path),
                                "--output_dir", str(tmp_path / "rm")])
     assert f"{path}:3: field 'chosen'" in err
+
+
+def test_a_row_with_two_problems_lists_both(data_dir, tiny_processor):
+    rows = read_jsonl(data_dir / "test.jsonl")
+    # A missing image AND no answer for exact_match: both named, not the first only.
+    bad = {k: v for k, v in rows[0].items() if k != "answer"} | {"image": "images/missing.png"}
+    path = data_dir / "two.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [bad, *rows[1:3]]) + "\n")
+    report = check_data(path, "ppo", processor=tiny_processor, required_columns={"answer": "exact_match"})
+    assert sorted((p.line, p.field) for p in report.problems) == [(1, "answer"), (1, "image")]
+    assert report.rows == 3 and report.bad_rows == 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -255,3 +257,27 @@ def test_read_training_curves_all_metrics_and_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     assert read_training_curves(tmp_path / "empty") == {}
     assert read_training_curves(None) == {}
+
+
+def test_bootstrap_ci_tails_are_the_2_5_and_97_5_percentiles():
+    # 200 ones and 200 zeros: the resample mean is ~ Normal(0.5, 0.025), so the 95% interval is 0.5 -/+ 1.96 x 0.025.
+    # With 20,000 resamples each bound is within ~0.0005 of that; a 90% interval (alpha instead of alpha / 2) would
+    # sit 0.008 inside it.
+    lo, hi = bootstrap_ci([1.0] * 200 + [0.0] * 200, n_resamples=20_000)
+    assert lo == pytest.approx(0.5 - 1.96 * 0.025, abs=0.002) and hi == pytest.approx(0.5 + 1.96 * 0.025, abs=0.002)
+    lo90, hi90 = bootstrap_ci([1.0] * 200 + [0.0] * 200, n_resamples=20_000, confidence=0.90)
+    assert lo90 == pytest.approx(0.5 - 1.645 * 0.025, abs=0.002) and hi90 == pytest.approx(0.5 + 1.645 * 0.025, abs=0.002)
+
+
+def test_bootstrap_ci_follows_a_skewed_distribution():
+    # 10 ones in 400: the resample mean is Binomial(400, 0.025) / 400, skewed right; a percentile interval follows
+    # that skew (a mean +/- z x sd interval would be symmetric, and its low end below 10 / 400 - 6 / 400).
+    x = [1.0] * 10 + [0.0] * 390
+    lo, hi = bootstrap_ci(x, n_resamples=20_000)
+    mean = 10 / 400
+    assert hi - mean > mean - lo  # the upper tail is the longer
+    binomial = [math.comb(400, k) * 0.025**k * 0.975 ** (400 - k) for k in range(401)]
+    cdf = list(itertools.accumulate(binomial))
+    k_lo = next(k for k, c in enumerate(cdf) if c >= 0.025)
+    k_hi = next(k for k, c in enumerate(cdf) if c >= 0.975)
+    assert abs(lo - k_lo / 400) <= 1 / 400 and abs(hi - k_hi / 400) <= 1 / 400

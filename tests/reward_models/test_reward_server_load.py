@@ -184,6 +184,34 @@ def test_a_slow_reward_times_out_for_its_client_while_health_answers():
         assert remote(["p"], ["x"]) == [1.0]  # the reward is free again
 
 
+def test_time_spent_waiting_for_the_lock_counts_against_the_timeout():
+    """A request that waited part of its timeout for another's call gets only the rest of it for its own call."""
+    first_in = threading.Event()
+    durations = iter([0.8, 0.8])  # each call alone fits the 1 s timeout; waiting + calling does not
+
+    def slow(prompts, completions, **kwargs):
+        first_in.set()
+        time.sleep(next(durations))
+        return [1.0] * len(completions)
+
+    with running_server(slow, timeout=1.0) as server:
+        results = {}
+
+        def client(name: str) -> None:
+            start = time.monotonic()
+            results[name] = (*post(f"{server.url}/score", json.dumps({"completions": [name]}).encode()), time.monotonic() - start)
+
+        first = threading.Thread(target=client, args=("first",))
+        first.start()
+        assert first_in.wait(5)
+        client("second")  # waits ~0.8 s for the lock, then would need 0.8 s more
+        first.join(timeout=5)
+    assert results["first"][0] == 200
+    status, answer, seconds = results["second"]
+    assert status == 504 and "did not finish within 1 s" in answer["error"]
+    assert seconds < 1.45  # answered at its deadline (~1 s), not a full timeout after it got the lock (1.6 s)
+
+
 def test_limits_must_be_positive_numbers(capsys):
     from reward_models.server import main, make_server
 

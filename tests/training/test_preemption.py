@@ -26,17 +26,19 @@ with StopOnSignal() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.signum == signal.SIGTERM
     print("asked to stop", flush=True)
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.{second})
     time.sleep(10)
     print("not reached", flush=True)
 """
 
 
-def test_the_first_signal_asks_to_stop_and_the_second_exits_at_once():
-    result = subprocess.run([sys.executable, "-c", TWO_SIGNALS], capture_output=True, text=True, timeout=60, env=ENV)
-    assert result.returncode == -signal.SIGTERM
+@pytest.mark.parametrize("second", ["SIGTERM", "SIGINT"])  # SIGINT: Ctrl-C after a cluster's SIGTERM
+def test_the_first_signal_asks_to_stop_and_the_second_exits_at_once(second):
+    result = subprocess.run([sys.executable, "-c", TWO_SIGNALS.format(second=second)], capture_output=True, text=True, timeout=60, env=ENV)
+    assert result.returncode == -getattr(signal, second)
     assert result.stdout == "asked to stop\n"
     assert "SIGTERM received: finishing this PPO iteration" in result.stderr
+    assert "KeyboardInterrupt" not in result.stderr
 
 
 def test_resume_command_replaces_any_resume_flag():
