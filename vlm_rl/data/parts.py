@@ -15,8 +15,9 @@ dropped. In the normal form every vision part is a bare placeholder (`{"type": "
 read) and `images` holds one `ImageRef` per placeholder, in order.
 
 Vision kinds (`MEDIA`): a kind is a placeholder type, the normal form's list of them, the columns and the text
-placeholder that give them, and the keys a part carries its source under. Only images are supported; a video
-kind (qwen-vl-utils' {"type": "video", "video": ...}) is one more entry, with its reader.
+placeholder that give them, and the keys a part carries its source under; parsing, the placeholder counts and the
+normal form's lists run over every kind. Only images are supported; a video kind (qwen-vl-utils' {"type": "video",
+"video": ...}) is one more entry here, plus its reader where `PromptDataset` opens the images.
 """
 
 from __future__ import annotations
@@ -112,24 +113,27 @@ def _split_placeholders(text: str) -> list[dict]:
     return parts
 
 
-def normalise_messages(messages: Any, where: str, field: str) -> tuple[list[dict], list[ImageRef | None]]:
-    """Chat messages -> (normal-form messages, one entry per vision placeholder: its inline ref or None)."""
+def normalise_messages(messages: Any, where: str, field: str) -> tuple[list[dict], dict[str, list[ImageRef | None]]]:
+    """Chat messages -> (normal-form messages, {kind: one entry per placeholder of that kind, in order: its inline
+    reference, or None when the row's column gives it})."""
     if not isinstance(messages, list) or not messages:
         raise field_error(where, field, "expected a non-empty list of chat messages", 'Use [{"role": "user", "content": ...}].')
-    out, refs = [], []
+    out, refs = [], {kind: [] for kind in MEDIA}
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise field_error(where, f"{field}[{i}]", "a message needs 'role' and 'content'", "Fix the message.")
         content = m["content"]
         if isinstance(content, str):
             parts = _split_placeholders(content) if IMAGE_PLACEHOLDER in content else [{"type": "text", "text": content}]
-            refs += [None for p in parts if p["type"] != "text"]
+            parsed = [(p, None) for p in parts]
         elif isinstance(content, list):
             parsed = _parts(content, where, f"{field}[{i}].content")
             parts = [p for p, _ in parsed]
-            refs += [ref for p, ref in parsed if p["type"] != "text"]
         else:
             raise field_error(where, f"{field}[{i}].content", f"expected a string or a list of parts, got {type(content).__name__}", "Fix the message.")
+        for part, ref in parsed:
+            if part["type"] in refs:
+                refs[part["type"]].append(ref)
         out.append({"role": m["role"], "content": parts})
     return out, refs
 
@@ -195,23 +199,23 @@ def _no_prompt(row: dict, where: str) -> DataError:
                        "Use one of the formats in the README." + hint)
 
 
-def _image_column(row: dict) -> str | None:
-    """The row's column of images for bare placeholders (`images`, else `image`), if it has one."""
-    return next((c for c in IMAGE.data_columns if row.get(c) is not None), None)
+def _data_column(kind: MediaKind, row: dict) -> str | None:
+    """The row's column giving the kind's bare placeholders (`images`, else `image`), if it has one."""
+    return next((c for c in kind.data_columns if row.get(c) is not None), None)
 
 
-def _fill_placeholders(refs: list[ImageRef | None], row: dict, where: str) -> list[ImageRef]:
-    """Bare placeholders take the image column's entries in order; the counts must match."""
-    column = _image_column(row)
+def _fill_placeholders(kind: MediaKind, refs: list[ImageRef | None], row: dict, where: str) -> list[ImageRef]:
+    """Bare placeholders take the kind's column entries in order; the counts must match."""
+    column = _data_column(kind, row)
     given = _as_list(row[column]) if column else []
     bare = sum(ref is None for ref in refs)
     if len(given) != bare:
         inline = len(refs) - bare
-        also = f" ({inline} more part(s) carry their own image)" if inline else ""
+        also = f" ({inline} more part(s) carry their own {kind.name})" if inline else ""
         raise field_error(
-            where, column or ("image" if "image" in row else "images"),
-            f"{len(given)} image(s) but {bare} image placeholder(s) in the prompt{also}",
-            f"Put one {IMAGE_PLACEHOLDER} (or one {{'type': 'image'}} part) per image of the column.",
+            where, column or (kind.data_columns[-1] if kind.data_columns[-1] in row else kind.data_columns[0]),
+            f"{len(given)} {kind.name}(s) but {bare} {kind.name} placeholder(s) in the prompt{also}",
+            f"Put one {kind.text_placeholder} (or one {{'type': '{kind.name}'}} part) per {kind.name} of the column.",
         )
     names = [column] if len(given) == 1 else [f"{column}[{j}]" for j in range(len(given))]
     entries = iter(ImageRef(source, field_name=name) for source, name in zip(given, names))
@@ -239,7 +243,7 @@ def normalise_row(row: dict, where: str) -> dict:
     elif "prompt" in row:  # plain
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
             raise field_error(where, "prompt", "expected a non-empty string", "Give the question text.")
-        n_images = len(_as_list(row[_image_column(row)])) if _image_column(row) else 0
+        n_images = len(_as_list(row[_data_column(IMAGE, row)])) if _data_column(IMAGE, row) else 0
         text = row["prompt"] if IMAGE_PLACEHOLDER in row["prompt"] else IMAGE_PLACEHOLDER * n_images + row["prompt"]
         prompt, completion, field = [{"role": "user", "content": text}], row.get("response", row.get("completion")), "prompt"
     else:
@@ -247,4 +251,5 @@ def normalise_row(row: dict, where: str) -> dict:
     messages, refs = normalise_messages(prompt, where, field)
     if completion is not None and not isinstance(completion, str):
         raise field_error(where, "response", f"expected a string, got {type(completion).__name__}", "Give the response text.")
-    return {"prompt": messages, "images": _fill_placeholders(refs, row, where), "completion": completion, "_source": where, **rest}
+    media = {kind.column: _fill_placeholders(kind, refs[name], row, where) for name, kind in MEDIA.items()}
+    return {"prompt": messages, **media, "completion": completion, "_source": where, **rest}
