@@ -65,8 +65,10 @@ class Reward:
     """
 
     name: str = "reward"
-    # Dataset columns the reward reads from kwargs; data checks (`vlm-rl validate-data`) require them up front.
+    # Dataset columns the reward reads from kwargs; data checks (`vlm-rl validate-data`, PPO's start) require them in
+    # every sample, and name the constructor option that chooses each one ({column: option}, e.g. answer_column).
     required_columns: tuple[str, ...] = ()
+    column_options: dict[str, str] = {}
 
     def __call__(self, prompts: list | None, completions: list, **kwargs: Any) -> list[float | None]:
         raise NotImplementedError

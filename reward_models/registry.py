@@ -28,7 +28,8 @@ Spec syntax (``load_reward`` / ``load_rewards``)
 * **DIRECTORY**: a directory holding ``reward_config.json`` is a trained reward model, loaded with
   ``reward_models.vlm_reward.VLMRewardModel.from_pretrained(path)`` (imported only then).
   Built-in names win over same-named directories: write ``./length`` for a directory called ``length``.
-* **URL**: :class:`reward_models.remote.RemoteReward` posting to ``URL/score``.
+* **URL**: :class:`reward_models.remote.RemoteReward` posting to ``URL/score``, named by the server
+  (``/health``); loading it asks the server, so a server that is down is an error then, not at the first score.
 * **WEIGHT**: only a *trailing* ``:<number>`` is a weight. In a URL, a number right after the host
   is the port, so a weighted URL spells both: ``http://127.0.0.1:8000:0.5``. A spec that names an
   existing path as a whole is never split. ``load_rewards`` uses the weight in the weighted sum;
@@ -232,7 +233,7 @@ def _load_unweighted(spec: str) -> Reward:
     if _URL_RE.match(spec):
         from reward_models.remote import RemoteReward
 
-        return RemoteReward(spec)
+        return RemoteReward(spec).connect()
     m = _CALL_RE.match(spec)
     if m is not None:
         target, args = m.group("target").strip(), m.group("args")
@@ -258,8 +259,9 @@ def _load_unweighted(spec: str) -> Reward:
 
 
 def reward_columns(specs: str | Sequence[str]) -> dict[str, str]:
-    """{column: "needed by reward NAME"} for the dataset columns the rewards in ``specs`` read, without
-    loading a model or calling a server: trained reward models and URLs read no columns of their own."""
+    """{column: who needs it, and the option that would choose another column} for the dataset columns the
+    rewards in ``specs`` read (their ``required_columns``), without loading a model: a trained reward model reads
+    no column of its own; a reward server is asked (``/health``), so one that is down is an error here."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     columns: dict[str, list[str]] = {}
     for spec in specs:
@@ -267,11 +269,15 @@ def reward_columns(specs: str | Sequence[str]) -> dict[str, str]:
         m = _CALL_RE.match(base)
         target = m.group("target").strip() if m is not None else ""
         cheap = registered_reward(target) is not None or _MODULE_ATTR_RE.match(target)
-        if not cheap and (_URL_RE.match(base) or os.path.isfile(os.path.join(base, REWARD_CONFIG_NAME))):
-            continue  # a server or a trained reward model: only the run itself asks or loads it
+        if not cheap and not _URL_RE.match(base) and os.path.isfile(os.path.join(base, REWARD_CONFIG_NAME)):
+            continue  # a trained reward model: only the run itself loads it
         reward = _load_unweighted(base)  # a bad spec fails here, before anything loads
+        options = getattr(reward, "column_options", {})
         for column in getattr(reward, "required_columns", ()):
-            columns.setdefault(column, []).append(reward.name)
+            how = f" at {reward.url}" if _URL_RE.match(base) else ""
+            if column in options:
+                how += f"; {reward.name}({options[column]}=COLUMN) reads another column"
+            columns.setdefault(column, []).append(reward.name + how)
     return {c: f"needed by reward {', '.join(names)}" for c, names in columns.items()}
 
 

@@ -2,8 +2,9 @@
 
 Protocol (JSON over HTTP, standard library only):
 
-* ``GET {url}/health`` -> ``{"status": "ok", "reward": NAME, "max_batch": N, "max_body_bytes": B,
-  "timeout": SECONDS}`` (the limits are optional for other servers).
+* ``GET {url}/health`` -> ``{"status": "ok", "name": NAME, "required_columns": [COLUMN, ...], "max_batch": N,
+  "max_body_bytes": B, "timeout": SECONDS}`` (everything but ``status`` is optional for other servers; ``reward``,
+  the name's older key, is read too).
 * ``POST {url}/score`` with ``{"prompts": [...], "completions": [...], "images": [[IMAGE, ...], ...],
   "kwargs": {COLUMN: [...], ...}}`` -> ``{"scores": [float | null, ...]}``. An IMAGE is a base64
   PNG string, or ``{"path": "/abs/path.png"}`` for a file the server reads itself. ``images`` is
@@ -11,7 +12,9 @@ Protocol (JSON over HTTP, standard library only):
   400 (bad request, or more than ``max_batch`` completions), 404, 413 (body over ``max_body_bytes``),
   500 (the reward failed), 503 (the reward stayed busy) or 504 (the reward took over ``timeout``).
 
-:class:`RemoteReward` reads the server's limits from ``/health`` once, then sends the batch in chunks of
+:class:`RemoteReward` reads the server's name, the dataset columns its reward reads and its limits from ``/health``
+once (``connect``: ``load_reward`` calls it, so a server that is down stops a run before any model loads; the
+name is the reward's in metrics and score columns), then sends the batch in chunks of
 ``batch_size`` (at most ``max_batch``), halving a chunk whose body would exceed ``max_body_bytes``. Each
 request has a ``timeout``; connection errors, timeouts and 5xx answers are retried up to ``retries``
 times with exponential backoff. When the server still cannot be reached it raises
@@ -113,7 +116,8 @@ class RemoteReward(Reward):
         batch_size: completions per request (fewer when the server's ``max_batch`` or ``max_body_bytes``
             asks for it).
         backoff: seconds before the first retry; doubled after each (capped at 30 s).
-        name: the reward's name for metrics (default ``"remote"``).
+        name: the reward's name for metrics (default: the name the server reports on ``/health``, else
+            ``"remote"``).
         send_image_paths: send images given as file paths as ``{"path": ...}`` for the server to
             read (same filesystem only) instead of encoding them here.
 
@@ -130,7 +134,7 @@ class RemoteReward(Reward):
         retries: int = 3,
         batch_size: int = 64,
         backoff: float = 0.5,
-        name: str = "remote",
+        name: str | None = None,
         send_image_paths: bool = False,
     ):
         parsed = urllib.parse.urlsplit(url.strip())
@@ -149,7 +153,9 @@ class RemoteReward(Reward):
         self.retries = int(retries)
         self.batch_size = int(batch_size)
         self.backoff = float(backoff)
-        self.name = name
+        self.name = name or "remote"
+        self._named = name is not None
+        self.required_columns: tuple[str, ...] = ()
         self.send_image_paths = send_image_paths
         self._limits: dict[str, int | None] | None = None  # the server's, read from /health at the first call
         # Loopback requests must not go through an HTTP proxy configured in the environment.
@@ -210,15 +216,26 @@ class RemoteReward(Reward):
         """``GET /health``: the server's status, reward name and limits (see the module docstring)."""
         return self._request("GET", "/health")
 
+    def connect(self) -> RemoteReward:
+        """Ask ``/health`` (a RemoteRewardError naming the URL when the server does not answer) for the reward's
+        name (unless one was given), the columns it reads and the server's limits; returns self."""
+        health = self.health()
+        served = health.get("name", health.get("reward"))
+        if not self._named and isinstance(served, str) and served:
+            self.name = served
+        columns = health.get("required_columns")
+        self.required_columns = tuple(str(c) for c in columns) if isinstance(columns, list) else ()
+        limits: dict[str, int | None] = {}
+        for key in ("max_batch", "max_body_bytes"):
+            value = health.get(key)
+            limits[key] = value if isinstance(value, int) and value > 0 else None
+        self._limits = limits
+        return self
+
     def server_limits(self) -> dict[str, int | None]:
         """The server's ``max_batch`` and ``max_body_bytes`` (None where it does not say), read once."""
         if self._limits is None:
-            health = self.health()
-            limits: dict[str, int | None] = {}
-            for key in ("max_batch", "max_body_bytes"):
-                value = health.get(key)
-                limits[key] = value if isinstance(value, int) and value > 0 else None
-            self._limits = limits
+            self.connect()
         return self._limits
 
     # ---------------------------------------------------------------- scoring

@@ -99,6 +99,10 @@ class ReferenceMatch(Reward):
     def required_columns(self) -> tuple[str, ...]:  # type: ignore[override]
         return (self.answer_column,)
 
+    @property
+    def column_options(self) -> dict[str, str]:  # type: ignore[override]
+        return {self.answer_column: "answer_column"}
+
     def matches(self, text: str, reference: str) -> bool:
         raise NotImplementedError
 

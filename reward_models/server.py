@@ -200,7 +200,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path.rstrip("/") == "/health":
-            self._send(200, {"status": "ok", "reward": self.server.reward.name, **self.server.limits})
+            reward = self.server.reward
+            columns = list(getattr(reward, "required_columns", ()))
+            self._send(200, {"status": "ok", "name": reward.name, "reward": reward.name, "required_columns": columns, **self.server.limits})
         else:
             self._send(404, {"error": f"no such endpoint {self.path!r}; use GET /health or POST /score"})
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -44,17 +45,20 @@ import torch.nn.functional as F
 
 from reward_models.base import completion_text
 from vlm_rl.atomic import refuse_existing_output, run_config_yaml
+from vlm_rl.data.bad_rows import SKIPPED_ROWS_FILE, announce_skipped, skipped_rows_jsonl
+from vlm_rl.data.options import DataOptions
 from vlm_rl.errors import ConfigError
 from vlm_rl.data.formats import DataError
 from vlm_rl.models.families import Family, family_of, join_images
-from vlm_rl.models.loading import require_model
+from vlm_rl.models.loading import image_resize, require_model
 
 TRAIN_CONFIG_FILE = "train_reward_config.yaml"
 
 
 @dataclass
-class RewardTrainingConfig:
-    """Every knob of a reward-model run (YAML via --config, or CLI flags; names follow TrainingArguments)."""
+class RewardTrainingConfig(DataOptions):
+    """Every knob of a reward-model run (YAML via --config, or CLI flags; names follow TrainingArguments), and the
+    data options of `DataOptions`."""
 
     model_name_or_path: str = field(
         default="tiny", metadata={"help": "Backbone to start from: a Qwen2-VL directory, a peft adapter directory, or 'tiny'."}
@@ -124,6 +128,7 @@ class RewardTrainingConfig:
     )
 
     def __post_init__(self):
+        self.check_data_options()
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.padding_side not in ("left", "right"):
@@ -138,18 +143,20 @@ class RewardTrainingConfig:
 # ------------------------------------------------------------------------------------------ data
 
 
-def load_pairs(path: str, split: str):
-    """Preference pairs in the normal form, every row checked first (`vlm_rl.data.validate`: images opened, chosen
-    and rejected readable); a DataError lists every problem."""
+def load_pairs(path: str, split: str, config: RewardTrainingConfig | None = None):
+    """(preference pairs in the normal form, the bad rows skipped), every row checked first (`vlm_rl.data.validate`:
+    images opened, chosen and rejected readable): a DataError lists every problem, unless `config.skip_bad_rows`."""
     from vlm_rl.data.formats import load_samples
     from vlm_rl.data.validate import check_data
 
-    check_data(path, "reward", split=split).raise_if_problems()
-    dataset = load_samples(path, split=split, check_images=False)
+    config = config or RewardTrainingConfig()
+    report = check_data(path, "reward", split=split, column_map=config.column_map)
+    bad = report.rows_to_skip(config.skip_bad_rows, config.max_bad_row_fraction)
+    dataset = load_samples(path, split=split, check_images=False, column_map=config.column_map, skip=bad.sources)
     for row in dataset.rows:
         row["chosen"] = completion_text(row["chosen"])
         row["rejected"] = completion_text(row["rejected"])
-    return dataset
+    return dataset, bad
 
 
 class PairCollator:
@@ -279,8 +286,9 @@ def train(config: RewardTrainingConfig) -> dict:
         model_path = require_model(config.model_name_or_path)
         train_path = resolve_data_path(config.train_data, "preferences")
         eval_path = resolve_data_path(config.eval_data, "preferences_test") if config.eval_data else None
-    train_set = load_pairs(train_path, config.train_split)  # every row checked before the model loads
-    eval_set = load_pairs(eval_path, config.eval_split) if eval_path is not None else None
+    train_set, train_bad = load_pairs(train_path, config.train_split, config)  # every row checked before the model loads
+    eval_set, eval_bad = load_pairs(eval_path, config.eval_split, config) if eval_path is not None else (None, None)
+    skipped = [b for b in (train_bad, eval_bad) if b is not None]
 
     model = VLMRewardModel.from_base(
         model_path,
@@ -294,6 +302,9 @@ def train(config: RewardTrainingConfig) -> dict:
         from vlm_rl.models.loading import load_processor
 
         model.processor = load_processor(model_path, config.min_pixels, config.max_pixels)
+    for dataset in (train_set, eval_set):  # images sized for this processor, as PPO sizes the policy's
+        if dataset is not None:
+            dataset.resize = image_resize(model_path, model.processor)
     if config.use_peft:
         model.enable_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     elif config.freeze_vision_tower:
@@ -427,15 +438,20 @@ def train(config: RewardTrainingConfig) -> dict:
         **asdict(config), "model_name_or_path": model_path, "train_data": train_path, "eval_data": eval_path,
         "num_processes": accelerator.num_processes,
     }
+    skipped_text = skipped_rows_jsonl(skipped)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(
             config.output_dir,
             extra={"train_data": str(train_path), "eval_data": str(eval_path) if eval_path else None, **{k: v for k, v in final.items()}},
-            extra_files={"eval_results.json": json.dumps(results, indent=2) + "\n", TRAIN_CONFIG_FILE: run_config_yaml(resolved)},
+            extra_files={
+                "eval_results.json": json.dumps(results, indent=2) + "\n", TRAIN_CONFIG_FILE: run_config_yaml(resolved),
+                **({SKIPPED_ROWS_FILE: skipped_text} if skipped_text else {}),
+            },
             overwrite=config.overwrite_output_dir,
         )
+        announce_skipped(skipped, Path(config.output_dir) / SKIPPED_ROWS_FILE)
         if final:
             accelerator.print(
                 f"held-out pairwise accuracy {final['eval_accuracy']:.3f} on {final['eval_pairs']} pairs "

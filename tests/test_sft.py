@@ -210,3 +210,34 @@ def test_run_sft_reads_train_data_with_load_samples(tiny_model_dir, synthetic_da
     assert Qwen2VLForConditionalGeneration.from_pretrained(out) is not None
     history = json.loads((out / "sft_metrics.json").read_text())
     assert history[-1]["step"] == 2
+
+
+def test_every_assistant_turn_of_a_conversation_is_a_target(tiny_model_dir, samples, tmp_path):
+    """A 3-turn LLaVA conversation (tests/data/fixtures/formats/llava_multi_turn.json): each of the three answers,
+    with its <|im_end|>, is supervised (TRL's assistant_only_loss); no system, user or image token is."""
+    from vlm_rl.data.formats import load_samples
+
+    conversation = list(load_samples(Path(__file__).parent / "data" / "fixtures" / "formats" / "llava_multi_turn.json"))
+    trainer = build_trainer(tiny_config(tiny_model_dir, tmp_path / "out"), conversation + samples[:1])
+    assert trainer.args.assistant_only_loss and set(trainer.train_dataset.column_names) == {"messages", "images"}
+    tokenizer = trainer.processing_class.tokenizer
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assistant_start = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    n = len(assistant_start)
+    starts = [j + n for j in range(len(ids) - n + 1) if ids[j : j + n] == assistant_start]
+    answers = ["red", "a square", "in the middle"]
+    assert len(starts) == 3
+    supervised_per_turn, spans = [], []
+    for start, answer in zip(starts, answers):
+        length = len(tokenizer.encode(answer + "<|im_end|>\n", add_special_tokens=False))
+        spans.append(range(start, start + length))
+        supervised_per_turn.append(sum(labels[k] != -100 for k in spans[-1]))
+        assert tokenizer.decode(ids[start : start + length]) == answer + "<|im_end|>\n"
+        assert all(labels[k] == ids[k] for k in spans[-1])
+    assert supervised_per_turn == [len(tokenizer.encode(a + "<|im_end|>\n", add_special_tokens=False)) for a in answers]
+    assert supervised_per_turn == [3, 4, 11]  # the tiny tokenizer's pieces of each answer, <|im_end|> and "\n"
+    assert sum(label != -100 for label in labels) == sum(supervised_per_turn)  # nothing outside the answers
+    # The single-turn sample beside it keeps its one answer supervised, as a prompt-completion pair would.
+    single = batch["labels"][1][batch["labels"][1] != -100].tolist()
+    assert tokenizer.decode(single) == samples[0]["completion"] + "<|im_end|>\n"

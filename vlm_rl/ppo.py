@@ -9,8 +9,9 @@ from trl import TrlParser
 from vlm_rl.training.output_dir import refuse_previous_run
 from vlm_rl.training.config import PPOConfig
 from vlm_rl.models.critic import load_critic
+from vlm_rl.data.bad_rows import BadRows, write_skipped_rows
 from vlm_rl.data.formats import load_samples
-from vlm_rl.models.loading import load_policy_and_reference, load_processor
+from vlm_rl.models.loading import image_resize, load_policy_and_reference, load_processor
 from vlm_rl.training.preemption import Preempted
 from vlm_rl.data.synthetic import resolve_data_path
 from vlm_rl.training.trainer import PPOTrainer
@@ -33,12 +34,16 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
     if not (config.overwrite_output_dir or config.resume_from_checkpoint):
         refuse_previous_run(config.output_dir)  # before any model loads
     processor = load_processor(model_path, config.min_pixels, config.max_pixels)
-    check_prompt_data(config, processor, [(data_path, config.train_split), (eval_path, config.eval_split)])
+    resize = image_resize(model_path, processor)
+    train_bad, eval_bad = check_prompt_data(config, processor, [(data_path, config.train_split), (eval_path, config.eval_split)], resize)
+    if PartialState().is_main_process:
+        write_skipped_rows(config.output_dir, [train_bad, eval_bad])
     set_seed(config.seed)  # what is initialised fresh (a LoRA adapter, a value head) is the same on every engine
     policy, reference = load_policy_and_reference(config)
     critic = load_critic(config, policy, model_path)  # None for the critic-free estimators
-    dataset = load_samples(data_path, split=config.train_split)
-    eval_dataset = load_samples(eval_path, split=config.eval_split) if eval_path else None
+    read = dict(column_map=config.column_map, resize=resize)
+    dataset = load_samples(data_path, split=config.train_split, skip=train_bad.sources, **read)
+    eval_dataset = load_samples(eval_path, split=config.eval_split, skip=eval_bad.sources, **read) if eval_path else None
     return PPOTrainer(
         args=config,
         processing_class=processor,
@@ -51,20 +56,24 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
     )
 
 
-def check_prompt_data(config: PPOConfig, processor, sources: list[tuple[str | None, str]]) -> None:
+def check_prompt_data(config: PPOConfig, processor, sources: list[tuple[str | None, str]], resize=None) -> list[BadRows]:
     """Every row of the prompt data ((path, split) pairs) checked before the policy loads: readable, images opened,
-    placeholders counted, prompt lengths against max_prompt_length, the columns the rewards read. A DataError
-    lists every problem."""
+    placeholders counted, prompt lengths against max_prompt_length, the columns the rewards read (a reward server is
+    asked then). A DataError lists every problem; with skip_bad_rows, the bad rows of each source are returned."""
     from reward_models.registry import reward_columns
 
     columns = reward_columns(config.reward)
+    bad = []
     for path, split in sources:
         if path is None:
+            bad.append(BadRows("", 0))
             continue
-        check_data(
+        report = check_data(
             path, "ppo", processor=processor, max_prompt_length=config.max_prompt_length, required_columns=columns,
-            skip_long_prompts=config.skip_long_prompts, split=split,
-        ).raise_if_problems()
+            skip_long_prompts=config.skip_long_prompts, split=split, column_map=config.column_map, resize=resize,
+        )
+        bad.append(report.rows_to_skip(config.skip_bad_rows, config.max_bad_row_fraction))
+    return bad
 
 
 def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:

@@ -3,9 +3,14 @@
 The SFT stage gives PPO a policy that already answers in the right format. It is TRL's `SFTTrainer` with its
 vision-language support, nothing home-made:
 
-* Samples (the normal form of `vlm_rl.data.load_samples`: `prompt` = user chat messages, `images` = PIL images,
+* Samples (the normal form of `vlm_rl.data.load_samples`: `prompt` = chat messages, `images` = PIL images,
   `completion` = the demonstration text) become a `datasets.Dataset` in TRL's *conversational prompt-completion*
   format: `{"prompt": [user messages], "completion": [{"role": "assistant", ...}], "images": [PIL]}`.
+* Conversations with several assistant turns (a prompt that holds earlier assistant answers) are demonstrations
+  in every one of them: when any sample has one, every sample becomes TRL's *conversational language modeling*
+  format, `{"messages": [...], "images": [PIL]}`, with `assistant_only_loss` (set automatically), which puts the
+  loss on each assistant turn (and its `<|im_end|>`) through the chat template's `{% generation %}` markers
+  (TRL's training template for the Qwen families), never on system/user turns or image tokens.
 * With `images` present, `SFTTrainer` skips its tokenisation pass and uses `DataCollatorForVisionLanguageModeling`,
   which renders the chat template per batch, runs the processor (pixel values, `image_grid_thw`,
   `mm_token_type_ids`) and, for prompt-completion data, sets `labels = -100` on every prompt token
@@ -33,14 +38,17 @@ import torch
 from trl import SFTConfig
 
 from vlm_rl.atomic import move_aside, refuse_existing_output, remove, write_run_config
+from vlm_rl.data.bad_rows import write_skipped_rows
+from vlm_rl.data.options import DataOptions
 from vlm_rl.models.families import Family, family_of
 logger = logging.getLogger(__name__)
 SFT_CONFIG_FILE = "sft_config.yaml"
 
 
 @dataclass
-class VLMSFTConfig(SFTConfig):
-    """TRL's `SFTConfig` plus the model, the data and LoRA: one dataclass, parsed from YAML + CLI by `TrlParser`.
+class VLMSFTConfig(DataOptions, SFTConfig):
+    """TRL's `SFTConfig` plus the model, the data (and `DataOptions`) and LoRA: one dataclass, parsed from YAML + CLI
+    by `TrlParser`.
 
     Defaults that differ from `SFTConfig`: `bf16` is on only where a CUDA GPU supports it (fp32 on CPU);
     TRL's activation checkpointing (on) is set under transformers' current name, `activation_checkpointing`.
@@ -116,6 +124,7 @@ class VLMSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        self.check_data_options()
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
         if self.bf16 is None:
@@ -161,8 +170,15 @@ def _completion_messages(completion: Any) -> list[dict[str, Any]]:
     raise TypeError(f"completion must be a string or chat messages, got {type(completion).__name__}")
 
 
-def to_sft_example(sample: dict[str, Any]) -> dict[str, Any]:
-    """One normal-form sample -> TRL's conversational prompt-completion example (+ its images)."""
+def is_multi_turn(sample: dict[str, Any]) -> bool:
+    """Whether the sample's prompt holds an earlier assistant turn (a demonstration too)."""
+    prompt = sample["prompt"]
+    return isinstance(prompt, list) and any(m["role"] == "assistant" for m in prompt)
+
+
+def to_sft_example(sample: dict[str, Any], whole_conversation: bool = False) -> dict[str, Any]:
+    """One normal-form sample -> TRL's conversational prompt-completion example (+ its images); with
+    `whole_conversation`, TRL's conversational language-modeling example, `messages` (for assistant_only_loss)."""
     completion = sample.get("completion")
     if completion is None or completion == "" or completion == []:
         raise ValueError("SFT needs a demonstration: this sample has no `completion` (response) text")
@@ -176,23 +192,28 @@ def to_sft_example(sample: dict[str, Any]) -> dict[str, Any]:
     n_placeholders = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
     if n_placeholders != len(images):
         raise ValueError(f"{len(images)} image(s) but {n_placeholders} image placeholder(s) in the prompt")
+    if whole_conversation:
+        return {"messages": messages + _completion_messages(completion), "images": images}
     return {"prompt": messages, "completion": _completion_messages(completion), "images": images}
 
 
-def to_sft_dataset(samples: Iterable[dict[str, Any]]):
-    """Normal-form samples -> `datasets.Dataset` with columns `prompt`, `completion`, `images` (SFTTrainer's input).
+def to_sft_dataset(samples: Iterable[dict[str, Any]], whole_conversation: bool = False):
+    """Normal-form samples -> `datasets.Dataset` with columns `prompt`, `completion`, `images` (SFTTrainer's input),
+    or with `whole_conversation`, `messages` and `images` (see `to_sft_example`).
 
     Images are stored PNG-encoded in memory (datasets' Image feature) and decoded per batch by the collator.
     """
     import datasets
 
-    rows = [to_sft_example(s) for s in samples]
+    rows = [to_sft_example(s, whole_conversation) for s in samples]
     if not rows:
         raise ValueError("no SFT samples")
     return datasets.Dataset.from_list(rows)
 
 
-def _load(spec: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+def _load(config: VLMSFTConfig, spec: str, split: str, resize, limit: int | None = None) -> tuple[list[dict[str, Any]], Any]:
+    """(the demonstrations of `spec`, the bad rows skipped) after the data check: every problem at once, before
+    any model loads (or, with skip_bad_rows, the bad rows left out)."""
     from accelerate import PartialState
 
     from vlm_rl.data.formats import load_samples  # formats.py is the one loader of every dataset format
@@ -201,9 +222,10 @@ def _load(spec: str, split: str, limit: int | None = None) -> list[dict[str, Any
 
     with PartialState().main_process_first():  # rank 0 builds the embedded synthetic set; the others then read it
         path = resolve_data_path(spec, split)
-    check_data(path, "sft", split=split).raise_if_problems()  # every problem at once, before any model loads
-    samples = load_samples(path, split=split)
-    return samples[:limit] if limit is not None else list(samples)
+    report = check_data(path, "sft", split=split, column_map=config.column_map, resize=resize)
+    bad = report.rows_to_skip(config.skip_bad_rows, config.max_bad_row_fraction)
+    samples = load_samples(path, split=split, column_map=config.column_map, resize=resize, skip=bad.sources)
+    return (samples[:limit] if limit is not None else list(samples)), bad
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,29 +303,40 @@ def build_trainer(
     eval_samples: Sequence[dict[str, Any]] | None = None,
     callbacks: list | None = None,
 ):
-    """The configured `trl.SFTTrainer` (model, processor, datasets, LoRA), not yet trained."""
+    """The configured `trl.SFTTrainer` (model, processor, datasets, LoRA), not yet trained. Its `skipped_rows`
+    lists the bad rows skipped (`skip_bad_rows`), which `run_sft` writes beside the model."""
     from transformers import AutoProcessor
     from trl import SFTTrainer
+
+    from vlm_rl.models.loading import image_resize
 
     if not config.model_name_or_path:
         raise ValueError("model_name_or_path is required")
     if not (config.overwrite_output_dir or config.resume_from_checkpoint):
         refuse_existing_output(config.output_dir, "--overwrite_output_dir", also=" (--resume_from_checkpoint to continue it)")
     config.model_name_or_path = _resolve_model_path(config.model_name_or_path)
+    processor = AutoProcessor.from_pretrained(config.model_name_or_path)
+    resize = image_resize(config.model_name_or_path, processor)  # images sized as PPO sizes them
+    skipped = []
     if train_samples is None:
         if not config.train_data:
             raise ValueError("train_data (or train_samples) is required")
-        train_samples = _load(config.train_data, config.train_split, config.max_train_samples)
+        train_samples, bad = _load(config, config.train_data, config.train_split, resize, config.max_train_samples)
+        skipped.append(bad)
     elif config.max_train_samples is not None:
         train_samples = list(train_samples)[: config.max_train_samples]
     if eval_samples is None and config.eval_data:
-        eval_samples = _load(config.eval_data, config.eval_split)
+        eval_samples, bad = _load(config, config.eval_data, config.eval_split, resize)
+        skipped.append(bad)
 
-    train_dataset = to_sft_dataset(train_samples)
-    eval_dataset = to_sft_dataset(eval_samples) if eval_samples else None
-    processor = AutoProcessor.from_pretrained(config.model_name_or_path)
+    # Several assistant turns anywhere: every sample as a whole conversation, the loss on every assistant turn.
+    whole = any(is_multi_turn(s) for s in [*train_samples, *(eval_samples or [])])
+    if whole:
+        config.assistant_only_loss, config.completion_only_loss = True, None
+    train_dataset = to_sft_dataset(train_samples, whole)
+    eval_dataset = to_sft_dataset(eval_samples, whole) if eval_samples else None
     model = _load_model(config)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=train_dataset,
@@ -312,6 +345,8 @@ def build_trainer(
         peft_config=lora_config_from(config, family_of(model)),
         callbacks=callbacks,
     )
+    trainer.skipped_rows = skipped
+    return trainer
 
 
 def run_sft(
@@ -336,6 +371,7 @@ def run_sft(
             replaced = move_aside(out)
             logger.warning(f"--overwrite_output_dir: the previous content of {out} is in {replaced} until this run has saved")
         write_run_config(out / SFT_CONFIG_FILE, config.to_dict())
+        write_skipped_rows(out, trainer.skipped_rows)
     trainer.accelerator.wait_for_everyone()
     # transformers' Trainer rewrites the model config's eos/bos/pad ids to the tokenizer's at train() time
     # (align_special_tokens). Keep the base model's config ids in the saved model; the generation config keeps

@@ -447,10 +447,10 @@ def test_empty_json_list(errdir):
 
 
 def test_unsupported_extension(errdir):
-    path = errdir / "d.csv"
+    path = errdir / "d.txt"
     path.write_text("image,prompt\nok.png,Q\n")
     message = load_error(path)
-    assert "d.csv" in message and "unsupported file type '.csv'" in message and ".jsonl" in message
+    assert "d.txt" in message and "unsupported file type '.txt'" in message and ".jsonl" in message and ".parquet" in message
 
 
 def test_nonexistent_path(tmp_path):

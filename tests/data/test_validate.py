@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import stops_early
 from vlm_rl.cli import main as cli_main
 from vlm_rl.data.formats import DataError
 from vlm_rl.errors import UserError
@@ -70,7 +71,8 @@ def test_long_prompts_are_notes_when_they_are_skipped(mixed, tiny_processor):
 def test_the_command_lists_every_problem_and_exits_2(mixed, tiny_model_dir, capsys):
     path, bad = mixed
     with pytest.raises(SystemExit) as info:
-        cli_main(["validate-data", str(path), "--model", str(tiny_model_dir), "--max_prompt_length", "150", "--reward", "exact_match"])
+        cli_main(["validate-data", str(path), "--model", str(tiny_model_dir), "--max_prompt_length", "150", "--reward", "exact_match",
+                  "--show", "0"])
     out = capsys.readouterr().out.splitlines()
     assert info.value.code == 2
     assert [line.split(":")[1] for line in out[:-1]] == [str(n) for n in bad]
@@ -79,7 +81,9 @@ def test_the_command_lists_every_problem_and_exits_2(mixed, tiny_model_dir, caps
 
 def test_a_clean_file_exits_0(data_dir, capsys):
     assert cli_main(["validate-data", str(data_dir / "test.jsonl"), "--reward", "exact_match"]) is None
-    assert capsys.readouterr().out.strip() == f"{data_dir / 'test.jsonl'}: 8 row(s) checked for ppo: no problems"
+    shown, summary = capsys.readouterr().out.strip().splitlines()
+    assert summary == f"{data_dir / 'test.jsonl'}: 8 row(s) checked for ppo: no problems"
+    assert shown.startswith(f"{data_dir / 'test.jsonl'}:1 as loaded: {{\"prompt\": [{{\"role\": \"user\", \"content\": [{{\"type\": \"image\"}}")
 
 
 def test_non_utf8_lines_are_named_and_reading_goes_on(data_dir):
@@ -152,14 +156,6 @@ def no_answers(data_dir) -> Path:
     return path
 
 
-def stops_early(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as info:
-        cli_main(argv)
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "Traceback" not in err, err
-    return err
-
-
 def test_sft_stops_before_the_model_loads(data_dir, tiny_model_dir, monkeypatch, capsys):
     rows = read_jsonl(data_dir / "test.jsonl")
     del rows[3]["response"]
@@ -199,6 +195,93 @@ def test_train_reward_stops_before_the_model_loads(synthetic_data_dir, tmp_path,
     err = stops_early(capsys, ["train-reward", "--model_name_or_path", str(tiny_model_dir), "--train_data", str(path),
                                "--output_dir", str(tmp_path / "rm")])
     assert f"{path}:3: field 'chosen'" in err
+
+
+# ------------------------------------------------------------------------ the columns rewards read; servers; bad rows
+
+FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+
+
+@pytest.fixture()
+def llava_without_answer(tmp_path) -> Path:
+    shutil.copytree(FIXTURES / "imgs", tmp_path / "imgs")
+    row = {k: v for k, v in json.loads((FIXTURES / "llava.json").read_text())[0].items() if k != "answer"}
+    path = tmp_path / "llava.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    return path
+
+
+def test_a_missing_answer_names_the_option_and_the_map(llava_without_answer, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["validate-data", str(llava_without_answer), "--reward", "exact_match", "--show", "0"])
+    (problem, _) = capsys.readouterr().out.strip().splitlines()
+    assert problem == (
+        f"{llava_without_answer}:1: field 'answer': missing (needed by reward exact_match; exact_match(answer_column=COLUMN) "
+        "reads another column). Add the column to every row, or map one onto it with --column_map SOURCE=answer."
+    )
+
+
+def test_validate_data_and_ppo_agree_on_the_columns_a_reward_sees(llava_without_answer):
+    """`answer_column=C` passes the check exactly when PPO's reward batch (`reward_kwargs`) has C: `completion` (the
+    final gpt turn) yes, `conversations` (the prompt) no; and exact_match then runs on that batch."""
+    from reward_models.registry import load_reward, reward_columns
+    from vlm_rl.data.formats import load_samples, reward_kwargs
+
+    samples = list(load_samples(llava_without_answer))
+    batch = reward_kwargs(samples)
+    raw = json.loads(llava_without_answer.read_text())
+    for column in [*raw, "completion", "_source"]:
+        spec = f"exact_match(answer_column={column})"
+        report = check_data(llava_without_answer, "ppo", required_columns=reward_columns(spec))
+        assert (not report.problems) == (column in batch), column
+    assert "conversations" not in batch
+    reward = load_reward("exact_match(answer_column=completion)")
+    assert reward([s["prompt"] for s in samples], ["Red."], **batch) == [1.0]
+
+
+def test_a_reward_server_is_asked_whether_it_is_up_and_what_it_reads(llava_without_answer, capsys):
+    import socket
+
+    from reward_models.server import running_server
+
+    with running_server("exact_match") as server:
+        with pytest.raises(SystemExit):
+            cli_main(["validate-data", str(llava_without_answer), "--reward", server.url, "--show", "0"])
+        out = capsys.readouterr().out
+        assert f"field 'answer': missing (needed by reward exact_match at {server.url})" in out  # the name /health gives
+        cli_main(["validate-data", str(FIXTURES / "llava.json"), "--reward", server.url])
+        assert capsys.readouterr().out.strip().endswith("no problems")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(SystemExit) as info:
+        cli_main(["validate-data", str(FIXTURES / "llava.json"), "--reward", url])
+    assert info.value.code == 2 and f"reward server {url} is unreachable" in capsys.readouterr().err
+
+
+def test_skip_bad_rows_says_whether_a_run_would_go_ahead(data_dir, capsys):
+    rows = read_jsonl(data_dir / "test.jsonl")  # 8 rows
+    rows[2]["image"] = "images/missing.png"
+    path = data_dir / "one_bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli_main(["validate-data", str(path), "--skip_bad_rows", "--max_bad_row_fraction", "0.125", "--show", "0"]) is None
+    assert "a run would skip these 1 row(s) and go ahead" in capsys.readouterr().out
+    report = check_data(path, "ppo")
+    (record,) = report.rows_to_skip(True, 0.125).records
+    assert record == {"file": str(path), "line": 3, "source": f"{path}:3",
+                      "reason": f"field 'image': image file {data_dir / 'images' / 'missing.png'} does not exist. "
+                                "Fix the path (relative to the data file) or remove the row."}
+    with pytest.raises(DataError, match=r"1 of 8 rows are bad, more than max_bad_row_fraction=0\.1 allows"):
+        report.rows_to_skip(True, 0.1)
+    with pytest.raises(DataError, match=r"1 problem\(s\) in 1 of 8 row"):
+        report.rows_to_skip(False, 1.0)  # without the flag: today's behaviour
+
+
+def test_sft_notes_conversations_with_several_answers():
+    report = check_data(FIXTURES / "llava_multi_turn.json", "sft")
+    assert not report.problems and report.notes == [
+        "1 row(s) hold several assistant turns: SFT trains on every assistant turn (TRL's assistant_only_loss), the earlier ones included"
+    ]
 
 
 def test_a_row_with_two_problems_lists_both(data_dir, tiny_processor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +92,26 @@ def test_one_image_and_prompt(tmp_path, tiny_model_dir, synthetic_data_dir, caps
     main(["--model", str(tiny_model_dir), "--image", str(image), "--prompt", "What colour is it?", "--out", str(out)])
     [row] = rows_of(out)
     assert row["prompt"] == "What colour is it?" and "response" in row
+
+
+def test_inline_and_embedded_images_stay_valid_from_the_output(tmp_path, tiny_model_dir):
+    """Qwen and OpenAI image parts (relative paths), and a mapped question file, answered into another directory:
+    the output loads with the same picture, and the skipped row is named beside it."""
+    import numpy as np
+
+    fixtures = Path(__file__).parents[1] / "data" / "fixtures" / "formats"
+    picture = np.asarray(load_samples(fixtures / "plain.jsonl")[0]["images"][0])
+    for name, extra in [("qwen.jsonl", {}), ("openai.jsonl", {}), ("question.jsonl", {"column_map": "question=prompt,img=image"})]:
+        out = tmp_path / "elsewhere" / f"{name}.out.jsonl"
+        run_generate(str(tiny_model_dir), str(out), data=str(fixtures / name), max_new_tokens=2, **extra)
+        (sample,) = load_samples(out)
+        assert np.array_equal(np.asarray(sample["images"][0]), picture), name
+        assert sample["completion"] == rows_of(out)[0]["response"], name
+    data = tmp_path / "two.jsonl"
+    good = json.loads((fixtures / "qwen.jsonl").read_text())
+    good["messages"][0]["content"][0]["image"] = str(fixtures / "imgs" / "0.png")
+    bad = json.loads(json.dumps(good).replace("0.png", "missing.png"))
+    data.write_text("".join(json.dumps(r) + "\n" for r in [good] * 9 + [bad]))
+    out = run_generate(str(tiny_model_dir), str(tmp_path / "a.jsonl"), data=str(data), max_new_tokens=2, skip_bad_rows=True)
+    assert len(rows_of(out)) == 9
+    assert [json.loads(line)["line"] for line in (tmp_path / "a.skipped_rows.jsonl").read_text().splitlines()] == [10]

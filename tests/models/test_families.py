@@ -188,7 +188,7 @@ def test_min_max_pixels_apply_only_where_images_resize(family, model_dir):
 def test_reward_pairs_collate_the_same_from_the_cache(family, processor, synthetic_data_dir):
     from reward_models.train_reward import PairCollator, load_pairs
 
-    pairs = [load_pairs(synthetic_data_dir / "preferences.jsonl", "train")[i] for i in range(3)]
+    pairs = [load_pairs(synthetic_data_dir / "preferences.jsonl", "train")[0][i] for i in range(3)]
     fresh, cached = (PairCollator(processor, get_family(family), "right", None, cache=c) for c in (False, True))
     cached(pairs[1:])  # fills the cache in another batch
     a, b = fresh(pairs), cached(pairs)

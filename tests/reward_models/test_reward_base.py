@@ -150,12 +150,15 @@ def test_weighted_specs(helpers):
 
 
 def test_url_specs():
-    remote = load_reward("http://127.0.0.1:8000")
-    assert isinstance(remote, RemoteReward) and remote.url == "http://127.0.0.1:8000"
-    combined = load_rewards(["http://127.0.0.1:8000:0.5", "exact_match"])
+    from reward_models.server import running_server
+
+    with running_server("length") as server:
+        remote = load_reward(server.url)
+        assert isinstance(remote, RemoteReward) and remote.url == server.url and remote.name == "length"
+        combined = load_rewards([f"{server.url}:0.5", "exact_match"])
     assert isinstance(combined.rewards[0], RemoteReward)
-    assert combined.rewards[0].url == "http://127.0.0.1:8000"
-    assert combined.weights == {"remote": 0.5, "exact_match": 1.0}
+    assert combined.rewards[0].url == server.url
+    assert combined.weights == {"length": 0.5, "exact_match": 1.0}
     with pytest.raises(ValueError, match="port"):
         load_reward("http://127.0.0.1:99999999")
 

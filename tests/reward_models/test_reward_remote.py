@@ -61,7 +61,8 @@ def test_images_travel_as_base64_in_batches():
         assert server.url.startswith("http://127.0.0.1:")
         client = RemoteReward(server.url, timeout=5, batch_size=2, name="mean_red")
         assert client.health() == {
-            "status": "ok", "reward": "mean_red", "max_batch": 1024, "max_body_bytes": 64 * 1024 * 1024, "timeout": 50.0
+            "status": "ok", "name": "mean_red", "reward": "mean_red", "required_columns": [], "max_batch": 1024,
+            "max_body_bytes": 64 * 1024 * 1024, "timeout": 50.0,
         }
         reds = [0, 51, 102, 255, 200]
         images = [[solid(r)] for r in reds]
@@ -93,7 +94,8 @@ def test_load_reward_url_end_to_end_with_weights():
         combined = load_rewards([f"{server.url}:0.5", "length(max_length=1)"])
         completions = ["Red.", [{"role": "assistant", "content": "blue"}], "it is red"]
         columns, total = combined.score([PROMPT] * 3, completions, answer=["red", "red", None])
-    assert columns == {"remote": [1.0, 0.0, None], "length": [1.0, 1.0, 0.0]}
+    # Named by the server's /health, not "remote"
+    assert columns == {"exact_match": [1.0, 0.0, None], "length": [1.0, 1.0, 0.0]}
     assert total == [1.5, 1.0, 0.0]
 
 

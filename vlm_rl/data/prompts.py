@@ -64,4 +64,4 @@ def drop_long_prompts(processor, dataset: PromptDataset, max_prompt_length: int)
     if len(keep) < len(dataset):
         dropped = [f"{dataset.rows[i]['_source']} ({n} tokens)" for i, n in enumerate(lengths) if n > max_prompt_length]
         logger.warning(f"skip_long_prompts: dropped {len(dropped)} prompt(s) longer than {max_prompt_length} tokens: {', '.join(dropped[:10])}")
-    return PromptDataset([dataset.rows[i] for i in keep], dataset.base_dir)
+    return PromptDataset([dataset.rows[i] for i in keep], dataset.base_dir, dataset.resize)

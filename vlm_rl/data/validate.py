@@ -1,6 +1,7 @@
 """Check a dataset for a task before any model loads, and list every problem by file, line and field.
 
     vlm-rl validate-data FILE [--task ppo|sft|reward|score] [--model DIR] [--max_prompt_length N] [--reward SPEC ...]
+                              [--column_map SOURCE=TARGET,...] [--skip_bad_rows] [--show N]
 
 `check_data` reads every row (the readers of `vlm_rl.data.formats`, so the same formats and the same normal form) and
 collects, instead of stopping at the first:
@@ -8,17 +9,22 @@ collects, instead of stopping at the first:
   * each row: not UTF-8, not JSON, not an object, no prompt, bad messages, image placeholders that do not
     match the images (`<image>` or `{"type": "image"}` parts), images that do not exist or cannot be opened;
   * what the task needs: a demonstration (`response`/`completion`/final assistant turn) for sft, `chosen` and
-    `rejected` for reward, the response column for score, the columns the chosen rewards read (`answer` for
-    exact_match and contains_answer);
+    `rejected` for reward, the response column for score, the columns the chosen rewards read, in the sample a
+    reward receives (`vlm_rl.data.formats.reward_columns_of`: `answer` for exact_match, or its `answer_column`);
+    a reward server is asked (`/health`) whether it is up and which columns it reads;
   * with a processor: prompts longer than `max_prompt_length` tokens (image tokens included), tokenised in
     batches exactly as PPO encodes them (notes instead of problems when long prompts are to be skipped).
 
-PPO, SFT, train-reward and score run the same check at start (`DataReport.raise_if_problems`).
+It also shows the first rows as loaded (`DataReport.shown`: the normal form's messages, each image as its size and
+a digest of its pixels, the reference response, the other columns), so that the same content in two formats reads
+the same. PPO, SFT, train-reward, generate and compare run the same check at start (`vlm_rl.data.bad_rows`): every
+problem listed, or with `--skip_bad_rows` the bad rows skipped and named.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm_rl.data.formats import DataError, InputRow, normalise_row, open_image, read_rows, response_field, response_text
+from vlm_rl.data.bad_rows import BadRows
+from vlm_rl.data.formats import (
+    DataError, ImageResize, InputRow, normalise_row, open_image, read_rows, response_field, response_text, reward_columns_of,
+)
+from vlm_rl.data.readers import data_source
+from vlm_rl.data.images import image_digest
 from vlm_rl.data.prompts import prompt_lengths
 
 TASKS = ("ppo", "sft", "reward", "score")
@@ -52,14 +63,22 @@ class DataReport:
 
     path: str
     task: str
+    split: str = "train"
     rows: int = 0
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    shown: list[str] = field(default_factory=list)  # the first rows as loaded (`describe_sample`)
+    multi_turn: int = 0  # rows whose prompt holds an earlier assistant turn
+
+    @property
+    def bad_sources(self) -> set[str]:
+        """The rows ("file:line") with at least one problem."""
+        return {p.source for p in self.problems if p.line is not None}
 
     @property
     def bad_rows(self) -> int:
         """Rows with at least one problem."""
-        return len({p.source for p in self.problems if p.line is not None})
+        return len(self.bad_sources)
 
     @property
     def usable(self) -> bool:
@@ -88,6 +107,27 @@ class DataReport:
         if self.problems:
             raise DataError(self.message())
 
+    def rows_to_skip(self, skip_bad_rows: bool, max_bad_row_fraction: float) -> BadRows:
+        """The bad rows to leave out. Without `skip_bad_rows` any problem is a DataError listing them all (a run
+        stops before any model loads); with it, so is a problem of the file as a whole, a file without a good row,
+        or more than `max_bad_row_fraction` bad rows."""
+        file = str(data_source(self.path, self.split)) if self.usable else self.path
+        if not self.problems:
+            return BadRows(file, self.rows)
+        if not skip_bad_rows or not self.usable:
+            self.raise_if_problems()
+        if self.bad_rows > max_bad_row_fraction * self.rows:
+            raise DataError(
+                f"--skip_bad_rows: {self.bad_rows} of {self.rows} rows are bad, more than max_bad_row_fraction="
+                f"{max_bad_row_fraction:g} allows; fix the data or raise max_bad_row_fraction.\n" + self.message()
+            )
+        by_row: dict[str, dict] = {}
+        for p in self.problems:
+            record = by_row.setdefault(p.source, {"file": file, "line": p.line, "source": p.source, "reasons": []})
+            record["reasons"].append(f"field '{p.field}': {p.message}" if p.field else p.message)
+        records = [{**{k: v for k, v in r.items() if k != "reasons"}, "reason": " ".join(r["reasons"])} for r in by_row.values()]
+        return BadRows(file, self.rows, records)
+
 
 def check_data(
     path: str | os.PathLike,
@@ -101,32 +141,41 @@ def check_data(
     response_column: str = "response",
     check_images: bool = True,
     batch_size: int = 32,
+    column_map: str | Mapping[str, str] | None = None,
+    resize: ImageResize | None = None,
+    show: int = 0,
 ) -> DataReport:
     """Read every row of `path` and report every problem for `task` (see the module docstring).
 
-    `required_columns`: column names every row must have, or {column: who needs it} for the message.
+    `required_columns`: columns every sample must give a reward, or {column: who needs it} for the message.
     `skip_long_prompts`: prompts over `max_prompt_length` become notes, not problems. `check_images=False`
-    leaves images unopened (and prompt lengths unchecked).
+    leaves images unopened (and prompt lengths unchecked). `column_map` and `resize` as for `load_samples`;
+    `show`: how many of the first good rows to describe in `DataReport.shown`.
     """
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
     needed = dict(required_columns) if isinstance(required_columns, Mapping) else {c: "" for c in required_columns}
     processor = processor if check_images else None  # prompt lengths need the images
-    report = DataReport(str(path), task)
+    report = DataReport(str(path), task, split)
     try:
-        rows, base_dir = read_rows(path, split)
+        rows, base_dir = read_rows(path, split, column_map)
         pending: list[dict] = []
-        for sample in _checked_rows(rows, base_dir, task, needed, response_column, check_images, report):
+        for sample in _checked_rows(rows, base_dir, task, needed, response_column, check_images, resize, report):
+            if len(report.shown) < show:
+                report.shown.append(f"{sample['_source']} as loaded: {describe_sample(sample, check_images)}")
             pending.append(sample)
             if len(pending) == batch_size:
                 _check_lengths(processor, max_prompt_length, skip_long_prompts, pending, report)
                 pending = []
         _check_lengths(processor, max_prompt_length, skip_long_prompts, pending, report)
-    except DataError as e:  # the file as a whole cannot be read
-        report.problems.append(Problem(e.source or str(path), e.field, e.detail))
+    except DataError as e:  # the file as a whole cannot be read (or --column_map names a column no row has)
+        report.problems.insert(0, Problem(e.source or str(path), e.field, e.detail))
         return report
     if report.rows == 0:
         report.problems.append(Problem(str(path), None, "empty: no rows. Give a file with one JSON object per line (or a JSON list)."))
+    if task == "sft" and report.multi_turn:
+        report.notes.append(f"{report.multi_turn} row(s) hold several assistant turns: SFT trains on every assistant turn "
+                            "(TRL's assistant_only_loss), the earlier ones included")
     report.problems.sort(key=lambda p: -1 if p.line is None else p.line)  # length problems come a batch late
     return report
 
@@ -138,20 +187,23 @@ def _checked_rows(
     needed: dict[str, str],
     response_column: str,
     check_images: bool,
+    resize: ImageResize | None,
     report: DataReport,
 ) -> Iterator[dict]:
     """Each row's problems go into `report`; the rows without any come out as samples with opened images."""
     for row in rows:
         report.rows += 1
-        found = _row_problems(row, base_dir, task, needed, response_column, check_images)
+        found = _row_problems(row, base_dir, task, needed, response_column, check_images, resize)
         if isinstance(found, dict):
+            report.multi_turn += any(m["role"] == "assistant" for m in found["prompt"])
             yield found
         else:
             report.problems += found
 
 
 def _row_problems(
-    row: InputRow, base_dir: Path, task: str, needed: dict[str, str], response_column: str, check_images: bool
+    row: InputRow, base_dir: Path, task: str, needed: dict[str, str], response_column: str, check_images: bool,
+    resize: ImageResize | None,
 ) -> dict | list[Problem]:
     """The row's sample (images opened) when it has no problem, else every problem found in it."""
 
@@ -161,12 +213,16 @@ def _row_problems(
     if row.error is not None:
         return [problem(row.error)]
     try:
-        sample = normalise_row(row.raw, base_dir, row.source)
+        sample = normalise_row(row.fields, row.source)
     except DataError as e:
         return [problem(e)]
-    problems = [Problem(row.source, column, f"missing{f' ({who})' if who else ''}. Add the column to every row.", row.line)
-                for column, who in needed.items() if column not in row.raw]
-    for name, value, if_missing in _task_fields(task, row.raw, sample, response_column):
+    given = reward_columns_of(sample) - ({"completion"} if task == "score" else set())  # score scores the completion
+    problems = [
+        Problem(row.source, column, f"missing{f' ({who})' if who else ''}. Add the column to every row, or map one onto it "
+                f"with --column_map SOURCE={column}.", row.line)
+        for column, who in needed.items() if column not in given
+    ]
+    for name, value, if_missing in _task_fields(task, row.fields, sample, response_column):
         try:
             text = response_text(value, row.source, name, if_missing)
         except DataError as e:
@@ -178,13 +234,21 @@ def _row_problems(
         problems.append(Problem(row.source, "prompt", f"ends with a {sample['prompt'][-1]['role']!r} turn; SFT needs the prompt to end with a user turn.", row.line))
     images = []
     if check_images:
-        field_name = "image" if len(sample["images"]) <= 1 else "images"
         for ref in sample["images"]:
             try:
-                images.append(open_image(ref, base_dir, row.source, field_name))
+                images.append(open_image(ref, base_dir, row.source, resize))
             except DataError as e:
                 problems.append(problem(e))
-    return problems or {**sample, "images": images, "_line": row.line}
+    return problems or {**sample, "images": images if check_images else sample["images"], "_line": row.line}
+
+
+def describe_sample(sample: dict, images_opened: bool = True) -> str:
+    """One JSON line: the sample's messages, its images (size and pixel digest, or the reference when not opened),
+    its reference response and its other columns."""
+    images = [image_digest(im) if images_opened else repr(im.source)[:80] for im in sample["images"]]
+    columns = {k: v for k, v in sample.items() if k not in ("prompt", "images", "completion", "_source", "_line")}
+    described = {"prompt": sample["prompt"], "images": images, "completion": sample["completion"], "columns": columns}
+    return json.dumps(described, ensure_ascii=False, default=lambda v: f"<{type(v).__name__}>")
 
 
 def _task_fields(task: str, raw: dict, sample: dict, response_column: str) -> list[tuple[str, Any, str]]:
@@ -225,33 +289,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-rl validate-data",
         description="Check every row of a dataset for a task and list every problem by file, line and field "
-        "(exit status 2 when there are any, 0 when clean).",
+        "(exit status 2 when there are any, 0 when clean); show the first row as loaded.",
     )
-    parser.add_argument("data", help=".jsonl, .json or a dataset directory (any supported format)")
+    parser.add_argument("data", help=".jsonl, .json, .csv, .parquet, .arrow or a dataset directory (any supported format)")
     parser.add_argument("--task", choices=TASKS, default="ppo", help="what the data is for (default: ppo)")
     parser.add_argument("--split", default="train", help="split to read from a dataset directory")
-    parser.add_argument("--model", default=None, help="model directory whose processor measures prompt lengths ('tiny' works)")
+    parser.add_argument("--column_map", "--column-map", default=None, help="rename columns first: SOURCE=TARGET,... (e.g. question=prompt,img=image)")
+    parser.add_argument("--model", default=None, help="model directory whose processor measures prompt lengths and sizes the images ('tiny' works)")
     parser.add_argument(
         "--max_prompt_length", "--max-prompt-length", type=int, default=None,
         help="longest prompt in tokens, image tokens included (with --model; default: PPO's max_prompt_length)",
     )
     parser.add_argument("--min_pixels", "--min-pixels", type=int, default=None, help="override the processor's min_pixels")
     parser.add_argument("--max_pixels", "--max-pixels", type=int, default=None, help="override the processor's max_pixels")
-    parser.add_argument("--reward", action="append", default=[], help="reward spec (repeatable): the columns it reads are required (exact_match: answer)")
+    parser.add_argument(
+        "--reward", action="append", default=[],
+        help="reward spec (repeatable): the columns it reads are required (exact_match: its answer_column, 'answer'); "
+        "a reward server must answer",
+    )
     parser.add_argument("--response_column", "--response-column", default="response", help="--task score: the column scored")
+    parser.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true",
+                        help="exit 0 when a run with --skip_bad_rows would go ahead (bad rows at most --max_bad_row_fraction)")
+    parser.add_argument("--max_bad_row_fraction", "--max-bad-row-fraction", type=float, default=0.1,
+                        help="with --skip_bad_rows: the largest fraction of bad rows a run accepts (default 0.1)")
+    parser.add_argument("--show", type=int, default=1, help="print the first N good rows as loaded (default 1; 0: none)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`vlm-rl validate-data`: every problem on stdout, then the summary; exit status 2 when there are problems."""
+    """`vlm-rl validate-data`: every problem on stdout, then the summary; exit status 2 when there are problems
+    (with --skip_bad_rows: when a run would stop on them)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    processor, max_prompt_length = None, args.max_prompt_length
+    processor, resize, max_prompt_length = None, None, args.max_prompt_length
     if args.model is not None:
         from vlm_rl.training.config import PPOConfig
-        from vlm_rl.models.loading import load_processor, require_model
+        from vlm_rl.models.loading import image_resize, load_processor, require_model
 
-        processor = load_processor(require_model(args.model), args.min_pixels, args.max_pixels)
+        model = require_model(args.model)
+        processor = load_processor(model, args.min_pixels, args.max_pixels)
+        resize = image_resize(model, processor)
         if max_prompt_length is None:
             max_prompt_length = PPOConfig.__dataclass_fields__["max_prompt_length"].default
     elif max_prompt_length is not None:
@@ -261,13 +338,19 @@ def main(argv: list[str] | None = None) -> int:
     report = check_data(
         args.data, args.task, processor=processor, max_prompt_length=max_prompt_length,
         required_columns=reward_columns(args.reward), split=args.split, response_column=args.response_column,
+        column_map=args.column_map, resize=resize, show=args.show,
     )
+    for line in report.shown:
+        print(line)
     for p in report.problems:
         print(p)
     for note in report.notes:
         print(f"note: {note}")
     print(report.summary())
-    if report.problems:
+    if report.problems and args.skip_bad_rows:
+        skipped = report.rows_to_skip(True, args.max_bad_row_fraction)  # a DataError when a run would stop
+        print(f"--skip_bad_rows: a run would skip these {len(skipped.records)} row(s) and go ahead")
+    elif report.problems:
         sys.exit(2)
     return 0
 

@@ -18,7 +18,9 @@ from vlm_rl.evaluation.generate import generate_all
 from vlm_rl.rollout.generation import make_generation_config
 from vlm_rl.rollout.logprobs import response_logprobs
 from vlm_rl.algorithms.masking import masked_mean
-from vlm_rl.models.loading import load_base_model, load_processor
+from vlm_rl.models.loading import image_resize, load_base_model, load_processor
+from vlm_rl.data.bad_rows import write_skipped_rows
+from vlm_rl.data.validate import check_data
 from vlm_rl.evaluation.report import write_report
 
 
@@ -63,11 +65,19 @@ def run_compare(
     do_sample: bool = True,
     seed: int = 0,
     num_report_samples: int = 12,
+    column_map: str | None = None,
+    skip_bad_rows: bool = False,
+    max_bad_row_fraction: float = 0.1,
 ) -> dict:
-    """Generate, score and write `summary.json` + `report.html` into `out_dir`; returns the summary."""
-    from reward_models.registry import load_rewards
+    """Generate, score and write `summary.json` + `report.html` into `out_dir`; returns the summary. Every row is
+    checked first (a reward server asked); with `skip_bad_rows` the bad ones are left out and named in
+    `out_dir/skipped_rows.jsonl`."""
+    from reward_models.registry import load_rewards, reward_columns
 
-    samples = list(load_samples(data, split="test"))[: max_samples or None]
+    report = check_data(data, "ppo", split="test", column_map=column_map, required_columns=reward_columns(reward_specs))
+    bad = report.rows_to_skip(skip_bad_rows, max_bad_row_fraction)
+    write_skipped_rows(out_dir, [bad])
+    dataset = load_samples(data, split="test", column_map=column_map, skip=bad.sources, check_images=False)
     reward = load_rewards(reward_specs)
     names = list(models)
     first_model = None
@@ -76,6 +86,8 @@ def run_compare(
     scores: dict[str, list[float | None]] = {}
     for name in names:
         processor = load_processor(models[name])
+        dataset.resize = image_resize(models[name], processor)  # each model sees its images sized for its processor
+        samples = list(dataset[: max_samples or len(dataset)])
         model = load_base_model(models[name], torch.float32).eval()
         config = make_generation_config(processor.tokenizer, max_new_tokens, temperature=temperature, do_sample=do_sample)
         rollouts = generate_all(model, processor, samples, config, batch_size, seed, desc=f"generate {name}")
@@ -126,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="report directory")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="training run whose logs to plot (default: each --model dir that has them)")
     parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--column_map", "--column-map", default=None, help="rename columns first: SOURCE=TARGET,... (e.g. question=prompt,img=image)")
+    parser.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true", help="skip rows that fail the data check (named in OUT/skipped_rows.jsonl)")
+    parser.add_argument("--max_bad_row_fraction", "--max-bad-row-fraction", type=float, default=0.1, help="with --skip_bad_rows: stop when more rows are bad")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -141,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = run_compare(
         models, args.data, args.reward or ["exact_match"], args.out, runs=runs, max_samples=args.max_samples,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        do_sample=not args.greedy, seed=args.seed, num_report_samples=args.num_report_samples,
+        do_sample=not args.greedy, seed=args.seed, num_report_samples=args.num_report_samples, column_map=args.column_map,
+        skip_bad_rows=args.skip_bad_rows, max_bad_row_fraction=args.max_bad_row_fraction,
     )
     for name, m in summary["models"].items():
         line = f"{name:>12}: reward {m['mean_reward']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  eos {m['eos_rate']:.2f}  len {m['mean_length']:.1f}  kl {m['kl_to_first']:.3f}"

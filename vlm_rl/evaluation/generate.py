@@ -5,10 +5,12 @@
 
 The checkpoint may be a full model, a LoRA adapter (merged into its base) or a PPO `checkpoint-N`. Decoding
 uses the same explicit generation config as PPO's rollouts. Each input row is written back with every one of
-its columns plus `response`; in conversational rows the answer turn (`completion`, the last assistant/gpt
-turn) holds the new answer too, so that every reader sees it, and an answer the row had before is kept as
-`reference_response`. Image paths are rewritten to stay valid relative to the output file; images stored
-inside a dataset directory are written as PNG files beside it.
+its columns (named as after `--column_map`) plus `response`; in conversational rows the answer turn
+(`completion`, the last assistant/gpt turn) holds the new answer too, so that every reader sees it, and an answer
+the row had before is kept as `reference_response`. Image paths, in image columns and in message parts, are
+rewritten to stay valid relative to the output file; images stored inside a table or dataset directory are written
+as PNG files beside it. Every row is checked first (`vlm_rl.data.validate`); with `--skip_bad_rows` the bad ones
+are left out and named in OUT's `.skipped_rows.jsonl`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm_rl.atomic import atomic_file
+from vlm_rl.data.bad_rows import SKIPPED_ROWS_FILE
 from vlm_rl.data.formats import DataError, PromptDataset, normalise_row, read_rows
 from vlm_rl.models.families import family_of
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
@@ -33,6 +36,7 @@ from vlm_rl.rollout.batch import Rollout
 from vlm_rl.data.prompts import encode_prompts
 
 IMAGE_FIELDS = ("image", "images")
+CONVERSATION_FIELDS = ("messages", "prompt", "completion")
 
 
 @torch.no_grad()
@@ -52,31 +56,56 @@ def generate_all(model, processor, samples: list[dict], config, batch_size: int,
 
 def portable_images(row: dict, base_dir: Path, out: Path, index: int) -> dict:
     """`row` with its image references valid from `out`'s directory: relative paths re-based, embedded images
-    (PIL or bytes from a dataset directory) written as PNG files beside `out`."""
+    (PIL or bytes from a table or dataset directory) written as PNG files beside `out`; in the image columns and
+    in the image parts of its messages (Qwen's "image", OpenAI's "image_url")."""
     from PIL import Image
 
-    def portable(ref, j: int):
-        if isinstance(ref, dict) and ref.get("path"):
-            ref = ref["path"]
-        if isinstance(ref, str):
-            return ref if os.path.isabs(ref) or "://" in ref else os.path.relpath(base_dir / ref, out.parent)
+    count = iter(range(1 << 30))
+
+    def portable(ref):
         if isinstance(ref, dict) and ref.get("bytes"):
             import io
 
             ref = Image.open(io.BytesIO(ref["bytes"]))
+        elif isinstance(ref, dict) and ref.get("path"):
+            ref = ref["path"]
+        if isinstance(ref, str):
+            if ref[:7].lower() == "file://":
+                ref = ref[7:]
+            kept = os.path.isabs(ref) or ref[:5].lower() == "data:" or "://" in ref  # absolute, inline, or a URL
+            return ref if kept else os.path.relpath(base_dir / ref, out.parent)
         if isinstance(ref, Image.Image):
             folder = out.with_name(f"{out.stem}_images")
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{index}_{j}.png"
+            path = folder / f"{index}_{next(count)}.png"
             ref.save(path)
             return os.path.relpath(path, out.parent)
         return ref
+
+    def in_part(part):
+        if not isinstance(part, dict):
+            return part
+        part = dict(part)
+        for key in ("image", "url", "path"):
+            if part.get(key) is not None:
+                part[key] = portable(part[key])
+        if isinstance(part.get("image_url"), dict) and part["image_url"].get("url") is not None:
+            part["image_url"] = {**part["image_url"], "url": portable(part["image_url"]["url"])}
+        elif isinstance(part.get("image_url"), str):
+            part["image_url"] = portable(part["image_url"])
+        return part
 
     row = dict(row)
     for field in IMAGE_FIELDS:
         if field in row and row[field] is not None:
             value = row[field]
-            row[field] = [portable(r, j) for j, r in enumerate(value)] if isinstance(value, list) else portable(value, 0)
+            row[field] = [portable(r) for r in value] if isinstance(value, list) else portable(value)
+    for field in CONVERSATION_FIELDS:
+        if isinstance(row.get(field), list):
+            row[field] = [
+                {**m, "content": [in_part(p) for p in m["content"]]} if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+                for m in row[field]
+            ]
     return row
 
 
@@ -114,26 +143,30 @@ def run_generate(
     temperature: float = 1.0,
     do_sample: bool = True,
     seed: int = 0,
+    column_map: str | None = None,
+    skip_bad_rows: bool = False,
+    max_bad_row_fraction: float = 0.1,
 ) -> Path:
     """Answer every row of `data` (or the one `image`/`prompt` pair) with the checkpoint at `model_path`."""
-    from vlm_rl.models.loading import load_base_model, load_processor
+    from vlm_rl.data.bad_rows import write_skipped_rows
+    from vlm_rl.data.validate import check_data
+    from vlm_rl.models.loading import image_resize, load_base_model, load_processor
 
     out = Path(out)
     if (data is None) == (prompt is None):
         raise DataError("give either --data FILE or --prompt TEXT (with --image IMAGE for a question about an image)")
     if data is not None:
-        input_rows, base_dir = read_rows(data, split)
-        rows = []
-        for row in input_rows:
-            if row.error is not None:
-                raise row.error
-            rows.append((row.source, row.raw))
+        bad = check_data(data, "ppo", split=split, column_map=column_map).rows_to_skip(skip_bad_rows, max_bad_row_fraction)
+        input_rows, base_dir = read_rows(data, split, column_map)
+        rows = [(row.source, row.fields) for row in input_rows if row.source not in bad.sources]
+        write_skipped_rows(out.parent, [bad], name=f"{out.stem}.{SKIPPED_ROWS_FILE}")
     else:
         single = {"prompt": prompt, **({"image": str(Path(image).resolve())} if image else {})}
         rows, base_dir = [("--prompt", single)], Path.cwd()
     rows = rows[: max_samples or None]
-    samples = list(PromptDataset([normalise_row(row, base_dir, where) for where, row in rows], base_dir))  # images opened
     processor = load_processor(model_path)
+    resize = image_resize(model_path, processor)
+    samples = list(PromptDataset([normalise_row(row, where) for where, row in rows], base_dir, resize))  # images opened
     model = load_base_model(model_path, torch.float32).eval()
     config = make_generation_config(processor.tokenizer, max_new_tokens, temperature=temperature, do_sample=do_sample)
     responses = []
@@ -153,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", help="one question instead of --data")
     parser.add_argument("--out", default=None, help="output JSONL (default: print the answer(s))")
     parser.add_argument("--split", default="test", help="split of a dataset directory")
+    parser.add_argument("--column_map", "--column-map", default=None, help="rename columns first: SOURCE=TARGET,... (e.g. question=prompt,img=image)")
+    parser.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true", help="skip rows that fail the data check (named in OUT's .skipped_rows.jsonl)")
+    parser.add_argument("--max_bad_row_fraction", "--max-bad-row-fraction", type=float, default=0.1, help="with --skip_bad_rows: stop when more rows are bad")
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -168,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     path = run_generate(
         args.model, str(out), data=args.data, image=args.image, prompt=args.prompt, split=args.split,
         max_samples=args.max_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, do_sample=not args.greedy, seed=args.seed,
+        temperature=args.temperature, do_sample=not args.greedy, seed=args.seed, column_map=args.column_map,
+        skip_bad_rows=args.skip_bad_rows, max_bad_row_fraction=args.max_bad_row_fraction,
     )  # fmt: skip
     if args.out is None:
         print(json.loads(path.read_text())["response"])

@@ -48,10 +48,9 @@ def prepare(row: InputRow, base_dir: Path, response_column: str) -> dict:
     """The normal-form sample of a row with its images opened and `completion` set; DataError if impossible."""
     if row.error is not None:
         raise row.error
-    sample = normalise_row(row.raw, base_dir, row.source)
-    field = "image" if len(sample["images"]) <= 1 else "images"
-    sample["images"] = [open_image(ref, base_dir, row.source, field) for ref in sample["images"]]
-    field, value, if_missing = response_field(row.raw, sample, response_column)
+    sample = normalise_row(row.fields, row.source)
+    sample["images"] = [open_image(ref, base_dir, row.source) for ref in sample["images"]]
+    field, value, if_missing = response_field(row.fields, sample, response_column)
     sample["completion"] = response_text(value, row.source, field, if_missing)
     return sample
 
@@ -185,6 +184,7 @@ def score_file(
     errors: str | os.PathLike | None = None,
     split: str = "train",
     progress: bool = True,
+    column_map: str | None = None,
 ) -> dict:
     """Score every row of `data` with `rewards` into `out` (see the module docstring); returns the summary."""
     from tqdm.auto import tqdm
@@ -204,14 +204,15 @@ def score_file(
     # Before any reward (model) loads: a file that cannot be scored at all stops here with every problem listed;
     # bad rows in a usable file keep their place with null scores (below).
     report = check_data(
-        data, "score", required_columns=reward_columns(rewards), split=split, response_column=response_column, check_images=False
+        data, "score", required_columns=reward_columns(rewards), split=split, response_column=response_column, check_images=False,
+        column_map=column_map,
     )
     if not report.usable:
         report.raise_if_problems()
 
     reward = load_rewards(rewards)
     columns = [SCORE_PREFIX + n for n in reward.names]
-    rows_in, base_dir = read_rows(data, split)
+    rows_in, base_dir = read_rows(data, split, column_map)
     all_rows = list(rows_in)
 
     done_rows: list[dict] = []
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--errors", default=None, help="errors file (default: OUT with .errors.jsonl)")
     parser.add_argument("--split", default="train", help="split to read from a dataset directory")
+    parser.add_argument("--column_map", "--column-map", default=None, help="rename columns first: SOURCE=TARGET,... (e.g. question=prompt)")
     parser.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument(
         "--torch-num-threads", "--torch_num_threads", dest="torch_num_threads", type=int, default=None,
@@ -353,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         errors=args.errors,
         split=args.split,
         progress=args.progress,
+        column_map=args.column_map,
     )
 
 

@@ -163,7 +163,7 @@ def load_rng_state(directory: str | os.PathLike, rank: int) -> None:
 # What a resumed run may change: hyper-parameters that can change take the new value (with a warning);
 # the batch geometry, the models and the data cannot (an error naming the field); the rest is bookkeeping.
 FIXED_ON_RESUME = (
-    "model_name_or_path", "ref_model_name_or_path", "value_model_name_or_path", "train_data", "train_split",
+    "model_name_or_path", "ref_model_name_or_path", "value_model_name_or_path", "train_data", "train_split", "column_map",
     "per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_processes", "seed",
     "use_peft", "lora_r", "lora_alpha", "lora_target_modules", "freeze_vision_tower", "bf16", "fp16",
     "bf16_weights", "max_prompt_length", "skip_long_prompts", "min_pixels", "max_pixels", "advantage_estimator",

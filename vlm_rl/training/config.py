@@ -10,11 +10,12 @@ from transformers import TrainingArguments
 
 from vlm_rl.algorithms.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS
 from vlm_rl.models.critic import CRITICS
+from vlm_rl.data.options import DataOptions
 from vlm_rl.errors import ConfigError
 
 
 @dataclass
-class PPOConfig(TrainingArguments):
+class PPOConfig(DataOptions, TrainingArguments):
     """PPO for vision-language models, in the style of TRL's configs.
 
     Batch arithmetic (per process, as in TRL's PPO):
@@ -23,6 +24,8 @@ class PPOConfig(TrainingArguments):
     `num_mini_batches` optimiser steps of `gradient_accumulation_steps` micro-batches each. An
     iteration is `num_ppo_epochs x num_mini_batches` optimiser steps whatever the micro-batch split,
     and a mini-batch's gradient does not depend on that split or on the number of processes.
+
+    The data options (`column_map`, `skip_bad_rows`, `max_bad_row_fraction`) are `vlm_rl.data.options.DataOptions`'s.
     """
 
     # Model and data
@@ -197,6 +200,7 @@ class PPOConfig(TrainingArguments):
         for name in ("temperature", "cliprange", "cliprange_value"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        self.check_data_options()
         for name in ("gamma", "lam", "max_unscored_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
