@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from trainer_helpers import (
     check_resume_reproduces_the_run,
+    check_resumed_run,
     completion_length,
     log_history,
     make_trainer,
@@ -292,12 +293,22 @@ def test_resume_with_groups_reproduces_the_uninterrupted_run(tmp_path, tiny_mode
 # ---- critic warm-up -----------------------------------------------------------------------------------------------
 
 
-def test_critic_warmup_trains_the_value_head_alone_then_the_policy(tmp_path, tiny_model_dir, synthetic_data_dir):
+def test_critic_warmup_trains_the_value_head_alone_then_the_policy_on_its_whole_schedule(tmp_path, tiny_model_dir, synthetic_data_dir):
     # weight_decay > 0: a policy weight that merely got a zero gradient would still decay.
-    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[completion_length], **{
+    settings = {
         **LEARNING, "total_episodes": 32, "num_ppo_epochs": 2, "critic_warmup_steps": 2, "save_steps": 1,
-        "save_total_limit": None, "weight_decay": 0.1,
-    })
+        "save_total_limit": None, "weight_decay": 0.1, "critic_learning_rate": 2e-2,
+    }  # fmt: skip
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[completion_length], **settings)
+    rates = []  # per optimiser step: (the policy's learning rate, the critic's)
+    optimiser_step = trainer.optimiser_step
+
+    def recording_step(*args):
+        groups = trainer.optimizer.param_groups
+        rates.append(tuple(next(g["lr"] for g in groups if g["critic"] == critic) for critic in (False, True)))
+        optimiser_step(*args)
+
+    trainer.optimiser_step = recording_step
     trainer.train()
     run = tmp_path / "run"
     start_weights = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir))
@@ -311,6 +322,16 @@ def test_critic_warmup_trains_the_value_head_alone_then_the_policy(tmp_path, tin
     assert moved > 0.8 * len(language)  # iteration 3: the policy trains
     history = log_history(run)
     assert all(h["loss/value_avg"] > 0 for h in history)
+
+    # The linear schedule: the critic's over the run's 4 iterations, the policy's over the 2 that train it, so the
+    # policy's first trained iteration has the full learning rate. Two steps per iteration (num_ppo_epochs 2).
+    policy_rates = [1e-2, 1e-2, 1e-2, 5e-3]  # (iterations 1-2: not used, the policy has no gradient)
+    critic_rates = [2e-2, 1.5e-2, 1e-2, 5e-3]
+    assert [r for pair in rates for r in pair] == pytest.approx([r for pair in zip(policy_rates, critic_rates) for r in 2 * pair])
+    assert [h["lr"] for h in history] == pytest.approx(policy_rates)  # the rate each iteration used
+    # Exact resume in the middle of the warm-up and after it.
+    for at in (1, 3):
+        check_resumed_run(run, at, tmp_path / f"resumed{at}", tiny_model_dir, synthetic_data_dir, [completion_length], **settings)
 
 
 # ---- two DDP ranks ------------------------------------------------------------------------------------------------
