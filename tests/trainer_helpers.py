@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -29,6 +30,11 @@ def negative_completion_length(prompts, completions, **kwargs):
 
 def never_scores(prompts, completions, **kwargs):
     return [None] * len(completions)
+
+
+def unscored_on_rank_1(prompts, completions, **kwargs):
+    """`completion_length` on every rank of a launch but rank 1, which it cannot score at all (None for every sample)."""
+    return [None] * len(completions) if os.environ.get("RANK") == "1" else completion_length(prompts, completions)
 
 
 def answer_is_red(prompts, completions, answer, **kwargs):

@@ -4,6 +4,7 @@ losses, and an output_dir that already holds a run."""
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 import math
 import os
 import signal
@@ -185,6 +186,27 @@ def same(a, b) -> bool:
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and np.array_equal(a, b)
     return a == b
+
+
+def test_a_non_finite_step_deepspeed_applied_anyway_stops_the_run(tmp_path, tiny_model_dir, synthetic_data_dir, monkeypatch):
+    """Under DeepSpeed the engine steps before PPO sees the gradient norm: a step PPO would skip but the engine
+    applied (an engine without an overflow check) is an error, never logged as skipped."""
+
+    class EngineThatStepped(torch.nn.Module):  # what PPO asks of a DeepSpeed engine here
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def was_step_applied(self) -> bool:
+            return True
+
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, **SIGNAL)
+    trainer.create_optimizer_and_scheduler(num_training_steps=trainer.num_total_batches)
+    trainer.model_wrapped = EngineThatStepped(trainer.model)
+    monkeypatch.setattr(trainer_module, "is_deepspeed", lambda accelerator: True)
+    monkeypatch.setattr(trainer.accelerator, "clip_grad_norm_", lambda parameters, max_norm: torch.tensor(math.nan))
+    with pytest.raises(NonFiniteError, match="DeepSpeed applied an optimizer step whose loss or gradient norm"):
+        trainer.apply_step(torch.zeros(2), False, defaultdict(list))
 
 
 def test_an_output_dir_holding_a_run_is_refused_unless_overwritten(tmp_path, tiny_model_dir, synthetic_data_dir):

@@ -49,6 +49,7 @@ from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_req
 from vlm_rl.models.families import family_of
 from vlm_rl.models.sharding import (
     cast_to_engine_dtype,
+    check_deepspeed_skips_non_finite_steps,
     check_engine,
     configure_deepspeed,
     describe_placement,
@@ -126,6 +127,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         if is_deepspeed(self.accelerator) and args.critic_warmup_steps:
             # The engine steps inside backward: the policy's gradients cannot be dropped before its step.
             raise ConfigError("critic_warmup_steps is not supported under DeepSpeed yet; use DDP, or set it to 0")
+        check_deepspeed_skips_non_finite_steps(self.accelerator)
         if is_deepspeed(self.accelerator):
             configure_deepspeed(self.accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm)
         if self.ref_model is not None:
@@ -313,9 +315,9 @@ class PPOTrainer(CheckpointingMixin, Trainer):
     def encode_images(self, policy: nn.Module, query: dict) -> ImageFeatures | None:
         """Each image of the batch through the policy's vision tower once, for every later forward of the rollout
         that may use the features exactly (generate, old policy, value, reference, reward model, training epochs)."""
-        if not self.sharing.enabled or query.get("pixel_values") is None or tower_trains(policy):
+        if not self.sharing.enabled or tower_trains(policy):
             return None
-        return encode_images(policy, query["pixel_values"], query.get("image_grid_thw"), self.sharing.towers)
+        return encode_images(policy, query.get("pixel_values"), query.get("image_grid_thw"), self.sharing.towers, query["input_ids"].device)
 
     @torch.no_grad()
     def score(self, rollout: Rollout, samples: list[dict]) -> dict[str, torch.Tensor | dict]:
@@ -477,6 +479,12 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         grad_norm = torch.as_tensor(grad_norm or 0.0)
         not_finite = self.sum_over_ranks(torch.tensor(float(not finite), device=device)) > 0
         if not_finite or not torch.isfinite(grad_norm):
+            if is_deepspeed(accelerator) and self.model_wrapped.was_step_applied():
+                raise NonFiniteError(
+                    f"iteration {self.state.global_step + 1}: DeepSpeed applied an optimizer step whose loss or gradient "
+                    f"norm ({float(grad_norm)}) was not finite (its overflow check is off in this configuration): the "
+                    "weights are no longer usable. Resume from the last checkpoint with ZeRO stage 1-3 or bf16"
+                )
             self.optimizer.zero_grad()
             self.skip_step(grad_norm)
             stats["train/skipped_steps"].append(torch.ones((), device=device))
