@@ -131,7 +131,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         if is_deepspeed(self.accelerator):
             configure_deepspeed(self.accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm)
         if self.ref_model is not None:
-            cast_to_engine_dtype(self.ref_model, self.accelerator)  # DeepSpeed's bf16 holds the policy in bf16: so the reference
+            cast_to_engine_dtype(self.ref_model, self.accelerator)  # DeepSpeed bf16 casts the policy: the reference with it
             self.ref_model = prepare_frozen(self.ref_model, self.accelerator)
         self.reward_models = [prepare_frozen(m, self.accelerator) for _, m in reward_models]  # in place, inside `reward`
         self.rewards = RolloutRewards(reward, processing_class, self.accelerator, self.sharing.reward_models, self.reward_models, args.max_unscored_fraction, self.sum_over_ranks)
