@@ -133,7 +133,7 @@ def test_lora_reuse_is_exact_with_the_adapters_disabled_reference(tmp_path, tiny
 def test_continued_adapter_reference_copy_shares_the_features(tmp_path, tiny_model_dir, synthetic_data_dir):
     adapter = make_sft_adapter(tiny_model_dir, tmp_path / "sft-adapter")
     on, off = twins(tmp_path, adapter, synthetic_data_dir, reward=[completion_length], lora_dropout=0.0, **MICRO)
-    assert on.ref_model is not None and on.sharing.reference  # a merged copy: another module, equal vision weights
+    assert on.ref_model is not None and on.sharing.reference  # a frozen copy: another module, equal vision weights
     assert vision_tower(on.ref_model) is not vision_tower(on.model.policy)
     with tower_calls(*models_of(on)) as calls:
         reused = iteration(on)

@@ -8,6 +8,7 @@ estimators have no value head at all; each estimator learns a reward; the warm-u
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from trainer_helpers import (
     check_resume_reproduces_the_run,
+    check_resumed_run,
     completion_length,
     log_history,
     make_trainer,
@@ -292,12 +294,22 @@ def test_resume_with_groups_reproduces_the_uninterrupted_run(tmp_path, tiny_mode
 # ---- critic warm-up -----------------------------------------------------------------------------------------------
 
 
-def test_critic_warmup_trains_the_value_head_alone_then_the_policy(tmp_path, tiny_model_dir, synthetic_data_dir):
+def test_critic_warmup_trains_the_value_head_alone_then_the_policy_on_its_whole_schedule(tmp_path, tiny_model_dir, synthetic_data_dir):
     # weight_decay > 0: a policy weight that merely got a zero gradient would still decay.
-    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[completion_length], **{
+    settings = {
         **LEARNING, "total_episodes": 32, "num_ppo_epochs": 2, "critic_warmup_steps": 2, "save_steps": 1,
-        "save_total_limit": None, "weight_decay": 0.1,
-    })
+        "save_total_limit": None, "weight_decay": 0.1, "critic_learning_rate": 2e-2,
+    }  # fmt: skip
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[completion_length], **settings)
+    rates = []  # per optimiser step: (the policy's learning rate, the critic's)
+    optimiser_step = trainer.optimiser_step
+
+    def recording_step(*args):
+        groups = trainer.optimizer.param_groups
+        rates.append(tuple(next(g["lr"] for g in groups if g["critic"] == critic) for critic in (False, True)))
+        optimiser_step(*args)
+
+    trainer.optimiser_step = recording_step
     trainer.train()
     run = tmp_path / "run"
     start_weights = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir))
@@ -312,6 +324,16 @@ def test_critic_warmup_trains_the_value_head_alone_then_the_policy(tmp_path, tin
     history = log_history(run)
     assert all(h["loss/value_avg"] > 0 for h in history)
 
+    # The linear schedule: the critic's over the run's 4 iterations, the policy's over the 2 that train it, so the
+    # policy's first trained iteration has the full learning rate. Two steps per iteration (num_ppo_epochs 2).
+    policy_rates = [1e-2, 1e-2, 1e-2, 5e-3]  # (iterations 1-2: not used, the policy has no gradient)
+    critic_rates = [2e-2, 1.5e-2, 1e-2, 5e-3]
+    assert [r for pair in rates for r in pair] == pytest.approx([r for pair in zip(policy_rates, critic_rates) for r in 2 * pair])
+    assert [h["lr"] for h in history] == pytest.approx(policy_rates)  # the rate each iteration used
+    # Exact resume in the middle of the warm-up and after it.
+    for at in (1, 3):
+        check_resumed_run(run, at, tmp_path / f"resumed{at}", tiny_model_dir, synthetic_data_dir, [completion_length], **settings)
+
 
 # ---- two DDP ranks ------------------------------------------------------------------------------------------------
 
@@ -319,21 +341,26 @@ def test_critic_warmup_trains_the_value_head_alone_then_the_policy(tmp_path, tin
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "gae_warmup"])
 def test_two_ranks_keep_groups_whole_and_warm_up_the_critic_alone(tmp_path, tiny_model_dir, synthetic_data_dir, estimator):
-    """grpo: groups whole on each rank. gae_warmup (a LoRA policy with a lora critic): the warm-up trains the critic's
-    adapter and head alone, on both ranks."""
-    from test_ppo_entrypoint import ACCELERATE, run
+    """grpo: groups whole on each rank, and rank 1 unscored (its reward returns None for every sample: every
+    collective is still issued alike on both ranks, the metrics are rank 0's), with the machine loaded, and the
+    run ends cleanly. gae_warmup (a LoRA policy with a lora critic): the warm-up trains the critic's adapter and head
+    alone, on both ranks."""
+    from test_ppo_entrypoint import ACCELERATE, cpu_load, run
 
     out = tmp_path / "run"
     # The warm-up keeps every parameter in the graph (the policy loss weighted 0, both adapters in the forward):
     # DDP needs no unused-parameter search.
     warmup = ["--critic_warmup_steps", "1", "--ddp_find_unused_parameters", "false", "--use_peft", "true", "--critic", "lora",
-              "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"]
-    extra = ["--advantage_estimator", "grpo", "--num_generations", "4"] if estimator == "grpo" else warmup
-    run([*ACCELERATE, "--main_process_port", "0", "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py",
-         "--config", "configs/ppo_tiny.yaml", "--output_dir", str(out), "--report_to", "none", "--reward", "trainer_helpers:completion_length",
-         "--model_name_or_path", str(tiny_model_dir), "--train_data", str(synthetic_data_dir / "train.jsonl"),
-         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_mini_batches", "1", "--total_episodes", "32", "--save_steps", "1", *extra],
-        tmp_path)
+              "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--reward", "trainer_helpers:completion_length"]
+    grpo = ["--advantage_estimator", "grpo", "--num_generations", "4", "--reward", "trainer_helpers:unscored_on_rank_1", "--max_unscored_fraction", "0.5",
+            "--missing_eos_penalty", "0"]  # (the logged scores are then the rewards')
+    with cpu_load(1 if estimator == "grpo" else 0):
+        run([*ACCELERATE, "--main_process_port", "0", "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py",
+             "--config", "configs/ppo_tiny.yaml", "--output_dir", str(out), "--report_to", "none",
+             "--model_name_or_path", str(tiny_model_dir), "--train_data", str(synthetic_data_dir / "train.jsonl"),
+             "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_mini_batches", "1", "--total_episodes", "32", "--save_steps", "1",
+             *(grpo if estimator == "grpo" else warmup)],
+            tmp_path, timeout=300)  # fmt: skip
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP in step
     assert not set(ranks[0]["sources"]) & set(ranks[1]["sources"])  # each rank its own prompts
@@ -343,7 +370,18 @@ def test_two_ranks_keep_groups_whole_and_warm_up_the_critic_alone(tmp_path, tiny
         for r in ranks:  # 2 prompts per rank, each 4 times in a row
             assert [r["sources"][4 * (i // 4)] for i in range(8)] == r["sources"] and r["sources"][0] != r["sources"][4]
         assert not (out / VALUE_HEAD_FILE).exists()
-        assert not all(torch.equal(start_weights[n], after[n]) for n in start_weights)
+        assert not all(torch.equal(start_weights[n], after[n]) for n in start_weights)  # rank 0's samples trained both
+        # Each iteration's metrics: the scores are rank 0's (rank 1 has none), the step statistics too.
+        history = log_history(out)
+        assert len(history) == 2 and all(all(s["unscored"]) for s in ranks[1]["scored"])
+        for logged, scored in zip(history, ranks[0]["scored"], strict=True):
+            assert not any(scored["unscored"])
+            assert logged["objective/scores"] == pytest.approx(statistics.mean(scored["scores"]))
+            assert logged["objective/unscored"] == 0.5
+            for name in ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "val/ratio", "loss/policy_avg"):
+                assert math.isfinite(logged[name]), name
+        for r in (0, 1):  # the command ended the run: process group destroyed, no thread left, handlers restored
+            assert json.loads((out / f"rank{r}_exit.json").read_text()) == {"process_group": False, "threads": [], "handlers": [True, True]}
     else:  # the first iteration trains the critic alone (its adapter and head); the second the policy's adapter too
         def lora_b(path: Path) -> torch.Tensor:  # the adapter's B matrices: all 0 until it trains (peft's init)
             return torch.cat([v.flatten() for k, v in load_file(str(path / "adapter_model.safetensors")).items() if "lora_B" in k])

@@ -195,3 +195,27 @@ def test_evaluation_logs_held_out_rewards_and_changes_nothing_in_training(tmp_pa
     assert history[-1]["eval/kl"] > 0 and history[-1]["eval/kl_greedy"] != history[-1]["eval/kl"]
     curves = read_training_curves(tmp_path / "eval" / "run")  # what compare's report plots
     assert [step for step, _ in curves["eval/scores"]] == [2, 4]
+
+
+def test_skip_long_prompts_drops_long_held_out_prompts_too(tmp_path, tiny_model_dir, synthetic_data_dir):
+    """`vlm-rl ppo` with skip_long_prompts and an eval set holding prompts over max_prompt_length: they are dropped
+    as the training set's are (not a PromptTooLongError at the first evaluation), and evaluation runs on the rest."""
+    from vlm_rl.data.formats import load_samples
+    from vlm_rl.data.prompts import prompt_lengths
+    from vlm_rl.ppo import build_trainer
+    from trainer_helpers import make_config
+
+    # The synthetic prompts are 36-50 tokens long: 41 keeps some of each set, not all.
+    config = make_config(
+        tmp_path, tiny_model_dir, synthetic_data_dir, reward=["trainer_helpers:completion_length"], skip_long_prompts=True,
+        max_prompt_length=41, eval_data=str(synthetic_data_dir / "test.jsonl"), eval_num_samples=4, total_episodes=8,
+    )  # fmt: skip
+    trainer = build_trainer(config)
+    held_out = load_samples(synthetic_data_dir / "test.jsonl")
+    lengths = prompt_lengths(trainer.processor, held_out)
+    kept = [held_out[i]["_source"] for i, n in enumerate(lengths) if n <= 41]
+    assert 4 <= len(kept) < len(held_out)
+    assert [trainer.eval_dataset[i]["_source"] for i in range(len(trainer.eval_dataset))] == kept
+    trainer.train()
+    [logged] = log_history(tmp_path / "run")
+    assert logged["eval/scores"] >= 0 and logged["eval/scores_greedy"] >= 0

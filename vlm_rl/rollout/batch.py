@@ -108,7 +108,7 @@ class Rollout:
         chosen = [j for i in indices for j in range(first[i], first[i] + self.num_images[i])]
         per_image = self.per_image()
         images = join_images([per_image[j] for j in chosen], self.family.image_layout.keys)
-        image_features = None if self.image_features is None or not chosen else self.image_features.select(chosen)
+        image_features = None if self.image_features is None else self.image_features.select(chosen)  # (for no image too)
         index = torch.tensor(indices, device=self.query_response.device)
         token_types = self.mm_token_type_ids
         return replace(

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from vlm_rl.models.dummy_image import tower_on_every_rank
 from vlm_rl.models.families import ALL_VISION_TOKENS
 from vlm_rl.models.vision_features import ImageFeatures
 
@@ -135,11 +136,17 @@ def generate_responses(
     long the other ranks decoded."""
     if "attention_mask" in inputs and inputs["attention_mask"][:, -1].eq(0).any():
         raise ValueError("prompts must be left-padded for batched generation (set processor.tokenizer.padding_side='left')")
-    if image_features is not None and "pixel_values" in inputs and image_features.usable_by(model):
+    reads_features = image_features is not None and image_features.usable_by(model)
+    has_images = "pixel_values" in inputs
+    if reads_features and has_images:
         inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         inputs["mm_encoder_outputs"] = image_features.encoder_outputs()
     devices = rng_devices(inputs["input_ids"].device)
-    with generation_config_swapped(model, generation_config), torch.random.fork_rng(devices=devices, enabled=seed is not None):
+    with (
+        generation_config_swapped(model, generation_config),
+        torch.random.fork_rng(devices=devices, enabled=seed is not None),
+        tower_on_every_rank(model, has_images, reads_features),  # (a synced generate: every rank encodes, or none)
+    ):
         if seed is not None:
             torch.manual_seed(seed)
         out = model.generate(**inputs, generation_config=generation_config, synced_gpus=synced_gpus)  # (B, T_q + T_r)

@@ -32,7 +32,7 @@ import yaml
 from peft import PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import Trainer, TrainerState
+from transformers import Trainer, TrainerState, get_scheduler
 from transformers.trainer_callback import ExportableState
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
@@ -49,6 +49,7 @@ from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_req
 from vlm_rl.models.families import family_of
 from vlm_rl.models.sharding import (
     cast_to_engine_dtype,
+    check_deepspeed_skips_non_finite_steps,
     check_engine,
     configure_deepspeed,
     describe_placement,
@@ -109,8 +110,10 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         critic = critic_for(args, critic, model)
         critic_backbone = None if critic is None else critic.backbone
         self.sharing = plan_sharing(model, ref_model, reward_models, args.reuse_vision_features, critic=critic_backbone)
-        if args.skip_long_prompts:
+        if args.skip_long_prompts:  # the held-out prompts too: evaluation encodes them under the same limit
             train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
+            if eval_dataset is not None:
+                eval_dataset = drop_long_prompts(processing_class, eval_dataset, args.max_prompt_length, what="eval_data")
         super().__init__(
             model=PolicyAndValue(model, critic),
             args=args,
@@ -124,9 +127,11 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         if is_deepspeed(self.accelerator) and args.critic_warmup_steps:
             # The engine steps inside backward: the policy's gradients cannot be dropped before its step.
             raise ConfigError("critic_warmup_steps is not supported under DeepSpeed yet; use DDP, or set it to 0")
+        check_deepspeed_skips_non_finite_steps(self.accelerator)
         if is_deepspeed(self.accelerator):
             configure_deepspeed(self.accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm)
         if self.ref_model is not None:
+            cast_to_engine_dtype(self.ref_model, self.accelerator)  # DeepSpeed bf16 casts the policy: the reference with it
             self.ref_model = prepare_frozen(self.ref_model, self.accelerator)
         self.reward_models = [prepare_frozen(m, self.accelerator) for _, m in reward_models]  # in place, inside `reward`
         self.rewards = RolloutRewards(reward, processing_class, self.accelerator, self.sharing.reward_models, self.reward_models, args.max_unscored_fraction, self.sum_over_ranks)
@@ -140,6 +145,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         self.batches_per_epoch, self.num_total_batches = plan.batches_per_epoch, plan.num_total_batches
         self.eval_every = int(args.eval_steps) if args.eval_steps else max(1, self.num_total_batches // 10)
         self.skipped_in_a_row = 0
+        self.too_many_skipped = False  # max_skipped_steps in a row reached: stop at the end of the iteration
 
     # ---- helpers -----------------------------------------------------------------------------------
 
@@ -178,7 +184,6 @@ class PPOTrainer(CheckpointingMixin, Trainer):
                 episode = self.state.global_step * self.global_batch_size
                 metrics["eps"] = (episode - episodes_at_start) / max(time.time() - started, 1e-9)
                 metrics["episode"] = episode
-                metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
                 self.end_iteration(metrics, stop)
                 if self.control.should_training_stop:
                     break
@@ -231,10 +236,11 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             stats = {}
         else:
             stats = self.optimise(rollout, old)  # 6
+        lr = self.policy_learning_rate()  # the rate this iteration's steps used (the scheduler moves on below)
         with warnings.catch_warnings():  # an iteration whose steps were all skipped still advances the schedule
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
             self.lr_scheduler.step()
-        metrics = self.metrics(rollout, old, stats)  # 7
+        metrics = {**self.metrics(rollout, old, stats), "lr": lr}  # 7
         if self.args.num_sample_generations and self.is_world_process_zero() and (iteration + 1) % max(1, int(self.args.logging_steps)) == 0:
             show_samples(self.args.report_to, iteration + 1, samples[: self.args.num_sample_generations], old)
         return metrics
@@ -250,6 +256,13 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             self.log(metrics)
         if self.saved_this_step():
             self.save_checkpoint()
+        if self.too_many_skipped:  # the same on every rank (the skip is decided over all ranks)
+            path = Path(args.output_dir) / f"{ckpt.PREFIX}{step}" if self.saved_this_step() else self.save_checkpoint()
+            raise NonFiniteError(
+                f"{args.max_skipped_steps} optimiser steps in a row had a non-finite loss or gradient norm (skipped: they "
+                f"changed nothing); stopped after iteration {step}. {path} holds the run at the end of it. Lower the "
+                "learning rate, check the reward for extreme values, or try fp32/bf16 instead of fp16"
+            )
         if self.stop_requested(stop):
             path = Path(args.output_dir) / f"{ckpt.PREFIX}{step}" if self.saved_this_step() else self.save_checkpoint()
             launcher = "accelerate launch [your launch flags]" if self.accelerator.num_processes > 1 else None
@@ -302,9 +315,9 @@ class PPOTrainer(CheckpointingMixin, Trainer):
     def encode_images(self, policy: nn.Module, query: dict) -> ImageFeatures | None:
         """Each image of the batch through the policy's vision tower once, for every later forward of the rollout
         that may use the features exactly (generate, old policy, value, reference, reward model, training epochs)."""
-        if not self.sharing.enabled or query.get("pixel_values") is None or tower_trains(policy):
+        if not self.sharing.enabled or tower_trains(policy):
             return None
-        return encode_images(policy, query["pixel_values"], query.get("image_grid_thw"), self.sharing.towers)
+        return encode_images(policy, query.get("pixel_values"), query.get("image_grid_thw"), self.sharing.towers, query["input_ids"].device)
 
     @torch.no_grad()
     def score(self, rollout: Rollout, samples: list[dict]) -> dict[str, torch.Tensor | dict]:
@@ -466,6 +479,12 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         grad_norm = torch.as_tensor(grad_norm or 0.0)
         not_finite = self.sum_over_ranks(torch.tensor(float(not finite), device=device)) > 0
         if not_finite or not torch.isfinite(grad_norm):
+            if is_deepspeed(accelerator) and self.model_wrapped.was_step_applied():
+                raise NonFiniteError(
+                    f"iteration {self.state.global_step + 1}: DeepSpeed applied an optimizer step whose loss or gradient "
+                    f"norm ({float(grad_norm)}) was not finite (its overflow check is off in this configuration): the "
+                    "weights are no longer usable. Resume from the last checkpoint with ZeRO stage 1-3 or bf16"
+                )
             self.optimizer.zero_grad()
             self.skip_step(grad_norm)
             stats["train/skipped_steps"].append(torch.ones((), device=device))
@@ -499,22 +518,44 @@ class PPOTrainer(CheckpointingMixin, Trainer):
                     optimizer.add_param_group({**settings, "params": params, "lr": lr, "critic": is_critic})
         return optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """transformers' schedule (`lr_scheduler_type`, its warm-up and kwargs) over the run for the critic's groups;
+        the policy's groups run the same schedule over the iterations that train the policy, from the end of the
+        critic warm-up (as OpenRLHF's freezing_actor_steps skips the actor's scheduler step)."""
+        warmup = self.args.critic_warmup_steps
+        if self.lr_scheduler is not None or not warmup:
+            return super().create_scheduler(num_training_steps, optimizer)
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        policy_steps = max(num_training_steps - warmup, 1)
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only its schedule's multiplier is used
+        policy_schedule = get_scheduler(
+            self.args.lr_scheduler_type, optimizer=probe, num_warmup_steps=self.args.get_warmup_steps(policy_steps),
+            num_training_steps=policy_steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )  # fmt: skip
+        if not hasattr(scheduler, "lr_lambdas") or not hasattr(policy_schedule, "lr_lambdas"):
+            raise ConfigError(f"critic_warmup_steps needs a schedule of step-wise multipliers; lr_scheduler_type={self.args.lr_scheduler_type} is not one")
+        multiplier = policy_schedule.lr_lambdas[0]
+
+        def policy_multiplier(step: int) -> float:  # (a plain function: the scheduler's state_dict leaves it out)
+            return multiplier(max(step - warmup, 0))
+
+        groups = self.optimizer.param_groups
+        scheduler.lr_lambdas = [f if group.get("critic") else policy_multiplier for f, group in zip(scheduler.lr_lambdas, groups)]
+        self.retarget_learning_rate()
+        return scheduler
+
+    def policy_learning_rate(self) -> float:
+        """The policy's learning rate now (its first parameter group's)."""
+        return next(group["lr"] for group in self.optimizer.param_groups if not group.get("critic"))
+
     def skip_step(self, grad_norm: torch.Tensor) -> None:
-        """Count a skipped step; after `max_skipped_steps` in a row, write a checkpoint and stop."""
+        """Count a skipped step (it changes nothing); after `max_skipped_steps` in a row the run stops at the end of
+        this iteration (`end_iteration`), where its checkpoint is the one its name says."""
         self.skipped_in_a_row += 1
+        self.too_many_skipped |= self.skipped_in_a_row >= self.args.max_skipped_steps
         logger.warning(
             f"iteration {self.state.global_step + 1}: non-finite loss or gradient norm ({float(grad_norm)}); optimiser step "
             f"skipped ({self.skipped_in_a_row} in a row, at most {self.args.max_skipped_steps})"
-        )
-        if self.skipped_in_a_row < self.args.max_skipped_steps:
-            return
-        path = Path(self.args.output_dir) / f"{ckpt.PREFIX}{self.state.global_step}"
-        if not path.exists():  # the weights are still those of the last good step: skipped steps changed nothing
-            path = self.save_checkpoint()
-        raise NonFiniteError(
-            f"{self.args.max_skipped_steps} optimiser steps in a row had a non-finite loss or gradient norm; stopped. "
-            f"{path} holds the weights from before them. Lower the learning rate, check the reward for extreme values, "
-            "or try fp32/bf16 instead of fp16"
         )
 
     def metrics(self, rollout: Rollout, old: dict, stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
