@@ -167,6 +167,7 @@ def test_gae_padding_invariance():
     mask = torch.tensor([[T_] * 5 + [F_] * 3, [T_] * 8])
     adv, ret = compute_gae(batch_rewards, batch_values, mask, 0.9, 0.95)
 
+    # exact: GAE is elementwise per row (no reduction, no GEMM), so another batch cannot change the rounding
     assert torch.equal(adv[0, :5], alone_adv[0])
     assert torch.equal(ret[0, :5], alone_ret[0])
     assert torch.equal(adv[0, 5:], torch.zeros(3))

@@ -233,7 +233,7 @@ def test_reward_pairs_collate_the_same_from_the_cache(family, processor, synthet
     cached(pairs[1:])  # fills the cache in another batch
     a, b = fresh(pairs), cached(pairs)
     assert a.keys() == b.keys() and a["num_images"] == b["num_images"] == [1] * 6
-    for key in a:
+    for key in a:  # exact: token ids, masks and pixels the processor prepares per image (no GEMM)
         assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
 
 

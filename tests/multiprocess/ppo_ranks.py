@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from trl import TrlParser
 
 if os.environ.get("ACCELERATE_USE_FSDP") == "true":  # FSDP on CPU ranks: accelerate would not turn it on
     runpy.run_path(str(Path(__file__).with_name("fsdp_on_cpu.py")), run_name="fsdp_on_cpu")
 
+from vlm_rl.arguments import parse_config  # noqa: E402
 from vlm_rl.errors import run_command  # noqa: E402
+from vlm_rl.launch import start_process  # noqa: E402
 from vlm_rl.training.config import PPOConfig  # noqa: E402
 from vlm_rl.ppo import build_trainer  # noqa: E402
 from vlm_rl.models.sharding import gathered_parameters  # noqa: E402
@@ -41,7 +42,8 @@ def full_weights_checksum(trainer) -> float:
 
 
 def main(argv: list[str]) -> None:
-    (config,) = TrlParser((PPOConfig,)).parse_args_and_config(args=argv)
+    start_process("ppo")  # as vlm_rl.ppo.main: warnings from the main process only
+    config = parse_config(PPOConfig, argv, "vlm-rl ppo", repeatable=["--reward"])
     torch.set_num_threads(1)
     trainer = build_trainer(config)
     rank = trainer.accelerator.process_index

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
@@ -12,6 +14,8 @@ from vlm_rl.algorithms.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIM
 from vlm_rl.models.critic import CRITICS
 from vlm_rl.data.options import DataOptions
 from vlm_rl.errors import ConfigError
+from vlm_rl.quiet import on_a_terminal
+from vlm_rl.training.inherited_fields import REFUSED, refusal
 
 
 @dataclass
@@ -26,7 +30,11 @@ class PPOConfig(DataOptions, TrainingArguments):
     and a mini-batch's gradient does not depend on that split or on the number of processes.
 
     The data options (`column_map`, `skip_bad_rows`, `max_bad_row_fraction`) are `vlm_rl.data.options.DataOptions`'s.
+    Of the inherited TrainingArguments fields, those PPO's own loop does not use are refused when set
+    (`refused_fields`, vlm_rl/training/inherited_fields.py), never silently ignored.
     """
+
+    refused_fields: ClassVar[dict[str, str]] = REFUSED
 
     # Model and data
     model_name_or_path: str = field(
@@ -61,7 +69,8 @@ class PPOConfig(DataOptions, TrainingArguments):
     local_rollout_forward_batch_size: int = field(default=16, metadata={"help": "Micro-batch for the no-grad scoring forwards."})
     total_episodes: int | None = field(
         default=None,
-        metadata={"help": "Samples (prompt x generation) to roll out in total; default num_train_epochs x dataset size x num_generations."},
+        metadata={"help": "Samples (prompt x generation) to roll out in total; default num_train_epochs x dataset size x "
+                  "num_generations (or max_steps iterations, when given)."},
     )
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtracted from the score of responses without eos (recommended with learned rewards)."}
@@ -141,6 +150,10 @@ class PPOConfig(DataOptions, TrainingArguments):
                   "aliases": ["--overwrite"]},
     )
 
+    max_steps: int = field(
+        default=-1, metadata={"help": "PPO iterations in all, when > 0 (overrides num_train_epochs; not with total_episodes)."}
+    )
+
     # Runtime
     torch_num_threads: int | None = field(
         default=None,
@@ -175,8 +188,28 @@ class PPOConfig(DataOptions, TrainingArguments):
         default=None, metadata={"help": "Evaluate on eval_data every N PPO iterations (default: 10 times per run, and at the end)."}
     )
     remove_unused_columns: bool = field(default=False)
+    disable_tqdm: bool | None = field(
+        default=None,
+        metadata={"help": "No progress bars, transformers' included; one plain line per logged iteration. Default: "
+                  "bars only when stdout and stderr are both terminals (none in a log file or a pipe)."},
+    )
+    log_level_replica: str = field(
+        default="error", metadata={"help": "transformers' log level on the processes other than the main one (error: a warning shows once)."}
+    )
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            message = refusal(f.name, getattr(self, f.name), default)
+            if message:
+                raise ConfigError(message)
+        if self.max_steps > 0 and self.total_episodes is not None:
+            raise ConfigError(
+                f"max_steps={self.max_steps} and total_episodes={self.total_episodes} both set the run's length: give one "
+                "(max_steps counts PPO iterations, total_episodes samples)"
+            )
+        if self.disable_tqdm is None:
+            self.disable_tqdm = not on_a_terminal()
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if self.kl_estimator != "k1" and self.kl_coef > 0:
@@ -286,6 +319,8 @@ def plan_batches(config: PPOConfig, num_prompts: int, num_processes: int) -> Bat
             f"the dataset has {num_prompts} prompts, fewer than one batch of {prompts_per_batch} "
             f"({global_batch_size} samples {batch} / num_generations={config.num_generations})"
         )
+    if config.max_steps > 0:  # PPO iterations, as the Trainer's global_step counts them
+        return BatchPlan(global_batch_size, prompts_per_batch, batches_per_epoch, config.max_steps)
     total_episodes = config.total_episodes or int(config.num_train_epochs * num_prompts * config.num_generations)
     if total_episodes < global_batch_size:
         raise ConfigError(f"total_episodes={total_episodes} is less than one batch of {global_batch_size} {batch}")

@@ -114,6 +114,8 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
             if eval_dataset is not None:
                 eval_dataset = drop_long_prompts(processing_class, eval_dataset, args.max_prompt_length, what="eval_data")
+        if args.ddp_find_unused_parameters is None:  # every trainable parameter takes part in every backward, unless
+            args.ddp_find_unused_parameters = tower_trains(model)  # a training tower misses text-only micro-batches
         super().__init__(
             model=PolicyAndValue(model, critic),
             args=args,
@@ -595,7 +597,8 @@ class PPOTrainer(CheckpointingMixin, Trainer):
                     scored = [float(c) for c in combined if c is not None]
                     totals += torch.tensor([sum(scored), len(scored), float(kl.sum()), len(batch)], dtype=torch.float64, device=device)
                 scores, n_scored, kl, n = self.sum_over_ranks(totals).tolist()
-                out[f"eval/scores{name}"] = scores / n_scored if n_scored else float("nan")
+                if n_scored:  # nothing scored: the metric is missing (as metrics.py leaves it), not nan
+                    out[f"eval/scores{name}"] = scores / n_scored
                 out[f"eval/kl{name}"] = kl / max(n, 1)
         return out
 
