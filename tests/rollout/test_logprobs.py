@@ -140,7 +140,7 @@ def test_image_tokens_get_3d_positions(tiny_model, tiny_processor, samples):
 
 
 def test_nothing_after_eos_is_trained_on(policy_and_value, tiny_model, tiny_processor, samples):
-    from vlm_rl.algorithms.losses import policy_loss, value_loss
+    from vlm_rl.algorithms.losses import PolicyObjective, policy_loss, value_loss
 
     tok = tiny_processor.tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -155,7 +155,7 @@ def test_nothing_after_eos_is_trained_on(policy_and_value, tiny_model, tiny_proc
         logprobs, _, values = policy_and_value(rollout, TEMPERATURE)
         adv = torch.ones_like(logprobs)
         adv[0, 3:] = advantage_after_eos
-        loss = policy_loss(logprobs, logprobs.detach() - 0.1, adv, rollout.response_mask, 0.2)[0]
+        loss = policy_loss(logprobs, logprobs.detach() - 0.1, adv, rollout.response_mask, PolicyObjective(epsilon_low=0.2))[0]
         loss = loss + value_loss(values, values.detach(), adv, rollout.response_mask, 0.2)[0]
         loss.backward()
         return [p.grad.clone() for p in policy_and_value.parameters() if p.grad is not None]

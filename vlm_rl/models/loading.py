@@ -5,6 +5,7 @@ The reference is the model as it is when PPO starts:
   full fine-tuning          a frozen copy of the starting checkpoint (or `ref_model_name_or_path`);
   fresh LoRA adapter        no copy: the policy with its adapters disabled;
   continuing an SFT adapter a frozen copy of the starting adapter, merged into its own base.
+With `kl_coef` 0 (no KL term, TRL's `beta` 0) there is no reference at all.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
-    """(trainable policy, frozen reference or None when the reference is the policy with adapters disabled).
+    """(trainable policy, frozen reference or None when the reference is the policy with adapters disabled, or when
+    the run has no KL term: `config.kl_coef` 0, as TRL's `beta` 0, loads no reference at all).
 
     Mixed precision as in the Trainer: `--bf16`/`--fp16` set the compute dtype (autocast), while the
     weights the optimiser updates stay fp32 (the master weights), unless `bf16_weights` asks for
@@ -136,12 +138,13 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
     dtype = torch_dtype_for(config.bf16, config.fp16)  # compute dtype, for frozen weights
     trained_dtype = dtype if config.bf16_weights else torch.float32
     start = require_model(config.model_name_or_path)
+    wants_reference = config.kl_coef != 0
     if is_adapter_dir(start):
         from peft import PeftModel
 
         base = load_vlm(adapter_base_path(start), dtype=dtype)
         policy = PeftModel.from_pretrained(base, start, is_trainable=True)
-        reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
+        reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype)) if wants_reference else None
     elif config.use_peft:
         from peft import get_peft_model
 
@@ -150,13 +153,13 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
             config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules, family_of(base), task_type="CAUSAL_LM"
         )
         policy = get_peft_model(base, lora)
-        reference = freeze(load_base_model(config.ref_model_name_or_path, dtype)) if config.ref_model_name_or_path else None
+        reference = freeze(load_base_model(config.ref_model_name_or_path, dtype)) if wants_reference and config.ref_model_name_or_path else None
     else:
         policy = load_vlm(start, dtype=trained_dtype)
         if config.freeze_vision_tower:
             for module in family_of(policy).vision_encoder(policy):
                 module.requires_grad_(False)
-        reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
+        reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype)) if wants_reference else None
     if config.activation_checkpointing:  # `gradient_checkpointing` is transformers' deprecated alias of it
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs=config.activation_checkpointing_kwargs or {"use_reentrant": False})
         policy.config.use_cache = False
