@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from trl import TrlParser
-
 from vlm_rl.training.output_dir import refuse_previous_run
 from vlm_rl.training.config import PPOConfig
 from vlm_rl.models.critic import load_critic
@@ -15,6 +13,7 @@ from vlm_rl.training.preemption import Preempted
 from vlm_rl.data.synthetic import resolve_data_path
 from vlm_rl.training.trainer import PPOTrainer
 from vlm_rl.data.validate import check_data
+from vlm_rl.training.trl_names import TrlNamesParser
 
 
 def build_trainer(config: PPOConfig) -> PPOTrainer:
@@ -84,7 +83,8 @@ def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "--reward")
-    (config,) = TrlParser((PPOConfig,)).parse_args_and_config(args=argv)
+    # TRL GRPOConfig's names and the recipes translated before parsing (training/trl_names.py)
+    (config,) = TrlNamesParser((PPOConfig,)).parse_args_and_config(args=argv)
     if config.torch_num_threads:
         import torch
 

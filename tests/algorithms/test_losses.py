@@ -98,16 +98,16 @@ PER_TOKEN_MASK = torch.tensor([[T_, T_, T_, F_], [T_, F_, F_, F_]])
     [
         ("grpo", (6 / 3 + 4 / 1) / 2, (6 / 3 + 4 / 1) / 4),  # mean over sequences of their token means
         ("bnpo", 10 / 4, 10 / 4 / 2),  # this batch's token mean / (micro-batches x ranks)
-        ("dr_grpo", 10 / (2 * 4), 10 / (4 * 4)),  # token sum / (sequences x max_completion_length 4)
+        ("dr_grpo", 10 / (2 * 5), 10 / (4 * 5)),  # token sum / (sequences x max_completion_length 5, not the width 4)
         ("dapo", 10 / 4, 10 / 8),  # token sum / the mini-batch's tokens
         ("cispo", 10 / 4, 10 / 8),
     ],
 )
 def test_each_loss_type_aggregates_as_defined(loss_type, alone, in_a_larger_mini_batch):
     # alone: this batch is the mini-batch; larger: one of 2 micro-batches of a mini-batch of 4 sequences, 8 tokens
-    assert aggregate(PER_TOKEN, PER_TOKEN_MASK, loss_type, LossNormaliser.of(PER_TOKEN_MASK), 4).item() == pytest.approx(alone)
+    assert aggregate(PER_TOKEN, PER_TOKEN_MASK, loss_type, LossNormaliser.of(PER_TOKEN_MASK), 5).item() == pytest.approx(alone)
     larger = LossNormaliser(tokens=torch.tensor(8.0), sequences=4.0, local_batches=2)
-    assert aggregate(PER_TOKEN, PER_TOKEN_MASK, loss_type, larger, 4).item() == pytest.approx(in_a_larger_mini_batch)
+    assert aggregate(PER_TOKEN, PER_TOKEN_MASK, loss_type, larger, 5).item() == pytest.approx(in_a_larger_mini_batch)
 
 
 def ratios_and_advantages(log_ratios: list[float], advantages: list[float]):

@@ -1,7 +1,8 @@
 """Launched by tests/training/test_ppo_entrypoint.py and tests/training/test_sharding.py under `accelerate launch`: trains briefly,
 then each rank records what it saw (its first prompts), what it ended with (a checksum of every weight of the policy
-and critic, gathered whole on the rank under ZeRO-3 and FSDP2), and the advantages and mask of one more rollout (to
-check that advantages are whitened over the global batch, not per rank)."""
+and critic, gathered whole on the rank under ZeRO-3 and FSDP2), and the samples, scores, advantages and mask of one
+more rollout (to check that advantages are whitened over the global batch, not per rank, and what dynamic sampling
+kept). Flags are parsed as `vlm-rl ppo` parses them (TRL's names and recipes too)."""
 
 import json
 import os
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 
 import torch
-from trl import TrlParser
 
 if os.environ.get("ACCELERATE_USE_FSDP") == "true":  # FSDP on CPU ranks: accelerate would not turn it on
     runpy.run_path(str(Path(__file__).with_name("fsdp_on_cpu.py")), run_name="fsdp_on_cpu")
@@ -18,6 +18,7 @@ if os.environ.get("ACCELERATE_USE_FSDP") == "true":  # FSDP on CPU ranks: accele
 from vlm_rl.training.config import PPOConfig  # noqa: E402
 from vlm_rl.ppo import build_trainer  # noqa: E402
 from vlm_rl.models.sharding import gathered_parameters  # noqa: E402
+from vlm_rl.training.trl_names import TrlNamesParser  # noqa: E402
 
 
 def full_weights_checksum(trainer) -> float:
@@ -32,15 +33,24 @@ def full_weights_checksum(trainer) -> float:
         return sum(float(p.detach().double().sum()) for p in model.parameters())
 
 
-(config,) = TrlParser((PPOConfig,)).parse_args_and_config(args=sys.argv[1:])
+def rounds_needed_alone(trainer) -> int:
+    """The rounds of dynamic sampling this rank alone would need at iteration 0 with the reward
+    `trainer_helpers.colour_questions_only` (whose groups with signal are the colour questions')."""
+    wanted, kept = trainer.args.local_batch_size // trainer.args.num_generations, 0
+    for r in range(trainer.args.max_sampling_rounds):
+        kept += sum(s["task"] == "colour" for s in trainer.batch_samples(0, round=r)[:: trainer.args.num_generations])
+        if kept >= wanted:
+            return r + 1
+    return trainer.args.max_sampling_rounds
+
+
+(config,) = TrlNamesParser((PPOConfig,)).parse_args_and_config(args=sys.argv[1:])  # as vlm-rl ppo parses
 torch.set_num_threads(1)
 trainer = build_trainer(config)
 first_sources = [s["_source"] for s in trainer.batch_samples(0)]
 trainer.train()
 checksum = full_weights_checksum(trainer)
-samples = trainer.batch_samples(0)
-rollout = trainer.make_rollout(samples)
-scored = trainer.score(rollout, samples)
+samples, rollout, scored = trainer.sample(0)  # steps 1-3 (with dynamic sampling: its rounds)
 old = trainer.advantages(rollout, scored)
 rank = trainer.accelerator.process_index
 out = Path(config.output_dir) / f"rank{rank}.json"
@@ -48,4 +58,7 @@ out.write_text(json.dumps({
     "rank": rank, "world": trainer.accelerator.num_processes, "sources": first_sources, "checksum": checksum,
     "num_prompts": len(trainer.train_dataset),
     "advantages": old["advantages"].tolist(), "train_mask": old["train_mask"].tolist(),
+    "sample_sources": [s["_source"] for s in samples], "scores": old["scores"].tolist(),
+    "dynamic_sampling": scored["dynamic_sampling"].tolist() if "dynamic_sampling" in scored else None,
+    "rounds_needed_alone": rounds_needed_alone(trainer) if config.dynamic_sampling else None,
 }))

@@ -20,6 +20,7 @@ from trainer_helpers import (
     completion_length,
     log_history,
     make_trainer,
+    negative_completion_length,
     parameters,
     rollout_and_old,
     sampled_lengths,
@@ -30,6 +31,7 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 from vlm_rl import ppo
 from vlm_rl.training import trainer as trainer_module
 from vlm_rl.training.checkpoint import CheckpointError
+from vlm_rl.training.recipes import RECIPES, recipe_settings
 from vlm_rl.training.config import ConfigError, PPOConfig
 import vlm_rl.models.critic as critic_module
 from vlm_rl.rollout.logprobs import response_logprobs
@@ -273,6 +275,28 @@ def test_each_estimator_learns_the_reward(tmp_path, tiny_model_dir, synthetic_da
     assert sampled_lengths(trainer) > starting_length + 15, (estimator, starting_length, sampled_lengths(trainer))
 
 
+# The recipes learn to answer shorter, up to 16 tokens: with dapo's overlong filtering (mask_truncated_completions)
+# a response cut at max_new_tokens takes no part in the loss, so it learns only from the responses that end (at 8
+# tokens nearly every response of the tiny model is cut), and a reward for length, which makes them rarer, starves it.
+RECIPE_LEARNING = {**LEARNING, "max_new_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def recipe_starting_length(tmp_path_factory, tiny_model_dir, synthetic_data_dir):
+    return sampled_lengths(make_trainer(tmp_path_factory.mktemp("start16"), tiny_model_dir, synthetic_data_dir, **RECIPE_LEARNING))
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_each_recipe_learns_the_reward(tmp_path, tiny_model_dir, synthetic_data_dir, recipe_starting_length, recipe):
+    # 20 iterations with each published recipe's settings over the learning ones (README: the GRPO family).
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[negative_completion_length], **{
+        **RECIPE_LEARNING, "total_episodes": 160, **recipe_settings(recipe), "num_generations": 4,
+    })
+    trainer.train()
+    # measured: 32.9 characters -> dapo 0, dr_grpo 16, gspo 0
+    assert sampled_lengths(trainer) < recipe_starting_length - 15, (recipe, recipe_starting_length, sampled_lengths(trainer))
+
+
 # ---- resume -------------------------------------------------------------------------------------------------------
 
 
@@ -319,8 +343,9 @@ def test_critic_warmup_trains_the_value_head_alone_then_the_policy(tmp_path, tin
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "gae_warmup"])
 def test_two_ranks_keep_groups_whole_and_warm_up_the_critic_alone(tmp_path, tiny_model_dir, synthetic_data_dir, estimator):
-    """grpo: groups whole on each rank. gae_warmup (a LoRA policy with a lora critic): the warm-up trains the critic's
-    adapter and head alone, on both ranks."""
+    """grpo: groups whole on each rank, with dynamic sampling (each rank keeps its own groups with signal; the ranks
+    make the same rounds, in step, whatever each one needed). gae_warmup (a LoRA policy with a lora critic): the
+    warm-up trains the critic's adapter and head alone, on both ranks."""
     from test_ppo_entrypoint import ACCELERATE, run
 
     out = tmp_path / "run"
@@ -328,9 +353,11 @@ def test_two_ranks_keep_groups_whole_and_warm_up_the_critic_alone(tmp_path, tiny
     # DDP needs no unused-parameter search.
     warmup = ["--critic_warmup_steps", "1", "--ddp_find_unused_parameters", "false", "--use_peft", "true", "--critic", "lora",
               "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"]
-    extra = ["--advantage_estimator", "grpo", "--num_generations", "4"] if estimator == "grpo" else warmup
+    grpo = ["--advantage_estimator", "grpo", "--num_generations", "4", "--dynamic_sampling", "true", "--kl_coef", "0", "--missing_eos_penalty", "0"]
+    extra = grpo if estimator == "grpo" else warmup
+    reward = "trainer_helpers:colour_questions_only" if estimator == "grpo" else "trainer_helpers:completion_length"
     run([*ACCELERATE, "--main_process_port", "0", "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py",
-         "--config", "configs/ppo_tiny.yaml", "--output_dir", str(out), "--report_to", "none", "--reward", "trainer_helpers:completion_length",
+         "--config", "configs/ppo_tiny.yaml", "--output_dir", str(out), "--report_to", "none", "--reward", reward,
          "--model_name_or_path", str(tiny_model_dir), "--train_data", str(synthetic_data_dir / "train.jsonl"),
          "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_mini_batches", "1", "--total_episodes", "32", "--save_steps", "1", *extra],
         tmp_path)
@@ -344,6 +371,16 @@ def test_two_ranks_keep_groups_whole_and_warm_up_the_critic_alone(tmp_path, tiny
             assert [r["sources"][4 * (i // 4)] for i in range(8)] == r["sources"] and r["sources"][0] != r["sources"][4]
         assert not (out / VALUE_HEAD_FILE).exists()
         assert not all(torch.equal(start_weights[n], after[n]) for n in start_weights)
+        # dynamic sampling: each rank's batch is whole groups of colour questions (the only ones with signal), scored
+        # 0, 1, 0, 1; both ranks made the rounds the slower one needed, generating a whole batch each round
+        for r in ranks:
+            kept = r["sample_sources"]
+            assert len(kept) == 8 and [kept[4 * (i // 4)] for i in range(8)] == kept and r["scores"] == [0.0, 1.0, 0.0, 1.0] * 2
+        generated, _, filled, rounds = zip(*(r["dynamic_sampling"] for r in ranks))
+        assert rounds[0] == rounds[1] == max(r["rounds_needed_alone"] for r in ranks) and filled == (0, 0)
+        assert generated == (2 * rounds[0], 2 * rounds[0])
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        assert all(0 < h["dynamic_sampling/filtered_fraction"] < 1 for h in history)
     else:  # the first iteration trains the critic alone (its adapter and head); the second the policy's adapter too
         def lora_b(path: Path) -> torch.Tensor:  # the adapter's B matrices: all 0 until it trains (peft's init)
             return torch.cat([v.flatten() for k, v in load_file(str(path / "adapter_model.safetensors")).items() if "lora_B" in k])

@@ -99,5 +99,5 @@ def test_an_output_dir_holding_a_run_is_refused_before_any_model_loads(tmp_path,
     monkeypatch.setattr(ppo, "load_processor", lambda *a: pytest.fail("the processor was loaded"))
     with pytest.raises(UserError, match="already holds a PPO run"):
         ppo.build_trainer(config)
-    (config,) = ppo.TrlParser((PPOConfig,)).parse_args_and_config(args=["--output_dir", "x", "--overwrite"])
+    (config,) = ppo.TrlNamesParser((PPOConfig,)).parse_args_and_config(args=["--output_dir", "x", "--overwrite"])
     assert config.overwrite_output_dir
