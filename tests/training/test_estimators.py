@@ -61,6 +61,21 @@ GENERATIONS = {"gae": 1, "grpo": 4, "rloo": 4, "reinforce_pp": 1}
         (dict(advantage_estimator="rloo", num_generations=2, value_model_name_or_path="x"), "value_model_name_or_path"),
         (dict(advantage_estimator="reinforce_pp", whiten_rewards=True), "whiten_rewards"),
         (dict(advantage_estimator="rloo", num_generations=2, scale_rewards=False), "scale_rewards"),
+        # the GRPO family's fields (README: the GRPO family)
+        (dict(advantage_estimator="grpo", num_generations=2, scale_rewards="std"), "scale_rewards must be one of group, batch, none"),
+        (dict(advantage_estimator="rloo", num_generations=2, scale_rewards="batch"), "scale_rewards is for advantage_estimator=grpo"),
+        (dict(loss_type="sapo"), "loss_type must be one of .*TRL's sapo is not implemented"),
+        (dict(importance_sampling_level="seq"), "importance_sampling_level"),
+        (dict(loss_type="cispo"), "cispo caps the importance weight at epsilon_high"),
+        (dict(epsilon_high=0.0), "epsilon_high must be > 0"),
+        (dict(delta=1.0), "delta caps the importance ratio"),
+        (dict(loss_type="cispo", epsilon_high=5.0, delta=2.0), "delta caps the ratio of the clipped losses"),
+        (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
+        (dict(dynamic_sampling=True), "dynamic_sampling drops groups"),  # gae: no groups
+        (dict(advantage_estimator="grpo", num_generations=2, dynamic_sampling=True, max_sampling_rounds=0), "max_sampling_rounds"),
+        (dict(kl_coef=0.0, ref_model_name_or_path="x"), "ref_model_name_or_path loads the reference"),
+        (dict(reward=["exact_match"], reward_weights=[1.0, 2.0]), "reward_weights has 2 weights for 1 reward"),
+        (dict(reward=["exact_match:2"], reward_weights=[1.0]), "carries a weight already"),
     ],
 )
 def test_estimator_fields_are_checked_when_the_config_is_parsed(tmp_path, fields, named):
@@ -68,6 +83,13 @@ def test_estimator_fields_are_checked_when_the_config_is_parsed(tmp_path, fields
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4, gradient_accumulation_steps=2)
     with pytest.raises(ConfigError, match=named):
         PPOConfig(**base, **fields)
+
+
+def test_k1_in_the_loss_without_bias_correction_warns(tmp_path):
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.warns(UserWarning, match="its gradient, the score function, is 0 in expectation"):
+        PPOConfig(**base, kl_in_loss=True, kl_estimator="k1", use_bias_correction_kl=False)
+    assert PPOConfig(**base, kl_in_loss=True).kl_estimator == "k3" and PPOConfig(**base).kl_estimator == "k1"  # TRL's / ours
 
 
 def test_valid_estimator_configs_parse(tmp_path):
@@ -378,6 +400,7 @@ def test_two_ranks_keep_groups_whole_and_warm_up_the_critic_alone(tmp_path, tiny
             assert len(kept) == 8 and [kept[4 * (i // 4)] for i in range(8)] == kept and r["scores"] == [0.0, 1.0, 0.0, 1.0] * 2
         generated, _, filled, rounds = zip(*(r["dynamic_sampling"] for r in ranks))
         assert rounds[0] == rounds[1] == max(r["rounds_needed_alone"] for r in ranks) and filled == (0, 0)
+        assert len({r["rounds_needed_alone"] for r in ranks}) == 2  # measured: 5 and 2, so one rank rolled out 3 more
         assert generated == (2 * rounds[0], 2 * rounds[0])
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         assert all(0 < h["dynamic_sampling/filtered_fraction"] < 1 for h in history)

@@ -127,3 +127,27 @@ def test_a_recipe_sets_its_fields_beneath_what_is_given(tmp_path, name):
 def test_translate_argv_leaves_other_flags_and_values_alone():
     argv = ["--reward", "a", "b:0.5", "--epsilon=0.1", "--mask_truncated_completions", "--recipe", "gspo", "--seed", "3"]
     assert translate_argv(argv) == (["--reward", "a", "b:0.5", "--cliprange", "0.1", "--mask_truncated_completions", "--seed", "3"], "gspo")
+
+
+def test_vlm_rl_ppo_trains_from_a_trl_grpo_yaml(tmp_path, tiny_model_dir, synthetic_data_dir):
+    # The whole command, as a user runs it: `vlm-rl ppo --config trl.yaml --advantage_estimator grpo`.
+    import json
+
+    from vlm_rl import ppo
+
+    trl_yaml = {
+        "beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.28, "num_generations": 4, "num_iterations": 2, "loss_type": "dr_grpo",
+        "scale_rewards": "batch", "max_completion_length": 6, "temperature": 1.0, "importance_sampling_level": "sequence",
+        "mask_truncated_completions": False, "learning_rate": 1e-3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+        "use_vllm": False, "report_to": "none", "use_cpu": True, "torch_num_threads": 1,
+    }  # fmt: skip
+    (path := tmp_path / "trl.yaml").write_text(yaml.safe_dump(trl_yaml))
+    out = tmp_path / "run"
+    ppo.main(["--config", str(path), "--advantage_estimator", "grpo", "--model_name_or_path", str(tiny_model_dir),
+              "--train_data", str(synthetic_data_dir / "train.jsonl"), "--reward", "trainer_helpers:completion_length",
+              "--total_episodes", "16", "--output_dir", str(out)])
+    saved = yaml.safe_load((out / "ppo_config.yaml").read_text())
+    assert (saved["kl_coef"], saved["kl_in_loss"], saved["kl_estimator"], saved["cliprange"]) == (0.04, True, "k3", 0.2)
+    assert (saved["num_ppo_epochs"], saved["max_new_tokens"], saved["loss_type"], saved["scale_rewards"]) == (2, 6, "dr_grpo", "batch")
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history] == [1, 2] and history[-1]["objective/kl"] != 0

@@ -307,10 +307,10 @@ class PPOConfig(TrainingArguments):
             ):
                 if unused:
                     raise ConfigError(f"{name} {why}: it is for advantage_estimator=gae, and {estimator} has no value model (unset {name})")
-        # TRL's values, and its bools: true is "group", false "none"
-        self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
-            str(self.scale_rewards).lower() if isinstance(self.scale_rewards, str) else self.scale_rewards, self.scale_rewards
-        )
+        # TRL's values, and its bools (from YAML, or as words on the command line): true is "group", false "none"
+        as_word = str(self.scale_rewards).lower()
+        if as_word in ("true", "false"):
+            self.scale_rewards = "group" if as_word == "true" else "none"
         if self.scale_rewards not in SCALE_REWARDS:
             raise ConfigError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} (or true/false), got {self.scale_rewards!r}")
         if self.scale_rewards != "group" and estimator != "grpo":

@@ -10,8 +10,9 @@ to bottom here). Built on transformers' Trainer for what users expect of a TRL t
 progress bar, TrainerState and trainer_state.json, checkpoint rotation).
 
 What stays right at scale: one optimiser step (and one gradient clip) per mini-batch, whatever its split
-into micro-batches; the loss is a token mean over the whole mini-batch on every rank (so the gradient does
-not depend on the split or on the number of ranks); advantages are whitened over the global batch; fp32
+into micro-batches; each micro-batch's loss is its share of the whole mini-batch's on all ranks, as its loss type
+defines it (so the gradient does not depend on the split or on the number of ranks wherever the definition allows
+it: README, the GRPO family); advantages are whitened over the global batch; fp32
 master weights under bf16 autocast; samples a reward cannot score take no part in the update; every
 collective is issued identically on every rank whatever the data.
 """
