@@ -73,15 +73,18 @@ def test_a_translation_step_sits_in_front_of_the_check(tmp_path):
     config = tmp_path / "grpo.yaml"
     config.write_text("beta: 0.04\n")
 
-    def rename(name: str, where: str) -> str:
-        if name == "use_vllm":
-            raise UserError(f"{where}: vlm-rl has no vLLM generation")
-        return {"beta": "kl_coef", "epsilon": "cliprange"}.get(name, name)
+    names = {"beta": "kl_coef", "epsilon": "cliprange"}
 
-    parsed = parse_config(PPOConfig, ["--config", str(config), "--epsilon", "0.3", "--output_dir", str(tmp_path)], "vlm-rl ppo", rename=rename)
+    def translate(argv: list[str], settings: dict) -> tuple[list[str], dict]:
+        if "--use_vllm" in argv:
+            raise UserError("--use_vllm: vlm-rl has no vLLM generation")
+        argv = [f"--{names.get(a[2:], a[2:])}" if a.startswith("--") else a for a in argv]
+        return argv, {names.get(k, k): v for k, v in settings.items()}
+
+    parsed = parse_config(PPOConfig, ["--config", str(config), "--epsilon", "0.3", "--output_dir", str(tmp_path)], "vlm-rl ppo", translate=translate)
     assert parsed.kl_coef == 0.04 and parsed.cliprange == 0.3
     with pytest.raises(UserError, match="--use_vllm: vlm-rl has no vLLM generation"):
-        parse_config(PPOConfig, ["--use_vllm", "true"], "vlm-rl ppo", rename=rename)
+        parse_config(PPOConfig, ["--use_vllm", "true"], "vlm-rl ppo", translate=translate)
 
 
 def test_ppo_help_lists_config_and_ppo_fields_first_without_the_refused_ones(capsys):

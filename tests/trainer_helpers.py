@@ -37,6 +37,12 @@ def unscored_on_rank_1(prompts, completions, **kwargs):
     return [None] * len(completions) if os.environ.get("RANK") == "1" else completion_length(prompts, completions)
 
 
+def colour_questions_only(prompts, completions, task, **kwargs):
+    """0, 1, 0, 1, ... by position in the batch on colour questions, 0 on every other question, whatever the responses:
+    in groups of an even size, exactly the colour questions' groups carry a signal."""
+    return [float(i % 2) if t == "colour" else 0.0 for i, t in enumerate(task)]
+
+
 def answer_is_red(prompts, completions, answer, **kwargs):
     """1 for a red shape, 0 otherwise, whatever the response: a reward only a critic that sees the image can predict."""
     return [float(a == "red") for a in answer]

@@ -4,9 +4,9 @@
 
 1. `--config FILE` is read: a YAML mapping of field: value (an `env:` mapping sets environment variables, as TRL's
    parser does). A missing or unreadable file, bad YAML or a key given twice is a UserError naming it;
-2. `rename` (optional) maps each name given, a flag without its dashes or a YAML key, to the config's field name, or
-   raises a UserError for a name it refuses: the place for a translation step (another project's names for the
-   same fields) in front of the check;
+2. `translate` (optional) rewrites the flags and the file's values before any name is checked, or raises a UserError
+   for a name it refuses: the place for a translation step in front of the check (`vlm-rl ppo` takes TRL GRPOConfig's
+   names and recipes this way: vlm_rl/training/trl_names.py);
 3. every flag and key must name a field of the config: otherwise one UserError names each unknown one, where it was
    given, and the closest field name;
 4. the YAML values become the defaults, the flags override them, and each value is parsed by its field's type (TRL's
@@ -36,7 +36,6 @@ from vlm_rl.errors import UserError
 
 CONFIG_FLAG = "--config"
 Config = TypeVar("Config")
-Rename = Callable[[str, str], str]  # (name as given, where it was given) -> field name, or a UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +44,10 @@ class FileValue:
 
     value: Any
     where: str
+
+
+# (flags, the file's values by field) -> the same in the config's own names; may raise a UserError naming a refused name
+Translate = Callable[[list[str], dict[str, FileValue]], tuple[list[str], dict[str, FileValue]]]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -159,17 +162,6 @@ def flag_name(token: str) -> str | None:
     return token[2:].split("=", 1)[0] if token.startswith("--") and len(token) > 2 else None
 
 
-def rename_all(argv: list[str], settings: dict[str, FileValue], rename: Rename) -> tuple[list[str], dict[str, FileValue]]:
-    renamed = []
-    for token in argv:
-        name = flag_name(token)
-        if name is not None:
-            new = rename(name, f"--{name}")
-            token = f"--{new}" + token[2 + len(name) :]
-        renamed.append(token)
-    return renamed, {rename(key, value.where): value for key, value in settings.items()}
-
-
 def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
     """`--reward a --reward b` -> `--reward a b`: argparse's nargs='+' would silently keep only the last one."""
     values, rest, i = [], [], 0
@@ -212,15 +204,15 @@ def parse_config(
     config_class: type[Config],
     argv: Sequence[str],
     prog: str,
-    rename: Rename | None = None,
+    translate: Translate | None = None,
     repeatable: Iterable[str] = (),
 ) -> Config:
     """`config_class` from `argv` (flags and `--config FILE`), every name checked (see the module docstring).
     `repeatable`: list-valued flags that may be given several times (`--reward a --reward b`)."""
     path, argv = pop_config_flag(list(argv))
     settings = read_config_file(path) if path is not None else {}
-    if rename is not None:
-        argv, settings = rename_all(argv, settings, rename)
+    if translate is not None:
+        argv, settings = translate(argv, settings)
     for flag in repeatable:
         argv = merge_repeated_flag(argv, flag)
     parser = ConfigParser(config_class, prog, hidden=getattr(config_class, "refused_fields", {}))

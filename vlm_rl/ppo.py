@@ -17,6 +17,7 @@ from vlm_rl.training.preemption import Preempted
 from vlm_rl.data.synthetic import resolve_data_path
 from vlm_rl.training.trainer import PPOTrainer
 from vlm_rl.data.validate import check_data
+from vlm_rl.training.trl_names import translate_trl_names
 
 
 def build_trainer(config: PPOConfig) -> PPOTrainer:
@@ -87,9 +88,14 @@ def what_was_saved(trainer: PPOTrainer) -> str:
     return "policy, value head and processor" if critic.mode == "shared" else f"policy, {critic.mode} critic ({CRITIC_DIR}/) and processor"
 
 
+def parse_args(argv: list[str]) -> PPOConfig:
+    """`vlm-rl ppo`'s flags and `--config` YAML (TRL GRPOConfig's names and `--recipe` too) -> its PPOConfig."""
+    return parse_config(PPOConfig, argv, "vlm-rl ppo", translate=translate_trl_names, repeatable=["--reward"])
+
+
 def main(argv: list[str] | None = None) -> None:
     start_process("ppo")
-    config = parse_config(PPOConfig, sys.argv[1:] if argv is None else argv, "vlm-rl ppo", repeatable=["--reward"])
+    config = parse_args(sys.argv[1:] if argv is None else argv)
     if config.torch_num_threads:
         import torch
 

@@ -116,9 +116,7 @@ def test_an_output_dir_holding_a_run_is_refused_before_any_model_loads(tmp_path,
     monkeypatch.setattr(ppo, "load_processor", lambda *a: pytest.fail("the processor was loaded"))
     with pytest.raises(UserError, match="already holds a PPO run"):
         ppo.build_trainer(config)
-    from vlm_rl.arguments import parse_config
-
-    assert parse_config(PPOConfig, ["--output_dir", "x", "--overwrite"], "vlm-rl ppo").overwrite_output_dir  # the alias
+    assert ppo.parse_args(["--output_dir", "x", "--overwrite"]).overwrite_output_dir  # the alias
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ KL(policy || reference) is 0, token for token):
                             weight dtype (fp32 under --bf16, as the policy's master weights; bf16 with bf16_weights);
   fresh LoRA adapter        no copy: the policy with its adapters disabled;
   continuing an SFT adapter a frozen copy of the starting adapter on its own base, unmerged as the policy's is.
+With `kl_coef` 0 (no KL term, TRL's `beta` 0) there is no reference at all.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
-    """(trainable policy, frozen reference or None when the reference is the policy with adapters disabled).
+    """(trainable policy, frozen reference or None when the reference is the policy with adapters disabled, or when
+    the run has no KL term: `config.kl_coef` 0, as TRL's `beta` 0, loads no reference at all).
 
     Mixed precision as in the Trainer: `--bf16`/`--fp16` set the compute dtype (autocast), while the
     weights the optimiser updates stay fp32 (the master weights), unless `bf16_weights` asks for
@@ -163,12 +165,13 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
     dtype = torch_dtype_for(config.bf16, config.fp16)  # compute dtype, for frozen weights
     trained_dtype = dtype if config.bf16_weights else torch.float32
     start = require_model(config.model_name_or_path)
+    wants_reference = config.kl_coef != 0
     if is_adapter_dir(start):
         from peft import PeftModel
 
         base = load_vlm(adapter_base_path(start), dtype=dtype)
         policy = PeftModel.from_pretrained(base, start, is_trainable=True)
-        reference = load_reference(config.ref_model_name_or_path or start, dtype)
+        reference = load_reference(config.ref_model_name_or_path or start, dtype) if wants_reference else None
     elif config.use_peft:
         from peft import get_peft_model
 
@@ -177,13 +180,13 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
             config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules, family_of(base), task_type="CAUSAL_LM"
         )
         policy = get_peft_model(base, lora)
-        reference = load_reference(config.ref_model_name_or_path, dtype) if config.ref_model_name_or_path else None
+        reference = load_reference(config.ref_model_name_or_path, dtype) if wants_reference and config.ref_model_name_or_path else None
     else:
         policy = load_vlm(start, dtype=trained_dtype)
         if config.freeze_vision_tower:
             for module in family_of(policy).vision_encoder(policy):
                 module.requires_grad_(False)
-        reference = load_reference(config.ref_model_name_or_path or start, trained_dtype)
+        reference = load_reference(config.ref_model_name_or_path or start, trained_dtype) if wants_reference else None
     if config.activation_checkpointing:  # `gradient_checkpointing` is transformers' deprecated alias of it
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs=config.activation_checkpointing_kwargs or {"use_reentrant": False})
         policy.config.use_cache = False

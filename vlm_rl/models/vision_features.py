@@ -128,6 +128,15 @@ class ImageFeatures:
         deepstack = [tuple(image[level] for image in self.deepstack) for level in range(levels)]
         return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=self.per_image, deepstack_features=deepstack)}
 
+    @staticmethod
+    def concat(parts: list[ImageFeatures]) -> ImageFeatures | None:
+        """The images of `parts` in order; None unless all stand for the same towers in the same autocast state."""
+        first = parts[0]
+        if any(p.towers != first.towers or p.autocast != first.autocast or (p.deepstack is None) != (first.deepstack is None) for p in parts):
+            return None
+        deepstack = None if first.deepstack is None else tuple(d for p in parts for d in p.deepstack)
+        return replace(first, per_image=tuple(f for p in parts for f in p.per_image), deepstack=deepstack)
+
     def select(self, images: Iterable[int]) -> ImageFeatures:
         images = list(images)
         deepstack = None if self.deepstack is None else tuple(self.deepstack[i] for i in images)
