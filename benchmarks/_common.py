@@ -28,6 +28,16 @@ SIZES = {"cpu": QWEN2_VL_2B_ON_CPU, "2b": QWEN2_VL_2B, "2b-slice": QWEN2_VL_2B_S
 IMAGE_SIDE = 448  # pixels: 32 x 32 patches of 14, merged 2 x 2 into 256 vision tokens
 
 
+def add_machine_arguments(parser) -> None:
+    """The flags every timing benchmark takes: --device, --bf16, --threads, --json."""
+    import torch
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights), as --bf16 in PPO")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write the headline figures to this file")
+
+
 def model_setup(size: str = "tiny", n: int = 64, device: str = "cpu", bf16: bool = False, image_side: int | None = None):
     """(model, processor, samples): the embedded tiny Qwen2-VL (`size` "tiny") or one of `SIZES` (random weights,
     448 x 448 images), on `device` (bf16 weights with `bf16`), and `n` synthetic prompts. `image_side`: every image

@@ -148,6 +148,21 @@ class Family:
         inputs = {"mm_token_type_ids": mm_token_type_ids, "image_grid_thw": images.get("image_grid_thw")}
         return {k: v for k, v in inputs.items() if v is not None}
 
+    def positions(self, backbone: nn.Module, inputs: dict) -> torch.Tensor:
+        """The positions of every token of `inputs` (a forward's or `generate`'s keyword arguments over whole,
+        left-padded sequences) as `generate` gives them: M-RoPE's `(3, B, T)` from the backbone's `get_rope_index`,
+        else `(B, T)` counted from the attention mask. For a forward that continues from a KV cache, which cannot
+        compute them itself."""
+        mask = inputs["attention_mask"]
+        if not self.mrope:
+            return positions_from_mask(mask)
+        if inputs.get("image_grid_thw") is None:  # text only: the three axes are the 1-D position
+            return positions_from_mask(mask)[None].expand(3, -1, -1)
+        positions, _ = backbone.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=mask
+        )
+        return positions
+
     def lora_target_regex(self, target_modules: list[str] | tuple[str, ...] | None = None) -> str:
         """peft `target_modules`: `target_modules` (default: the family's) inside the language model only."""
         names = "|".join(target_modules or self.lora_target_modules)
@@ -262,3 +277,11 @@ def vision_tower(model: nn.Module) -> nn.Module | None:
     """The vision tower of a VLM however it is wrapped (the first module of `vision_encoder`); None without one."""
     encoder = vision_encoder(model)
     return encoder[0] if encoder else None
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(backbone returning last_hidden_state, lm_head) of a *ForConditionalGeneration, also when wrapped by peft."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "lm_head") or not hasattr(base, "model"):
+        raise TypeError(f"expected a *ForConditionalGeneration model with .model and .lm_head, got {type(base).__name__}")
+    return base.model, base.lm_head

@@ -25,6 +25,7 @@ import time
 import warnings
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from vlm_rl.algorithms.losses import policy_loss, value_loss
 from vlm_rl.algorithms.masking import masked_mean
 from vlm_rl.atomic import atomic_file
 from vlm_rl.data.formats import PromptDataset
-from vlm_rl.data.prompts import drop_long_prompts, encode_prompts
+from vlm_rl.data.prompts import distinct_prompts, drop_long_prompts, encode_prompts
 from vlm_rl.errors import ConfigError
 from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_requires_grad
 from vlm_rl.models.families import family_of
@@ -70,6 +71,7 @@ from vlm_rl.training.config import PPOConfig, plan_batches
 from vlm_rl.training.console import use_metrics_line
 from vlm_rl.training.integrations import show_samples
 from vlm_rl.training.metrics import iteration_metrics
+from vlm_rl.training.micro_batches import RowLengths, by_count, by_tokens
 from vlm_rl.training.output_dir import claim_output_dir
 from vlm_rl.training.preemption import Preempted, StopOnSignal, resume_command
 from vlm_rl.training.scoring import RolloutRewards
@@ -147,6 +149,11 @@ class PPOTrainer(CheckpointingMixin, Trainer):
     def rng_devices(self) -> list[int]:
         """The CUDA devices whose RNG streams this process draws from (for `torch.random.fork_rng`)."""
         return rng_devices(self.accelerator.device)
+
+    @property
+    def sharded_training(self) -> bool:
+        """Whether the trained weights stay sharded over the ranks in a training forward (ZeRO-3, FSDP2)."""
+        return is_fsdp2(self.accelerator) or zero_stage(self.accelerator) == 3
 
     def models_by_name(self) -> dict[str, nn.Module]:
         """The models of the run: the policy (with its critic), the reference if separate, the learned reward models."""
@@ -279,10 +286,13 @@ class PPOTrainer(CheckpointingMixin, Trainer):
 
     @torch.no_grad()
     def make_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
-        """Steps 1-2: encode the prompts (left-padded) and generate all responses in one batched call
-        (with the rollout's sampling config unless another is given)."""
-        query = encode_prompts(self.processor, samples, self.args.max_prompt_length)
+        """Steps 1-2: encode the prompts (left-padded; each distinct prompt once) and generate all responses in one
+        batched call (with the rollout's sampling config unless another is given), each distinct prompt prefilled
+        once. Draws one number from this process's RNG stream (generate's seed), whatever the batch and decoding."""
+        first, rows = distinct_prompts(samples) if self.args.share_prompts else (range(len(samples)), None)
+        query = encode_prompts(self.processor, [samples[i] for i in first], self.args.max_prompt_length)
         query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
+        rows = None if rows is None else torch.tensor(rows, device=self.accelerator.device)
         generate_inputs = {k: v for k, v in query.items() if k != "num_images"}
         sources = [s["_source"] for s in samples]
         gather = self.args.ds3_gather_for_generation
@@ -290,44 +300,56 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as unwrapped, unsharded_roots([self.model_wrapped], self.accelerator), self.accelerator.autocast():
             # (autocast: sample from the distribution the bf16 forwards compute)
-            check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], sources, "rollout generate")
+            check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], [sources[i] for i in first], "rollout generate")
             features = self.encode_images(unwrapped.policy, query)
             # Sharded weights (FSDP2, ZeRO-3 not gathered): every rank runs every decoding step (its shards are needed).
             synced = is_fsdp2(self.accelerator) or (zero_stage(self.accelerator) == 3 and not gather)
             config = generation_config or self.generation_config
             seed = int(torch.randint(2**62, ()))  # this rank's stream moves on by one draw, however long decoding runs
-            responses = generate_responses(unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed)
-        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources, family_of(unwrapped.policy), image_features=features)
+            responses = generate_responses(unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, rows=rows)
+        family = family_of(unwrapped.policy)
+        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources, family, image_features=features, rows=rows)
 
     def encode_images(self, policy: nn.Module, query: dict) -> ImageFeatures | None:
-        """Each image of the batch through the policy's vision tower once, for every later forward of the rollout
-        that may use the features exactly (generate, old policy, value, reference, reward model, training epochs)."""
+        """Each distinct image of the batch through the policy's vision tower once, for every later forward of the
+        rollout that may use the features exactly (generate, old policy, value, reference, reward model, training epochs)."""
         if not self.sharing.enabled or query.get("pixel_values") is None or tower_trains(policy):
             return None
-        return encode_images(policy, query["pixel_values"], query.get("image_grid_thw"), self.sharing.towers)
+        return encode_images(policy, query["pixel_values"], query.get("image_grid_thw"), self.sharing.towers, deduplicate=self.args.share_prompts)
+
+    def micro_batches(self, rollout: Rollout, rows: list[int], size: int) -> list[list[int]]:
+        """`rows` of `rollout` in micro-batches of `size` rows, or by tokens (`max_tokens_per_micro_batch`, as many on
+        every rank as the rank that needs most: one all-reduce, issued by every rank)."""
+        lengths = RowLengths(
+            prompt=rollout.attention_mask[:, : rollout.context_length].sum(dim=1).tolist(),
+            response=rollout.response_lengths.tolist(),
+            prompt_ids=rollout.prompt_ids,
+        )
+        budget = self.args.max_tokens_per_micro_batch
+        if budget is None:
+            return by_count(rows, size, lengths)
+        plan = by_tokens(rows, lengths, budget)
+        most = int(self.accelerator.gather(torch.tensor([len(plan)], device=self.accelerator.device)).max())
+        return plan if most == len(plan) else by_tokens(rows, lengths, budget, at_least=most)
 
     @torch.no_grad()
     def score(self, rollout: Rollout, samples: list[dict]) -> dict[str, torch.Tensor | dict]:
         """Step 3: old-policy logprobs, reference logprobs, values (micro-batched) and the reward scores."""
         temperature = self.args.temperature
-        logprobs, ref_logprobs, values, entropy = [], [], [], []
-        step = self.args.local_rollout_forward_batch_size
-        for start in range(0, len(rollout), step):
-            mb = rollout.select(range(start, min(start + step, len(rollout))))
-            lp, ent, v = self.model_wrapped(mb, temperature, where="old-policy/value forward")
-            logprobs.append(lp)
-            entropy.append(ent)
-            values.append(v)
-            ref_logprobs.append(self.reference_logprobs(mb))
+        outputs = defaultdict(list)
+        plan = self.micro_batches(rollout, list(range(len(rollout))), self.args.local_rollout_forward_batch_size)
+        for rows in plan:
+            mb = rollout.select(rows)
+            for name, value in zip(("logprobs", "entropy", "values"), self.model_wrapped(mb, temperature, where="old-policy/value forward")):
+                outputs[name].append(value)
+            outputs["ref_logprobs"].append(self.reference_logprobs(mb))
+        order = torch.tensor([r for rows in plan for r in rows]).argsort().to(rollout.query_response.device)  # back to row order
         completions, columns, combined = self.rewards.score(rollout, samples)
         device = rollout.query_response.device
         unscored = torch.tensor([c is None for c in combined], device=device)  # (B,)
         self.rewards.check_coverage(columns, unscored)
         return {
-            "logprobs": torch.cat(logprobs),  # (B, T_r)
-            "ref_logprobs": torch.cat(ref_logprobs),  # (B, T_r)
-            "values": torch.cat(values),  # (B, T_r)
-            "entropy": torch.cat(entropy),  # (B, T_r)
+            **{name: torch.cat(parts)[order] for name, parts in outputs.items()},  # each (B, T_r)
             "scores": torch.tensor([0.0 if c is None else float(c) for c in combined], device=device),  # (B,)
             "unscored": unscored,
             "reward_columns": columns,
@@ -403,7 +425,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         num_items = self.sum_over_ranks(old["train_mask"][mini].sum().float().to(accelerator.device))
         if num_items == 0:  # every sample of this mini-batch is unscored, on every rank
             return
-        micro_batches = mini.split(args.per_device_train_batch_size)
+        micro_batches = self.micro_batches(rollout, mini.tolist(), args.per_device_train_batch_size)
         totals = torch.zeros(2, device=accelerator.device)  # this rank's share of the mini-batch's policy and value losses
         finite = True
         # DeepSpeed accumulates and steps itself: it is told where the mini-batch ends.
@@ -413,7 +435,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             if deepspeed:
                 accelerator.gradient_state._set_sync_gradients(last)
             with nullcontext() if last or deepspeed else accelerator.no_sync(self.model_wrapped):
-                losses, loss_finite = self.micro_batch_backward(rollout, old, micro.tolist(), num_items, stats)
+                losses, loss_finite = self.micro_batch_backward(rollout, old, micro, num_items, stats)
             totals += losses
             finite &= loss_finite
         if not self.training_policy():  # warm-up: the policy keeps its weights (and AdamW skips parameters without a gradient)
@@ -430,6 +452,8 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         Returns (this share's policy and value losses, whether the loss is finite)."""
         args, accelerator = self.args, self.accelerator
         mb = rollout.select(idx)
+        if self.sharded_training:  # a prompt's pass shared by its rows would run each sharded layer twice per forward
+            mb = replace(mb, prompt_ids=None)
         mask = old["train_mask"][idx]  # (b, T_r)
         logprobs, entropy, values = self.model_wrapped(mb, args.temperature, where="training forward")
         pg_loss, pg_stats = policy_loss(logprobs, old["logprobs"][idx], old["advantages"][idx], mask, args.cliprange, num_items)
