@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     device = machine(args)
     from vlm_rl.rollout.batch import Rollout
-    from vlm_rl.training.micro_batches import RowLengths, micro_batch_tokens
+    from vlm_rl.rollout.micro_batches import RowLengths, micro_batch_tokens
 
     root, model_dir, samples = sized_model_and_prompts(args.size, args.batch, args.text_tokens)
     fixed = dict(per_device_train_batch_size=args.micro, gradient_accumulation_steps=args.batch // args.micro,

@@ -64,6 +64,7 @@ from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
 from vlm_rl.rollout.integrity import check_model_inputs
 from vlm_rl.rollout.logprobs import response_logprobs
+from vlm_rl.rollout.micro_batches import RowLengths, by_count, by_tokens
 from vlm_rl.training import checkpoint as ckpt
 from vlm_rl.training import console
 from vlm_rl.training.checkpointing import CONFIG_FILE, CheckpointingMixin
@@ -71,7 +72,6 @@ from vlm_rl.training.config import PPOConfig, plan_batches
 from vlm_rl.training.console import use_metrics_line
 from vlm_rl.training.integrations import show_samples
 from vlm_rl.training.metrics import iteration_metrics
-from vlm_rl.training.micro_batches import RowLengths, by_count, by_tokens
 from vlm_rl.training.output_dir import claim_output_dir
 from vlm_rl.training.preemption import Preempted, StopOnSignal, resume_command
 from vlm_rl.training.scoring import RolloutRewards

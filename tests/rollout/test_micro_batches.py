@@ -1,4 +1,4 @@
-"""Micro-batch planning (vlm_rl/training/micro_batches.py): pure functions of the rows' token counts, checked against
+"""Micro-batch planning (vlm_rl/rollout/micro_batches.py): pure functions of the rows' token counts, checked against
 plans worked out by hand."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from vlm_rl.training.micro_batches import RowLengths, by_count, by_tokens, micro_batch_tokens
+from vlm_rl.rollout.micro_batches import RowLengths, by_count, by_tokens, micro_batch_tokens
 
 
 def test_a_micro_batch_costs_its_padded_prompts_and_responses():
