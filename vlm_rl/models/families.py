@@ -25,7 +25,9 @@ Adding a family is one entry in `FAMILIES` plus its tiny model builders in `vlm_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -102,6 +104,15 @@ class FixedSizeImages:
 def join_images(per_image: list[Images], keys: tuple[str, ...]) -> Images:
     """The image tensors of several images in one batch (`split`'s inverse); {} for none."""
     return {k: torch.cat([image[k] for image in per_image]) for k in keys} if per_image else {}
+
+
+def images_of_rows(layout: PatchGrid | FixedSizeImages, images: Images, num_images: Sequence[int], rows: Sequence[int]) -> tuple[Images, list[int]]:
+    """(the image tensors of the samples `rows`, in that order (a row may repeat); the indices of those images among
+    all the samples' images). `images`: every sample's images, `num_images[i]` of them for sample i, in order."""
+    first = list(accumulate(num_images, initial=0))  # each sample's first image
+    chosen = [j for r in rows for j in range(first[r], first[r] + num_images[r])]
+    per_image = layout.split(images) if first[-1] else []
+    return join_images([per_image[j] for j in chosen], layout.keys), chosen
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

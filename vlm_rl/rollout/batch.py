@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from vlm_rl.models.families import Family, Images, join_images
+from vlm_rl.models.families import Family, Images, images_of_rows
 from vlm_rl.rollout.generation import first_eos_mask
 from vlm_rl.models.vision_features import ImageFeatures
 
@@ -126,10 +126,7 @@ class Rollout:
     def select(self, indices: list[int] | torch.Tensor) -> Rollout:
         """The rows `indices`, with their images' tensors (and encoded features) in the same order."""
         indices = [int(i) for i in indices]
-        first = [sum(self.num_images[:i]) for i in range(len(self.num_images))]  # each sample's first image
-        chosen = [j for i in indices for j in range(first[i], first[i] + self.num_images[i])]
-        per_image = self.per_image()
-        images = join_images([per_image[j] for j in chosen], self.family.image_layout.keys)
+        images, chosen = images_of_rows(self.family.image_layout, self.images(), self.num_images, indices)
         image_features = None if self.image_features is None or not chosen else self.image_features.select(chosen)
         index = torch.tensor(indices, device=self.query_response.device)
         token_types = self.mm_token_type_ids

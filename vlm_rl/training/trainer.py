@@ -131,7 +131,12 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         if self.ref_model is not None:
             self.ref_model = prepare_frozen(self.ref_model, self.accelerator)
         self.reward_models = [prepare_frozen(m, self.accelerator) for _, m in reward_models]  # in place, inside `reward`
-        self.rewards = RolloutRewards(reward, processing_class, self.accelerator, self.sharing.reward_models, self.reward_models, args.max_unscored_fraction, self.sum_over_ranks)
+        # (sharded reward models keep their batch_size: each of their forwards gathers shards, on every rank alike)
+        reward_budget = None if self.sharded_training else args.max_tokens_per_micro_batch
+        self.rewards = RolloutRewards(
+            reward, processing_class, self.accelerator, self.sharing.reward_models, self.reward_models, args.max_unscored_fraction,
+            self.sum_over_ranks, reward_budget,
+        )  # fmt: skip
         tokenizer = processing_class.tokenizer
         self.eos_ids = eos_token_ids(tokenizer)
         self.pad_id = pad_token_id(tokenizer)
