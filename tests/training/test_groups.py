@@ -188,3 +188,15 @@ def test_every_rank_runs_as_many_micro_batches_as_the_busiest(tmp_path, tiny_mod
     plan = trainer.micro_batches(rollout, list(range(8)), 4)
     assert len(gathered) == 1 and gathered[0].tolist() == [1]
     assert len(plan) == 5 and sorted(r for mb in plan for r in mb) == list(range(8))
+
+
+def test_learned_reward_models_score_by_tokens_during_the_rollout(tmp_path, tiny_model_dir, synthetic_data_dir):
+    from reward_models.vlm_reward import VLMRewardModel
+
+    rm = VLMRewardModel.from_base(str(tiny_model_dir), name="rm")
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[rm], max_tokens_per_micro_batch=150)
+    start(trainer)
+    budgets = []
+    rm.backbone.register_forward_pre_hook(lambda *_: budgets.append(rm.max_tokens_per_micro_batch))
+    rollout_and_old(trainer)
+    assert budgets and set(budgets) == {150} and rm.max_tokens_per_micro_batch is None  # for the scoring only
