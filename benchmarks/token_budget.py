@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     device = machine(args)
     from vlm_rl.rollout.batch import Rollout
-    from vlm_rl.rollout.micro_batches import RowLengths, micro_batch_tokens
+    from vlm_rl.rollout.micro_batches import micro_batch_tokens
 
     root, model_dir, samples = sized_model_and_prompts(args.size, args.batch, args.text_tokens)
     fixed = dict(per_device_train_batch_size=args.micro, gradient_accumulation_steps=args.batch // args.micro,
@@ -81,7 +81,7 @@ def main() -> None:
     trainers = {"before": first, "fixed": first, "tokens": planned}
     rollouts = {way: rollout if trainer is first else rollout_for(trainer, samples, responses) for way, trainer in trainers.items()}  # own features
     untrimmed = Rollout.trimmed
-    lengths = RowLengths(prompt=prompt.tolist(), response=rollout.response_lengths.tolist())
+    lengths = rollout.row_lengths()
     plans, times = {}, {way: {"scoring": [], "training": []} for way in trainers}
     for repeat in range(args.repeats + 1):  # the first is a warm-up
         for way, trainer in trainers.items():

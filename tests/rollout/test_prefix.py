@@ -140,3 +140,17 @@ def test_shared_prompt_forward_gives_the_full_forwards_numbers_and_gradients(tin
     assert norm > 1e-3 and shared_grads.keys() == full_grads.keys()
     for name, g in full_grads.items():
         assert torch.allclose(shared_grads[name], g, rtol=1e-4, atol=1e-5 * float(norm)), name
+
+
+def test_a_forward_that_would_drop_the_cache_runs_every_row_whole(tiny_model):
+    from vlm_rl.rollout.prefix import caches_in_forward
+
+    backbone = tiny_model.model
+    assert caches_in_forward(backbone)
+    tiny_model.activation_checkpointing_enable()
+    tiny_model.train()
+    assert not caches_in_forward(backbone)  # a training forward with checkpointing: transformers drops the cache
+    with torch.no_grad():
+        assert caches_in_forward(backbone)  # no backward to replay: the cache is kept
+    tiny_model.eval()
+    assert caches_in_forward(backbone)

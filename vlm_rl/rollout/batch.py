@@ -9,6 +9,7 @@ import torch
 
 from vlm_rl.models.families import Family, Images, images_of_rows
 from vlm_rl.rollout.generation import first_eos_mask
+from vlm_rl.rollout.micro_batches import RowLengths
 from vlm_rl.models.vision_features import ImageFeatures
 
 
@@ -90,6 +91,11 @@ class Rollout:
     @property
     def response_lengths(self) -> torch.Tensor:  # (B,)
         return self.response_mask.sum(dim=1)
+
+    def row_lengths(self) -> RowLengths:
+        """Each row's prompt and response tokens, and which rows share a prompt: what micro-batch planning reads."""
+        prompt = self.attention_mask[:, : self.context_length].sum(dim=1)  # (B,)
+        return RowLengths(prompt=prompt.tolist(), response=self.response_lengths.tolist(), prompt_ids=self.prompt_ids)
 
     def images(self) -> Images:
         """The image tensors that are present (`pixel_values`, and the Qwen families' `image_grid_thw`)."""

@@ -64,7 +64,7 @@ from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
 from vlm_rl.rollout.integrity import check_model_inputs
 from vlm_rl.rollout.logprobs import response_logprobs
-from vlm_rl.rollout.micro_batches import RowLengths, by_count, by_tokens
+from vlm_rl.rollout.micro_batches import by_count, by_tokens
 from vlm_rl.training import checkpoint as ckpt
 from vlm_rl.training import console
 from vlm_rl.training.checkpointing import CONFIG_FILE, CheckpointingMixin
@@ -159,6 +159,12 @@ class PPOTrainer(CheckpointingMixin, Trainer):
     def sharded_training(self) -> bool:
         """Whether the trained weights stay sharded over the ranks in a training forward (ZeRO-3, FSDP2)."""
         return is_fsdp2(self.accelerator) or zero_stage(self.accelerator) == 3
+
+    @property
+    def training_shares_prompts(self) -> bool:
+        """Whether a training forward may run a prompt its rows share once: not with activation checkpointing (which
+        drops the KV cache), nor under ZeRO-3 or FSDP2 (each sharded layer would run twice in one forward)."""
+        return not (bool(self.args.activation_checkpointing) or self.sharded_training)
 
     def models_by_name(self) -> dict[str, nn.Module]:
         """The models of the run: the policy (with its critic), the reference if separate, the learned reward models."""
@@ -324,12 +330,8 @@ class PPOTrainer(CheckpointingMixin, Trainer):
 
     def micro_batches(self, rollout: Rollout, rows: list[int], size: int) -> list[list[int]]:
         """`rows` of `rollout` in micro-batches of `size` rows, or by tokens (`max_tokens_per_micro_batch`, as many on
-        every rank as the rank that needs most: one all-reduce, issued by every rank)."""
-        lengths = RowLengths(
-            prompt=rollout.attention_mask[:, : rollout.context_length].sum(dim=1).tolist(),
-            response=rollout.response_lengths.tolist(),
-            prompt_ids=rollout.prompt_ids,
-        )
+        every rank as the rank that needs most: one gather of the counts, issued by every rank)."""
+        lengths = rollout.row_lengths()
         budget = self.args.max_tokens_per_micro_batch
         if budget is None:
             return by_count(rows, size, lengths)
@@ -414,6 +416,8 @@ class PPOTrainer(CheckpointingMixin, Trainer):
     def optimise(self, rollout: Rollout, old: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         """Step 6: num_ppo_epochs x mini-batches, one optimiser step per mini-batch."""
         stats = defaultdict(list)
+        if not self.training_shares_prompts:  # each training forward runs every row whole: planned so too
+            rollout = replace(rollout, prompt_ids=None)
         self.model_wrapped.train()
         for _ in range(self.args.num_ppo_epochs):
             order = torch.randperm(len(rollout))
@@ -457,8 +461,6 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         Returns (this share's policy and value losses, whether the loss is finite)."""
         args, accelerator = self.args, self.accelerator
         mb = rollout.select(idx)
-        if self.sharded_training:  # a prompt's pass shared by its rows would run each sharded layer twice per forward
-            mb = replace(mb, prompt_ids=None)
         mask = old["train_mask"][idx]  # (b, T_r)
         logprobs, entropy, values = self.model_wrapped(mb, args.temperature, where="training forward")
         pg_loss, pg_stats = policy_loss(logprobs, old["logprobs"][idx], old["advantages"][idx], mask, args.cliprange, num_items)
