@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--shortest", type=int, default=8)
     parser.add_argument("--longest", type=int, default=512)
     parser.add_argument("--text-tokens", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=2, help="timed passes each way, after one warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes each way, after one warm-up")
     add_machine_arguments(parser)
     args = parser.parse_args()
     device = machine(args)
