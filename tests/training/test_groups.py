@@ -200,3 +200,25 @@ def test_learned_reward_models_score_by_tokens_during_the_rollout(tmp_path, tiny
     rm.backbone.register_forward_pre_hook(lambda *_: budgets.append(rm.max_tokens_per_micro_batch))
     rollout_and_old(trainer)
     assert budgets and set(budgets) == {150} and rm.max_tokens_per_micro_batch is None  # for the scoring only
+
+
+@pytest.mark.parametrize("critic", ["separate", "lora"])
+def test_a_critic_of_its_own_reads_a_shared_prompt_once_and_gives_the_per_sample_values(tmp_path, tiny_model_dir, synthetic_data_dir, critic):
+    extra = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0) if critic == "lora" else {}
+    runs = {}
+    for share in (True, False):
+        trainer = make_trainer(tmp_path / str(share), tiny_model_dir, synthetic_data_dir, reward=[completion_length], critic=critic,
+                               num_generations=2, share_prompts=share, **extra)
+        with torch.no_grad():  # a head that gives values of every size (the same on both)
+            for p in trainer.model.critic.head.parameters():
+                p.normal_(generator=torch.Generator().manual_seed(0))
+        start(trainer)
+        runs[share] = iteration(trainer)
+    (ra, oa, ga), (rb, ob, gb) = runs[True], runs[False]
+    assert ra.prompt_ids == (0, 0, 1, 1, 2, 2, 3, 3) and torch.equal(ra.query_response, rb.query_response)
+    mask = ra.response_mask
+    assert ob["values"][mask].abs().max() > 0.1
+    for key in SCORED:
+        assert (oa[key] - ob[key])[mask].abs().max() < 1e-5, key  # float rounding (values here reach ~10)
+    for name, g in gb[0].items():
+        assert torch.allclose(ga[0][name], g, rtol=1e-4, atol=1e-6), name
