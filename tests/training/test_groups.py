@@ -24,12 +24,14 @@ SCORED = ("logprobs", "ref_logprobs", "values", "entropy")
 
 @contextmanager
 def tower_images(*models):
-    """{"calls", "images"}: runs of the models' vision towers, and the images (grid rows) they encoded."""
-    seen = {"calls": 0, "images": 0}
+    """{"calls", "images", "rows"}: runs of the models' vision towers, the images (grid rows) they encoded and their
+    patch rows."""
+    seen = {"calls": 0, "images": 0, "rows": 0}
 
     def hook(module, args, kwargs):
         seen["calls"] += 1
         seen["images"] += kwargs.get("grid_thw", args[1] if len(args) > 1 else None).shape[0]
+        seen["rows"] += kwargs.get("hidden_states", args[0] if args else None).shape[0]
 
     handles = [vision_tower(m).register_forward_pre_hook(hook, with_kwargs=True) for m in models]
     try:
@@ -63,7 +65,8 @@ def test_each_distinct_image_runs_through_the_tower_once_whatever_g(tmp_path, ti
         samples, rollout, old = rollout_and_old(trainer)
         trainer.optimise(rollout, old)
     assert len({s["_source"] for s in samples}) == prompts
-    assert seen == {"calls": 1, "images": prompts}  # one run of the tower, over each prompt's image once
+    patches = rollout.image_grid_thw.prod(-1)[:: generations].sum()  # each prompt's image (a group's rows are in a row)
+    assert seen == {"calls": 1, "images": prompts, "rows": int(patches)}  # one run of the tower, over each prompt's image once
     assert rows[0][0] == prompts  # generate prefilled each prompt once
     features = rollout.image_features.per_image
     assert len(features) == 8 and len({id(f) for f in features}) == prompts  # every sample reads its prompt's features
@@ -83,7 +86,7 @@ def test_an_image_in_two_prompts_is_encoded_once(tmp_path, tiny_model_dir, synth
     samples = [sample(0, "What colour?", rows[0]["images"][0]), sample(1, "What shape?", same), sample(2, "What colour?", rows[1]["images"][0])]
     with tower_images(trainer.model.policy) as seen:
         rollout = trainer.make_rollout(samples * 2)  # three prompts, each twice
-    assert seen == {"calls": 1, "images": 2} and rollout.prompt_ids == (0, 1, 2, 0, 1, 2)
+    assert (seen["calls"], seen["images"]) == (1, 2) and rollout.prompt_ids == (0, 1, 2, 0, 1, 2)
     features = rollout.image_features.per_image
     assert features[0] is features[1] is features[3] is features[4] and features[2] is features[5] is not features[0]
 

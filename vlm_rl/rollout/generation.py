@@ -1,4 +1,5 @@
-"""The explicit rollout GenerationConfig and one batched, left-padded generate per rollout batch."""
+"""The explicit rollout GenerationConfig and one batched, left-padded generate per rollout batch (each distinct prompt
+prefilled once: vlm_rl/rollout/prefix.py)."""
 
 from __future__ import annotations
 
