@@ -15,15 +15,16 @@ class PromptTooLongError(ValueError):
     """A prompt (image tokens included) exceeds max_prompt_length; prompts are never cut through their images."""
 
 
-def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None = None) -> dict:
-    """Chat-template and process a batch of normal-form samples, left-padded.
+def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None = None, tools: list[dict] | None = None) -> dict:
+    """Chat-template and process a batch of normal-form samples, left-padded; `tools`: the JSON schemas of the tools
+    the template shows (multi-turn rollouts).
 
     Returns the processor's tensors, ready for `generate`: `input_ids, attention_mask (B, T_q)`, and by family
     (vlm_rl.models.families) the Qwen families' `mm_token_type_ids (B, T_q)`, `pixel_values (N_patches, D)` and
     `image_grid_thw (N_images, 3)`, or LLaVA's `pixel_values (N_images, 3, H, W)`; plus `num_images` (list, per
     sample).
     """
-    texts = [processor.apply_chat_template(s["prompt"], add_generation_prompt=True, tokenize=False) for s in samples]
+    texts = [processor.apply_chat_template(s["prompt"], tools=tools, add_generation_prompt=True, tokenize=False) for s in samples]
     images = [image for s in samples for image in s["images"]]
     batch = processor(
         text=texts,

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from vlm_rl.errors import UserError
+from vlm_rl.models.tool_template import QWEN_VL_TOOLS_TEMPLATE
 
 QWEN_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 # Qwen2's linear layers (the language model of every family here). The vision towers name theirs qkv/proj/fc1/fc2
@@ -151,6 +152,8 @@ class Family:
     mrope: bool = True  # positions from `mm_token_type_ids` + `image_grid_thw` (M-RoPE); else 1-D from the mask
     lora_target_modules: tuple[str, ...] = QWEN2_LORA_TARGETS  # the default LoRA targets (language model only)
     deepstack: bool = False  # the tower also returns per-layer features the forward adds to the language model
+    # the chat template that shows tools where the processor's own cannot (models/tool_template.py); None: refused
+    tool_template: str | None = None
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         """The vision tower of a model of this family, however wrapped (peft, DDP, value head, reward model)."""
@@ -197,9 +200,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("qwen2_vl", "Qwen2-VL", "qwen2_vl"),
-        Family("qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl"),
-        Family("qwen3_vl", "Qwen3-VL", "qwen3_vl", deepstack=True),
+        Family("qwen2_vl", "Qwen2-VL", "qwen2_vl", tool_template=QWEN_VL_TOOLS_TEMPLATE),
+        Family("qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl", tool_template=QWEN_VL_TOOLS_TEMPLATE),
+        Family("qwen3_vl", "Qwen3-VL", "qwen3_vl", deepstack=True, tool_template=QWEN_VL_TOOLS_TEMPLATE),
         Family(
             "llava",
             "LLaVA (CLIP + Qwen2)",
