@@ -196,3 +196,23 @@ def test_max_total_tokens_and_max_turns_end_a_trajectory_as_truncated(tiny_model
     rollout, *_ = scripted_rollout(tiny_model, tiny_processor, monkeypatch, [ZOOM_CALL], MultiTurnLimits(2, 1000), n=2)
     assert all(t.truncated and t.turns == 2 and t.tool_calls == 2 for t in rollout.trajectories)
     assert rollout.num_images == [2, 2]  # the prompt's and the first call's crop (the second call's never shown)
+
+
+def test_observation_images_are_encoded_once_and_their_reuse_is_exact(tmp_path, tiny_model_dir, synthetic_data_dir):
+    """With reuse, the policy's tower runs once on the prompts' images and once per turn that brought new images (the
+    zooms), and the reference never; the whole iteration (sampled tokens, old/reference logprobs, values, scores,
+    every gradient) is that of the run in which every forward encodes the pixels itself."""
+    from test_vision_reuse import MICRO, assert_same_iteration, iteration, models_of, tower_calls, twins
+
+    on, off = twins(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[completion_length], environment="multi_turn_helpers:ZoomEveryTurn", **MICRO)
+    for trainer in (on, off):  # the random tiny model ends a turn after a token or two: turns that end, not truncated ones
+        trainer.generation_config.sequence_bias = {(trainer.eos_ids[0],): 8.0}
+    with tower_calls(*models_of(on)) as calls_on:
+        reused = iteration(on)
+    with tower_calls(*models_of(off)) as calls_off:
+        encoded = iteration(off)
+    rollout = reused[0]
+    assert [t.turns for t in rollout.trajectories] == [3] * len(rollout) and rollout.num_images == [3] * len(rollout)
+    assert calls_on == [1 + 2, 0]  # the prompts, then turn 1's and turn 2's zooms; turn 3 brought none
+    assert calls_off[0] > 3 and calls_off[1] > 0
+    assert_same_iteration(reused, encoded)
