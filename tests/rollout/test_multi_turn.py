@@ -81,10 +81,14 @@ def test_tool_environment_answers_bad_calls_and_failing_tools_with_an_observatio
     (message,) = step.observation
     crop = message["content"][0]["image"]
     assert message["role"] == "tool" and crop.size == (56, 56) and crop.getpixel((0, 0)) == (20, 20, 200)  # full resolution
-    bad = env.step('<tool_call>{"name": "zoom", "arguments": {"region": "middle"}}</tool_call><tool_call>{"name": "ocr"}</tool_call><tool_call>zoom')
-    assert bad.tool_calls == 3 and bad.tool_errors == 3 and not bad.done
+    bad = env.step(
+        '<tool_call>{"name": "zoom", "arguments": {"region": "middle"}}</tool_call><tool_call>{"name": "ocr"}</tool_call>'
+        '<tool_call>{"name": "zoom", "arguments": {"area": "top left"}}</tool_call><tool_call>zoom'
+    )
+    assert bad.tool_calls == 4 and bad.tool_errors == 4 and not bad.done
     texts = [m["content"][0]["text"] for m in bad.observation]
-    assert "unknown region 'middle'" in texts[0] and "there is no tool 'ocr'" in texts[1] and "not closed" in texts[2]
+    assert "unknown region 'middle'" in texts[0] and "there is no tool 'ocr'" in texts[1]
+    assert "unexpected keyword argument 'area'" in texts[2] and "not closed" in texts[3]
     assert env.step("red").done  # no tool call: the answer
 
 
