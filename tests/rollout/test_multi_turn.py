@@ -80,7 +80,7 @@ def test_tool_environment_answers_bad_calls_and_failing_tools_with_an_observatio
     assert not step.done and step.tool_calls == 1 and step.tool_errors == 0
     (message,) = step.observation
     crop = message["content"][0]["image"]
-    assert message["role"] == "tool" and crop.size == (56, 56) and crop.getpixel((0, 0)) == (20, 20, 200)  # full resolution
+    assert message["role"] == "tool" and crop.size == (28, 28) and crop.getpixel((0, 0)) == (20, 20, 200)  # full resolution
     bad = env.step(
         '<tool_call>{"name": "zoom", "arguments": {"region": "middle"}}</tool_call><tool_call>{"name": "ocr"}</tool_call>'
         '<tool_call>{"name": "zoom", "arguments": {"area": "top left"}}</tool_call><tool_call>zoom'

@@ -61,6 +61,24 @@ def response_field(raw: dict, sample: dict, column: str) -> tuple[str, Any, str]
     return field, value, if_missing
 
 
+ORIGINAL_IMAGES = "_original_images"  # a sample's images as the data holds them, before the model's sizing
+
+
+class OriginalImages(Sequence):
+    """A sample's images at the resolution the data holds them (what a tool such as `zoom` crops), opened when read."""
+
+    def __init__(self, refs: list, base_dir: Path, source: str):
+        self.refs, self.base_dir, self.source = refs, base_dir, source
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return open_image(self.refs[i], self.base_dir, self.source)
+
+
 class PromptDataset(Sequence):
     """Samples in the normal form; images are opened (RGB, sized by `resize` when given) when a sample is read."""
 
@@ -76,7 +94,8 @@ class PromptDataset(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         row = self.rows[i]
-        return {**row, "images": [open_image(ref, self.base_dir, row["_source"], self.resize) for ref in row["images"]]}
+        images = [open_image(ref, self.base_dir, row["_source"], self.resize) for ref in row["images"]]
+        return {**row, "images": images, ORIGINAL_IMAGES: OriginalImages(row["images"], self.base_dir, row["_source"]) if self.resize else images}
 
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
@@ -130,5 +149,5 @@ def reward_columns_of(sample: dict) -> set[str]:
 def reward_kwargs(samples: list[dict], exclude: tuple[str, ...] = ()) -> dict[str, list]:
     """What a reward receives besides prompts and completions: `images` and every other column (TRL's convention),
     `_source` ("file:line") included."""
-    columns = [k for k in samples[0] if k not in ("prompt", "images", *exclude)]
+    columns = [k for k in samples[0] if k not in ("prompt", "images", ORIGINAL_IMAGES, *exclude)]
     return {"images": [s["images"] for s in samples], **{k: [s.get(k) for s in samples] for k in columns}}

@@ -230,8 +230,8 @@ def _row_problems(
             continue
         if task == "sft" and not text:
             problems.append(Problem(row.source, name, "empty demonstration: SFT needs a non-empty answer to learn.", row.line))
-    if task == "sft" and sample["prompt"][-1]["role"] != "user":
-        problems.append(Problem(row.source, "prompt", f"ends with a {sample['prompt'][-1]['role']!r} turn; SFT needs the prompt to end with a user turn.", row.line))
+    if task == "sft" and sample["prompt"][-1]["role"] not in ("user", "tool"):
+        problems.append(Problem(row.source, "prompt", f"ends with a {sample['prompt'][-1]['role']!r} turn; SFT needs the prompt to end with a user (or tool) turn.", row.line))
     images = []
     if check_images:
         for ref in sample["images"]:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from vlm_rl.data.formats import ORIGINAL_IMAGES
 from vlm_rl.errors import ConfigError
 from vlm_rl.rollout.tool_calls import MalformedCall, parse_tool_calls
 from vlm_rl.rollout.tools import call_tool, load_object, load_tools, tool_schema
@@ -43,13 +44,15 @@ class Environment(Protocol):
 @dataclass
 class ToolEnvironment:
     """Runs the tool calls of each model turn; a turn without a tool call is the answer and ends the episode. A
-    malformed call, an unknown tool or a tool that raises is an observation saying so (counted as a tool error)."""
+    malformed call, an unknown tool or a tool that raises is an observation saying so (counted as a tool error).
+    Tools that ask for `images` get the sample's images as the data holds them (before the processor's sizing: a
+    zoom crops the full-resolution picture)."""
 
     tools: list[Callable]
     images: list = field(default_factory=list)
 
     def reset(self, sample: dict) -> None:
-        self.images = list(sample.get("images") or [])
+        self.images = list(sample.get(ORIGINAL_IMAGES) or sample.get("images") or [])  # what the data holds: full size
 
     def step(self, text: str) -> Step:
         calls = parse_tool_calls(text)

@@ -27,7 +27,8 @@ from transformers import GenerationConfig, PreTrainedModel
 from vlm_rl.models.families import Family, Images, join_images
 from vlm_rl.models.vision_features import ImageFeatures
 from vlm_rl.rollout.batch import Rollout
-from vlm_rl.rollout.environment import Step, as_step
+from vlm_rl.models.tool_template import use_tool_template
+from vlm_rl.rollout.environment import Step, as_step, environment_factory, tool_schemas
 from vlm_rl.rollout.generation import first_eos_mask, generate_responses
 from vlm_rl.rollout.integrity import check_model_inputs
 
@@ -57,6 +58,27 @@ class Trajectory:
 class MultiTurnLimits:
     max_turns: int
     max_total_tokens: int  # tokens after the prompt: model turns and observations (images' tokens included)
+
+
+@dataclass(frozen=True)
+class MultiTurn:
+    """What a multi-turn rollout needs besides the model: environments, the tools' schemas, the limits."""
+
+    make_environment: Callable[[], object]
+    tools: list[dict] | None
+    limits: MultiTurnLimits
+
+
+def setup_multi_turn(processor, family: Family, tools: str | None, environment: str | None, max_turns: int, max_total_tokens: int) -> MultiTurn | None:
+    """The multi-turn setting of `--tools`/`--environment` (None: single-turn rollouts); a processor whose template
+    shows no tools gets the family's tool template (models/tool_template.py)."""
+    factory = environment_factory(tools, environment)
+    if factory is None:
+        return None
+    schemas = tool_schemas(factory())
+    if schemas:
+        use_tool_template(processor, family)
+    return MultiTurn(factory, schemas, MultiTurnLimits(max_turns, max_total_tokens))
 
 
 @dataclass

@@ -3,7 +3,8 @@ shows the model (transformers' `get_json_schema`, as TRL takes `tools=`), and wh
 parts of a tool message (text, images, or both).
 
 A tool may ask for the sample's images by naming a parameter `images`: the environment passes them (the model never
-sees that parameter in the schema). The built-in `zoom` crops the sample's first image at full resolution.
+sees that parameter in the schema). The built-in `zoom` returns a corner of the sample's first image at full
+resolution (the zoom task's tool: vlm_rl/data/zoom_task.py).
 """
 
 from __future__ import annotations
@@ -18,30 +19,26 @@ from typing import Any
 from PIL import Image
 from transformers.utils import get_json_schema
 
+from vlm_rl.data.zoom_task import CORNERS, corner_box
 from vlm_rl.errors import ConfigError
 
 CONTEXT_PARAMETERS = ("images",)  # filled by the environment from the sample, left out of the schema
 
-REGIONS = ("top left", "top right", "bottom left", "bottom right")
-
 
 def zoom(region: str, images: list) -> Image.Image:
-    """Zoom into one quarter of the image: returns that quarter at full resolution.
+    """Zoom into a corner of the image.
 
     Args:
-        region: Which quarter to look at: "top left", "top right", "bottom left" or "bottom right".
+        region: The corner: "top left", "top right", "bottom left" or "bottom right".
         images: The images of the conversation (passed by the environment).
     """
     if not images:
         raise ValueError("there is no image to zoom into")
     where = str(region).strip().lower()
-    if where not in REGIONS:
-        raise ValueError(f"unknown region {region!r}; use one of: {', '.join(REGIONS)}")
+    if where not in CORNERS:
+        raise ValueError(f"unknown region {region!r}; use one of: {', '.join(CORNERS)}")
     image = images[0]
-    w, h = image.size
-    lower, right = where.startswith("bottom"), where.endswith("right")
-    box = (w // 2 if right else 0, h // 2 if lower else 0, w if right else w // 2, h if lower else h // 2)
-    return image.crop(box)
+    return image.crop(corner_box(image.width, image.height, where))  # a quarter of the width and height, full resolution
 
 
 BUILT_IN_TOOLS: dict[str, Callable] = {"zoom": zoom}

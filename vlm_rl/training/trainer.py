@@ -49,7 +49,6 @@ from vlm_rl.data.prompts import distinct_prompts, drop_long_prompts, encode_prom
 from vlm_rl.errors import ConfigError
 from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_requires_grad
 from vlm_rl.models.families import family_of
-from vlm_rl.models.tool_template import use_tool_template
 from vlm_rl.models.sharding import (
     cast_to_engine_dtype,
     check_deepspeed_skips_non_finite_steps,
@@ -66,9 +65,8 @@ from vlm_rl.models.vision_features import ImageFeatures, encode_images, plan_sha
 from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
 from vlm_rl.rollout.integrity import check_model_inputs
-from vlm_rl.rollout.environment import environment_factory, tool_schemas
 from vlm_rl.rollout.logprobs import response_logprobs
-from vlm_rl.rollout.multi_turn import MultiTurnLimits, multi_turn_rollout
+from vlm_rl.rollout.multi_turn import multi_turn_rollout, setup_multi_turn
 from vlm_rl.rollout.micro_batches import by_count, by_tokens
 from vlm_rl.training import checkpoint as ckpt
 from vlm_rl.training import console
@@ -157,10 +155,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         self.generation_config = make_generation_config(tokenizer, args.max_new_tokens, temperature=args.temperature)
         self.greedy_config = make_generation_config(tokenizer, args.max_new_tokens, do_sample=False)
         # multi-turn rollouts (tools or an environment): one environment per sample and rollout
-        self.make_environment = environment_factory(args.tools, args.environment)
-        self.tools = None if self.make_environment is None else tool_schemas(self.make_environment())
-        if self.tools:
-            use_tool_template(processing_class, family_of(model))
+        self.multi_turn = setup_multi_turn(processing_class, family_of(model), args.tools, args.environment, args.max_turns, args.max_total_tokens)
         plan = plan_batches(args, len(train_dataset), self.accelerator.num_processes)
         self.global_batch_size, self.prompts_per_batch = plan.global_batch_size, plan.prompts_per_batch
         self.batches_per_epoch, self.num_total_batches = plan.batches_per_epoch, plan.num_total_batches
@@ -357,7 +352,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         batched call (with the rollout's sampling config unless another is given), each distinct prompt prefilled
         once. Draws one number from this process's RNG stream (generate's seed), whatever the batch and decoding.
         With tools or an environment, the turns of `multi_turn_rollout` instead."""
-        if self.make_environment is not None:
+        if self.multi_turn is not None:
             return self.make_multi_turn_rollout(samples, generation_config)
         first, rows = distinct_prompts(samples) if self.args.share_prompts else (range(len(samples)), None)
         query = encode_prompts(self.processor, [samples[i] for i in first], self.args.max_prompt_length)
@@ -377,16 +372,16 @@ class PPOTrainer(CheckpointingMixin, Trainer):
     def make_multi_turn_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
         """Up to max_turns turns per sample (rollout/multi_turn.py), each a batched generate over the samples still
         running, on every rank as many as the rank that needs most. Draws one number from this process's RNG stream."""
-        args, device = self.args, self.accelerator.device
-        query = encode_prompts(self.processor, samples, args.max_prompt_length, tools=self.tools)
+        setting, device = self.multi_turn, self.accelerator.device
+        query = encode_prompts(self.processor, samples, self.args.max_prompt_length, tools=setting.tools)
         query = {k: v.to(device) if torch.is_tensor(v) else v for k, v in query.items()}
         any_over_ranks = lambda flag: bool(self.sum_over_ranks(torch.tensor(float(flag), device=device)) > 0)  # noqa: E731
         with self.generating() as (policy, synced):
             seed = int(torch.randint(2**62, ()))
             return multi_turn_rollout(
-                policy, self.processor, samples, query, self.make_environment, generation_config or self.generation_config,
-                MultiTurnLimits(args.max_turns, args.max_total_tokens), family=family_of(policy), eos_ids=self.eos_ids,
-                pad_id=self.pad_id, tools=self.tools, encode=lambda images: self.encode_images(policy, {"input_ids": query["input_ids"], **images}),
+                policy, self.processor, samples, query, setting.make_environment, generation_config or self.generation_config,
+                setting.limits, family=family_of(policy), eos_ids=self.eos_ids, pad_id=self.pad_id, tools=setting.tools,
+                encode=lambda images: self.encode_images(policy, {"input_ids": query["input_ids"], **images}),
                 synced_gpus=synced, seed=seed, any_over_ranks=any_over_ranks,
             )  # fmt: skip
 
