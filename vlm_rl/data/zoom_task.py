@@ -82,7 +82,8 @@ def make_zoom_data(out_dir: str | os.PathLike, n: int = 400, seed: int = 0, test
             image.save(tmp / path)
             image.crop(corner_box(SIZE, SIZE, corner)).save(tmp / crop_path)
             question = QUESTION.format(corner=corner)
-            rows.append({"image": path, "prompt": question, "answer": corners[corner], "task": "zoom", "corner": corner})
+            # `response`: the answer alone, for a single-turn SFT baseline that is never shown the zoomed corner
+            rows.append({"image": path, "prompt": question, "response": corners[corner], "answer": corners[corner], "task": "zoom", "corner": corner})
             if i >= n - n_test:
                 continue
             user = {"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": question}]}
