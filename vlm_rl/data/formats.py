@@ -94,8 +94,10 @@ class PromptDataset(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         row = self.rows[i]
-        images = [open_image(ref, self.base_dir, row["_source"], self.resize) for ref in row["images"]]
-        return {**row, "images": images, ORIGINAL_IMAGES: OriginalImages(row["images"], self.base_dir, row["_source"]) if self.resize else images}
+        sample = {**row, "images": [open_image(ref, self.base_dir, row["_source"], self.resize) for ref in row["images"]]}
+        if self.resize is not None:  # the sized images differ from the data's: a tool may want the data's (`zoom`)
+            sample[ORIGINAL_IMAGES] = OriginalImages(row["images"], self.base_dir, row["_source"])
+        return sample
 
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
