@@ -338,8 +338,10 @@ class PPOConfig(DataOptions, TrainingArguments):
         self.check_loss()
         if self.eval_steps is not None and (self.eval_steps < 1 or self.eval_steps != int(self.eval_steps)):
             raise ConfigError(f"eval_steps counts PPO iterations: a whole number >= 1, got {self.eval_steps}")
-        if self.tools and self.environment:
-            raise ConfigError("tools and environment are exclusive: give the environment class its tools (a `tools` attribute)")
+        if self.multi_turn:  # an unknown tool or an environment that cannot load stops the run before any model loads
+            from vlm_rl.rollout.environment import environment_factory
+
+            environment_factory(self.tools, self.environment)
         if self.bf16_weights and not self.bf16:
             raise ConfigError("bf16_weights needs --bf16 (it keeps the trained weights in the bf16 compute dtype)")
         if isinstance(self.reward, str):
