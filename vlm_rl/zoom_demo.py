@@ -28,13 +28,10 @@ def run_zoom_demo(cfg: DemoConfig) -> dict:
     """Every stage into `cfg.out`; returns {"single_turn": summary, "tools": summary} (also in `out/demo.json`)."""
     from vlm_rl.atomic import refuse_existing_output
     from vlm_rl.data.zoom_task import ZOOM_MAX_PIXELS, make_zoom_data
-    from vlm_rl.evaluation.compare import run_compare
     from vlm_rl.models.loading import load_processor
     from vlm_rl.models.tiny import make_tiny_model
-    from vlm_rl.ppo import build_trainer
     from vlm_rl.sft import parse_args as parse_sft_args
     from vlm_rl.sft import run_sft
-    from vlm_rl.training.config import PPOConfig
 
     out = Path(cfg.out)
     if not cfg.overwrite:
@@ -56,6 +53,15 @@ def run_zoom_demo(cfg: DemoConfig) -> dict:
     t = stage("4/6 SFT on tool-use demonstrations")
     sft_dir = run_sft(parse_sft_args(sft_args(cfg, model_dir, data_dir / "sft.jsonl", out / "sft", "--tools", "zoom")))
     timings["sft"] = time.time() - t
+
+    return rl_and_compare(cfg, out, data_dir, single_dir, sft_dir, timings)
+
+
+def rl_and_compare(cfg: DemoConfig, out: Path, data_dir: Path, single_dir: Path, sft_dir: Path, timings: dict) -> dict:
+    """Stages 5 and 6: PPO from the tool-use SFT model, then the comparisons; `out/demo.json`."""
+    from vlm_rl.evaluation.compare import run_compare
+    from vlm_rl.ppo import build_trainer
+    from vlm_rl.training.config import PPOConfig
 
     t = stage("5/6 PPO with the zoom tool")
     ppo_dir = out / "ppo"
