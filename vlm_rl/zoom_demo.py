@@ -1,4 +1,4 @@
-"""`vlm-rl demo --tasks zoom`: the multi-turn demo. make-tiny-model (its processor shows every picture at 56 x 56) ->
+"""`vlm-rl demo --tasks zoom` (vlm_rl/demo.py hands its DemoConfig here): the multi-turn demo. make-tiny-model (its processor shows every picture at 56 x 56) ->
 make-data --tasks zoom -> SFT on single-turn answers (the baseline that never zooms) and SFT on tool-use
 demonstrations (a `noise` fraction of them guesses instead of zooming) -> PPO with the zoom tool, GAE and a critic
 that sees every image of the trajectory -> compare (single-turn alone; SFT vs PPO with the tool, paired).
@@ -11,7 +11,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from vlm_rl.demo import DemoConfig, ppo_learning_rate, stage
 
 # The zoom demo's own defaults, for the fields left at DemoConfig's (which are tuned for one-word colour answers):
 # a tool call is ~70 tokens of the tiny tokenizer, which sampling at 1.0 corrupts more often than not (0.5: no
@@ -20,13 +19,18 @@ from vlm_rl.demo import DemoConfig, ppo_learning_rate, stage
 ZOOM_SETTINGS = {"n": 1000, "sft_steps": 1000, "ppo_episodes": 1920, "max_new_tokens": 80, "temperature": 0.5, "ppo_learning_rate": 1e-4}
 
 
-def zoom_settings(cfg: DemoConfig) -> DemoConfig:
-    """`cfg` with ZOOM_SETTINGS wherever it holds DemoConfig's default (a flag given keeps its value)."""
-    defaults = DemoConfig()
+def zoom_settings(cfg):
+    """`cfg` (vlm_rl.demo.DemoConfig) with ZOOM_SETTINGS wherever it holds the default (a flag given keeps its value)."""
+    defaults = type(cfg)()
     return replace(cfg, **{k: v for k, v in ZOOM_SETTINGS.items() if getattr(cfg, k) == getattr(defaults, k)})
 
 
-def sft_args(cfg: DemoConfig, model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+def stage(name: str) -> float:
+    print(f"\n=== {name} ===", flush=True)
+    return time.time()
+
+
+def sft_args(cfg, model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--model_name_or_path", str(model_dir), "--train_data", str(data), "--output_dir", str(out),
         "--max_steps", str(cfg.sft_steps), "--per_device_train_batch_size", str(cfg.sft_batch_size),
@@ -36,7 +40,7 @@ def sft_args(cfg: DemoConfig, model_dir: Path, data: Path, out: Path, *extra: st
     ]  # fmt: skip
 
 
-def run_zoom_demo(cfg: DemoConfig) -> dict:
+def run_zoom_demo(cfg) -> dict:
     """Every stage into `cfg.out`; returns {"single_turn": summary, "tools": summary} (also in `out/demo.json`)."""
     from vlm_rl.atomic import refuse_existing_output
     from vlm_rl.data.zoom_task import ZOOM_MAX_PIXELS, make_zoom_data
@@ -70,7 +74,7 @@ def run_zoom_demo(cfg: DemoConfig) -> dict:
     return rl_and_compare(cfg, out, data_dir, single_dir, sft_dir, timings)
 
 
-def rl_and_compare(cfg: DemoConfig, out: Path, data_dir: Path, single_dir: Path, sft_dir: Path, timings: dict) -> dict:
+def rl_and_compare(cfg, out: Path, data_dir: Path, single_dir: Path, sft_dir: Path, timings: dict) -> dict:
     """Stages 5 and 6: PPO from the tool-use SFT model, then the comparisons; `out/demo.json`."""
     from vlm_rl.evaluation.compare import run_compare
     from vlm_rl.ppo import build_trainer
@@ -84,7 +88,7 @@ def rl_and_compare(cfg: DemoConfig, out: Path, data_dir: Path, single_dir: Path,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         per_device_train_batch_size=cfg.ppo_batch_size // cfg.ppo_mini_batches, gradient_accumulation_steps=1,
         num_mini_batches=cfg.ppo_mini_batches, local_rollout_forward_batch_size=cfg.ppo_batch_size, total_episodes=cfg.ppo_episodes,
-        num_ppo_epochs=cfg.ppo_epochs, learning_rate=ppo_learning_rate(cfg), kl_coef=cfg.kl_coef, advantage_estimator="gae",
+        num_ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate, kl_coef=cfg.kl_coef, advantage_estimator="gae",
         missing_eos_penalty=1.0, eval_data=str(data_dir / "test.jsonl"), eval_num_samples=32, logging_steps=1, save_steps=0,
         report_to="tensorboard", disable_tqdm=False, overwrite_output_dir=cfg.overwrite,
     )  # fmt: skip
