@@ -338,6 +338,12 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         batched call (with the rollout's sampling config unless another is given), each distinct prompt prefilled
         once. Draws one number from this process's RNG stream (generate's seed), whatever the batch and decoding."""
         first, rows = distinct_prompts(samples) if self.args.share_prompts else (range(len(samples)), None)
+        if self.args.share_prompts and self.accelerator.num_processes > 1:
+            # Sharing runs other forwards (a prefill, a prompt pass): over sharded weights each forward is a sequence
+            # of collectives, so every rank shares (rows of its own prompts where none repeat) or none does.
+            anywhere = self.sum_over_ranks(torch.tensor(float(rows is not None), device=self.accelerator.device))
+            if anywhere.item() > 0 and rows is None:
+                rows = list(range(len(samples)))
         query = encode_prompts(self.processor, [samples[i] for i in first], self.args.max_prompt_length)
         query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
         rows = None if rows is None else torch.tensor(rows, device=self.accelerator.device)
