@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import shutil
 import subprocess
 import sys
@@ -158,7 +159,10 @@ def test_response_column(synthetic_data_dir, tmp_path):
 def _run_cli(args: list[str], env_extra: dict) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **env_extra}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "vlm_rl.evaluation.score", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    # SIGINT as a terminal gives it: a suite started in the background (`cmd &`, CI) hands its children SIGINT ignored
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    return subprocess.run([sys.executable, "-m", "vlm_rl.evaluation.score", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=default_sigint)
 
 
 def test_resume_after_kill_scores_every_row_exactly_once(synthetic_data_dir, tmp_path):

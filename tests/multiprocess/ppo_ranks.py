@@ -20,6 +20,8 @@ import torch.distributed as dist
 if os.environ.get("ACCELERATE_USE_FSDP") == "true":  # FSDP on CPU ranks: accelerate would not turn it on
     runpy.run_path(str(Path(__file__).with_name("fsdp_on_cpu.py")), run_name="fsdp_on_cpu")
 
+import vlm_rl.training.trainer as trainer_module  # noqa: E402
+from vlm_rl.algorithms.advantages import whiten  # noqa: E402
 from vlm_rl.errors import run_command  # noqa: E402
 from vlm_rl.launch import start_process  # noqa: E402
 from vlm_rl.ppo import build_trainer, parse_args  # noqa: E402
@@ -73,12 +75,22 @@ def main(argv: list[str]) -> None:
     trainer.score = score
     checksum = full_weights_checksum(trainer)
     samples, rollout, last = trainer.sample(0)  # steps 1-3 (with dynamic sampling: its rounds)
+    whitened_rewards = []  # what whiten_rewards made of the shaped rewards (advantages are whitened with shift_mean)
+
+    def recording_whiten(x, mask, shift_mean=True, all_reduce_sum=None):
+        out = whiten(x, mask, shift_mean, all_reduce_sum)
+        if not shift_mean:
+            whitened_rewards.append(out.tolist())
+        return out
+
+    trainer_module.whiten = recording_whiten
     old = trainer.advantages(rollout, last)
+    trainer_module.whiten = whiten
     out = Path(config.output_dir) / f"rank{rank}.json"
     out.write_text(json.dumps({
         "rank": rank, "world": trainer.accelerator.num_processes, "sources": first_sources, "checksum": checksum,
         "num_prompts": len(trainer.train_dataset), "scored": scored,
-        "advantages": old["advantages"].tolist(), "train_mask": old["train_mask"].tolist(),
+        "advantages": old["advantages"].tolist(), "train_mask": old["train_mask"].tolist(), "whitened_rewards": whitened_rewards,
         "sample_sources": [s["_source"] for s in samples], "scores": old["scores"].tolist(),
         "dynamic_sampling": last["dynamic_sampling"].tolist() if "dynamic_sampling" in last else None,
         "rounds_needed_alone": rounds_needed_alone(trainer) if config.dynamic_sampling else None,

@@ -312,12 +312,13 @@ def recipe_starting_length(tmp_path_factory, tiny_model_dir, synthetic_data_dir)
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_each_recipe_learns_the_reward(tmp_path, tiny_model_dir, synthetic_data_dir, recipe_starting_length, recipe):
-    # 20 iterations with each published recipe's settings over the learning ones (README: the GRPO family).
+    # 30 iterations with each published recipe's settings over the learning ones (README: the GRPO family); at 20
+    # dr_grpo sat at the threshold (16 without shared prompts, 19.4 with them: the rounding of another layout).
     trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[negative_completion_length], **{
-        **RECIPE_LEARNING, "total_episodes": 160, **recipe_settings(recipe), "num_generations": 4,
+        **RECIPE_LEARNING, "total_episodes": 240, **recipe_settings(recipe), "num_generations": 4,
     })
     trainer.train()
-    # measured: 32.9 characters -> dapo 0, dr_grpo 16, gspo 0
+    # measured: 32.9 characters -> dapo 0, dr_grpo 5.75, gspo 0
     assert sampled_lengths(trainer) < recipe_starting_length - 15, (recipe, recipe_starting_length, sampled_lengths(trainer))
 
 

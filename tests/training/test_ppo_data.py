@@ -23,8 +23,11 @@ def openai_rows(tmp_path: Path, n: int, bad_at: tuple[int, ...] = ()) -> Path:
     row = json.loads((FIXTURES / "openai.jsonl").read_text())
     bad = copy.deepcopy(row)
     bad["messages"][0]["content"][0]["image_url"]["url"] = "imgs/missing.png"
+    rows = [copy.deepcopy(bad if i in bad_at else row) for i in range(n)]
+    for i, r in enumerate(rows):  # distinct prompts: rows with one prompt would share its encoding (share_prompts)
+        r["messages"][0]["content"][1]["text"] += f" ({i})"
     path = tmp_path / "openai.jsonl"
-    path.write_text("".join(json.dumps(bad if i in bad_at else row) + "\n" for i in range(n)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 

@@ -57,15 +57,15 @@ def test_tiny_config_trains_logs_checkpoints_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_sample_apart_train_in_step_resume_exactly_and_whiten_globally(tmp_path, tiny_model_dir, synthetic_data_dir):
     """2 DDP ranks (accelerate's torchrun launcher with use_cpu) with a separate critic: each rank its own prompts,
-    weights in step, exact resume (policy and critic), advantages whitened over both ranks, long prompts dropped
-    the same on both."""
+    weights in step, exact resume (policy and critic), advantages and (whiten_rewards) rewards whitened over both
+    ranks, long prompts dropped the same on both."""
     # 32 prompts of 36-50 tokens; max_prompt_length 41 keeps 24: 3 global batches of 2 ranks x (2 x 2 accumulated).
     args = ["--config", "configs/ppo_tiny.yaml", "--report_to", "none", "--model_name_or_path", str(tiny_model_dir),
             "--train_data", str(synthetic_data_dir / "train.jsonl"), "--reward", "trainer_helpers:completion_length",
             "--skip_long_prompts", "true", "--max_prompt_length", "41", "--learning_rate", "1e-2", "--kl_coef", "0.5",
             "--max_new_tokens", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
             "--num_mini_batches", "1", "--num_ppo_epochs", "2", "--total_episodes", "24", "--save_steps", "1", "--save_total_limit", "5",
-            "--critic", "separate", "--critic_learning_rate", "3e-3"]
+            "--critic", "separate", "--critic_learning_rate", "3e-3", "--whiten_rewards", "true"]
     launch = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py", *args]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     console = run([*launch, "--output_dir", str(straight)], tmp_path)
@@ -95,6 +95,10 @@ def test_two_ranks_sample_apart_train_in_step_resume_exactly_and_whiten_globally
     both = torch.cat(advantages)
     assert abs(both.mean()) < 1e-5 and both.var() == pytest.approx(1.0, rel=1e-4)
     assert max(abs(a.mean()) for a in advantages) > 1e-3  # while each rank's own share is not centred
+    # whiten_rewards scales the shaped rewards by the standard deviation of both ranks' tokens (mean kept, as TRL).
+    rewards = [torch.tensor(r["whitened_rewards"][0])[torch.tensor(r["train_mask"])] for r in ranks]
+    assert torch.cat(rewards).var() == pytest.approx(1.0, rel=1e-4)
+    assert max(abs(r.var() - 1) for r in rewards) > 1e-2  # each rank's own share has another spread
 
 
 def test_repeated_reward_flags_are_all_kept():

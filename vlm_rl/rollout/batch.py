@@ -31,7 +31,8 @@ class Rollout:
     family: Family
     image_features: ImageFeatures | None = None  # the vision tower's output per image, encoded once (vision_features.py)
     # per row, the index of its prompt among the rollout's distinct prompts (rows of one prompt hold the same prompt
-    # tokens and images: a group of num_generations samples); None when every row has a prompt of its own
+    # tokens and images: a group of num_generations samples), whose forwards then run each prompt once; None: every
+    # forward runs each row whole (sharing off, or no prompt repeats on any rank)
     prompt_ids: tuple[int, ...] | None = None
     # per row, what a multi-turn rollout did after the prompt (rollout/multi_turn.py: turns, their rewards and last
     # tokens, tool calls); None for single-turn rollouts. Its response region also holds the observations' tokens,
@@ -71,7 +72,6 @@ class Rollout:
             family=family,
             image_features=image_features,
         )
-        shared = rows is not None and len(set(rows.tolist())) < len(rows)
         if rows is not None:
             prompts = prompts.select(rows)
         return replace(
@@ -82,7 +82,7 @@ class Rollout:
             response_mask=response_mask,
             has_eos=has_eos,
             sources=list(sources),
-            prompt_ids=tuple(rows.tolist()) if shared else None,
+            prompt_ids=None if rows is None else tuple(rows.tolist()),
         )
 
     @classmethod
@@ -120,7 +120,7 @@ class Rollout:
             sources=[s for p in parts for s in p.sources],
             family=parts[0].family,
             image_features=ImageFeatures.concat(features) if features and None not in features else None,
-            prompt_ids=tuple(prompt_ids) if len(set(prompt_ids)) < len(prompt_ids) else None,
+            prompt_ids=None if all(p.prompt_ids is None for p in parts) else tuple(prompt_ids),
             trajectories=None if any(p.trajectories is None for p in parts) else tuple(t for p in parts for t in p.trajectories),
         )
 

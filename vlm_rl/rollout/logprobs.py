@@ -18,7 +18,7 @@ from vlm_rl.models.dummy_image import tower_on_every_rank
 from vlm_rl.models.families import causal_lm_parts
 from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.integrity import check_model_inputs
-from vlm_rl.rollout.prefix import caches_in_forward, groups, repeats, shared_prompt_hidden_states
+from vlm_rl.rollout.prefix import caches_in_forward, groups, shared_prompt_hidden_states
 
 
 def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> torch.Tensor:
@@ -36,7 +36,7 @@ def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> to
     features = rollout.image_features
     reads_features = features is not None and features.usable_by(model)  # the same on every rank (vision_features)
     with tower_on_every_rank(model, has_images=bool(sum(rollout.num_images)), reads_features=reads_features):
-        if repeats(rollout.prompt_ids) and caches_in_forward(backbone):
+        if rollout.prompt_ids is not None and caches_in_forward(backbone):
             first, rows = groups(rollout.prompt_ids)
             prompts = rollout.select(first)
             inputs = prompts.model_inputs(model, prompts_only=True)

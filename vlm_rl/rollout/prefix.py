@@ -35,11 +35,6 @@ def groups(prompt_ids: Sequence[int]) -> tuple[list[int], torch.Tensor]:
     return list(first.values()), torch.tensor([order[p] for p in prompt_ids], dtype=torch.long)
 
 
-def repeats(prompt_ids: Sequence[int] | None) -> bool:
-    """Whether some prompt has several rows."""
-    return prompt_ids is not None and len(set(prompt_ids)) < len(prompt_ids)
-
-
 def caches_in_forward(backbone: nn.Module) -> bool:
     """False where a forward would drop a KV cache: activation checkpointing in a training forward that wants
     gradients (transformers then runs the layers without one)."""

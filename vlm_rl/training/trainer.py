@@ -355,6 +355,12 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         if self.multi_turn is not None:
             return self.make_multi_turn_rollout(samples, generation_config)
         first, rows = distinct_prompts(samples) if self.args.share_prompts else (range(len(samples)), None)
+        if self.args.share_prompts and self.accelerator.num_processes > 1:
+            # Sharing runs other forwards (a prefill, a prompt pass): over sharded weights each forward is a sequence
+            # of collectives, so every rank shares (rows of its own prompts where none repeat) or none does.
+            anywhere = self.sum_over_ranks(torch.tensor(float(rows is not None), device=self.accelerator.device))
+            if anywhere.item() > 0 and rows is None:
+                rows = list(range(len(samples)))
         query = encode_prompts(self.processor, [samples[i] for i in first], self.args.max_prompt_length)
         query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
         rows = None if rows is None else torch.tensor(rows, device=self.accelerator.device)
