@@ -130,7 +130,6 @@ def test_openai_image_parts_were_never_dropped(tmp_path):
 @pytest.mark.parametrize(
     "part, named",
     [
-        ({"type": "video", "video": "clip.mp4"}, "video parts are not supported yet"),
         ({"type": "input_audio", "input_audio": {"data": "..."}}, "audio is not supported"),
         ({"type": "image_file", "file_id": "x"}, "content part of type 'image_file' is not understood"),
     ],

@@ -22,11 +22,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from vlm_rl.data.errors import field_error
+
+if TYPE_CHECKING:
+    from vlm_rl.data.videos import VideoResize
 
 # Per-image sizing options of a Qwen part ({"type": "image", "image": ..., "max_pixels": ...}), read by fetch_image.
 RESIZE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
@@ -47,11 +50,13 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class ImageResize:
-    """A Qwen-family processor's image sizing: sides a multiple of `patch_size * 2`, area in [min_pixels, max_pixels]."""
+    """A Qwen-family processor's image sizing: sides a multiple of `patch_size * 2`, area in [min_pixels, max_pixels];
+    `video`: its video processor's frame sizing (`vlm_rl.data.videos`), which travels with it to the dataset."""
 
     patch_size: int
     min_pixels: int
     max_pixels: int
+    video: VideoResize | None = None
 
     def apply(self, image: Image.Image, options: dict[str, int], where: str, field_name: str) -> Image.Image:
         """`image` resized by qwen-vl-utils' `fetch_image` with these bounds, or the part's own `options`."""

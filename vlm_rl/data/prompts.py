@@ -1,27 +1,64 @@
-"""Prompts into model inputs: chat template and processor, left-padded, never cut through their images."""
+"""Prompts into model inputs: chat template and processor, left-padded, never cut through their images or videos."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 
+from vlm_rl.data.errors import DataError
 from vlm_rl.data.formats import PromptDataset
 
 logger = logging.getLogger(__name__)
+
+COUNT_KEYS = ("num_images", "num_videos")  # what `encode_prompts` adds to the processor's tensors: no model input
 
 
 class PromptTooLongError(ValueError):
     """A prompt (image tokens included) exceeds max_prompt_length; prompts are never cut through their images."""
 
 
+def takes_video(processor) -> bool:
+    """Whether the processor reads videos (the Qwen families' do; LLaVA's reads images only)."""
+    return getattr(processor, "video_processor", None) is not None
+
+
+def no_video_problem(processor) -> str:
+    return (f"a video, but the model's processor ({type(processor).__name__}) takes no video (LLaVA-style models read "
+            "images only). Use a Qwen-VL model for video data, or drop the row")
+
+
+def model_inputs(query: dict) -> dict:
+    """`encode_prompts`' output without its per-sample counts: the keyword arguments of `generate` and a forward."""
+    return {k: v for k, v in query.items() if k not in COUNT_KEYS}
+
+
+def _video_kwargs(samples: list[dict]) -> dict:
+    """The processor's video arguments for the batch's videos (`vlm_rl.data.videos.Video`), already sampled and
+    sized by qwen-vl-utils: no frame sampling again; each video's metadata (Qwen2.5-VL's time steps, Qwen3-VL's
+    timestamps); qwen-vl-utils' per-frame pixel cap (transformers' `cap_pixels_per_frame`), which keeps the frames."""
+    videos = [video for s in samples for video in s.get("videos") or ()]
+    if not videos:
+        return {}
+    return {
+        "videos": [video.frames for video in videos],
+        "video_metadata": [video.metadata() for video in videos],
+        "videos_kwargs": {"do_sample_frames": False, "cap_pixels_per_frame": True},
+    }
+
+
 def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None = None) -> dict:
     """Chat-template and process a batch of normal-form samples, left-padded.
 
-    Returns the processor's tensors, ready for `generate`: `input_ids, attention_mask (B, T_q)`, and by family
-    (vlm_rl.models.families) the Qwen families' `mm_token_type_ids (B, T_q)`, `pixel_values (N_patches, D)` and
-    `image_grid_thw (N_images, 3)`, or LLaVA's `pixel_values (N_images, 3, H, W)`; plus `num_images` (list, per
-    sample).
+    Returns the processor's tensors, ready for `generate` (`model_inputs`): `input_ids, attention_mask (B, T_q)`, and
+    by family (vlm_rl.models.families) the Qwen families' `mm_token_type_ids (B, T_q)`, `pixel_values (N_patches, D)`
+    and `image_grid_thw (N_images, 3)`, or LLaVA's `pixel_values (N_images, 3, H, W)`; plus `num_images` (list, per
+    sample). When a sample has videos: `pixel_values_videos (N_video_patches, D)`, `video_grid_thw (N_videos, 3)`
+    (Qwen2.5-VL: `second_per_grid_ts (N_videos,)`) and `num_videos` (list, per sample).
     """
+    video_kwargs = _video_kwargs(samples)
+    if video_kwargs and not takes_video(processor):
+        names = [s.get("_source", f"sample {i}") for i, s in enumerate(samples) if s.get("videos")]
+        raise DataError(f"{', '.join(names)}: {no_video_problem(processor)}")
     texts = [processor.apply_chat_template(s["prompt"], add_generation_prompt=True, tokenize=False) for s in samples]
     images = [image for s in samples for image in s["images"]]
     batch = processor(
@@ -30,9 +67,12 @@ def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None
         return_tensors="pt",
         padding=True,
         padding_side="left",
+        **video_kwargs,
     )
     batch = dict(batch)
     batch["num_images"] = [len(s["images"]) for s in samples]
+    if video_kwargs:
+        batch["num_videos"] = [len(s.get("videos") or ()) for s in samples]
     if max_prompt_length is not None:
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         too_long = [(s.get("_source", f"sample {i}"), n) for i, (s, n) in enumerate(zip(samples, lengths)) if n > max_prompt_length]
@@ -55,7 +95,7 @@ def prompt_lengths(processor, samples: Sequence[dict], batch_size: int = 32) -> 
 
 
 def drop_long_prompts(processor, dataset: PromptDataset, max_prompt_length: int) -> PromptDataset:
-    """`dataset` without the prompts longer than `max_prompt_length` (image tokens included).
+    """`dataset` without the prompts longer than `max_prompt_length` (image and video tokens included).
 
     Dropped before batching, identically on every rank, so that every rank keeps full batches.
     """

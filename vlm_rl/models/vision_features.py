@@ -6,6 +6,11 @@ takes the vision encoder's output instead of `pixel_values` (`mm_encoder_outputs
 still go in (`Family.position_inputs`: M-RoPE's `mm_token_type_ids` and `image_grid_thw`, LLaVA's `position_ids`).
 The vision encoder is the tower, plus LLaVA's projector, which sits outside it (`vision_encoder`).
 
+Videos go through the same tower (`get_video_features`) once per rollout too (`encode_videos`); their features
+travel in an `ImageFeatures` of their own (one entry per video) and go in as `mm_encoder_outputs["video"]`. A
+forward takes encoded features for every kind it holds or for none (transformers refuses pixels beside encoded
+features).
+
 Reuse is exact or off. `ImageFeatures` records which towers they stand for (the one that encoded them and
 those proven to hold the same weights), and the autocast state they were computed in; a forward uses them
 only when its model's tower is one of those and it runs in the same autocast state, else it encodes its own
@@ -116,16 +121,16 @@ class ImageFeatures:
             return False  # a forward that wants the encoder's gradients must run it
         return not self.per_image or autocast_state(self.per_image[0].device) == self.autocast
 
-    def encoder_outputs(self) -> dict[str, BaseModelOutputWithPooling]:
+    def encoder_outputs(self, modality: str = "image") -> dict[str, BaseModelOutputWithPooling]:
         """`mm_encoder_outputs` for a forward or `generate` of any family: a new dict per call (the forward fills
-        the dict it is given)."""
+        the dict it is given). `modality`: "image", or "video" for the features of videos."""
         if self.deepstack is None:
-            return {"image": BaseModelOutputWithPooling(pooler_output=self.per_image)}
+            return {modality: BaseModelOutputWithPooling(pooler_output=self.per_image)}
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
         levels = len(self.deepstack[0]) if self.deepstack else 0
         deepstack = [tuple(image[level] for image in self.deepstack) for level in range(levels)]
-        return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=self.per_image, deepstack_features=deepstack)}
+        return {modality: BaseModelOutputWithDeepstackFeatures(pooler_output=self.per_image, deepstack_features=deepstack)}
 
     def select(self, images: Iterable[int]) -> ImageFeatures:
         images = list(images)
@@ -156,6 +161,37 @@ def encode_images(
         autocast=autocast_state(pixel_values.device),
         deepstack=deepstack,
     )
+
+
+PIXEL_KEYS = {"image": "pixel_values", "video": "pixel_values_videos"}  # each kind's pixels among a forward's inputs
+
+
+def with_encoded_features(model: nn.Module, inputs: dict, features: dict[str, ImageFeatures | None]) -> dict:
+    """`inputs` (a forward's or `generate`'s keyword arguments) with the pixels of each kind they hold ("image",
+    "video") replaced by that kind's encoded `features` (`mm_encoder_outputs`), when `model` may use the features of
+    every kind present (`ImageFeatures.usable_by`); else `inputs` as they are (transformers takes pixels or encoded
+    features, never both)."""
+    present = [kind for kind, key in PIXEL_KEYS.items() if inputs.get(key) is not None]
+    if not present or any(features.get(kind) is None or not features[kind].usable_by(model) for kind in present):
+        return inputs
+    encoded = {PIXEL_KEYS[kind] for kind in present}
+    out = {k: v for k, v in inputs.items() if k not in encoded}
+    out["mm_encoder_outputs"] = {kind: features[kind].encoder_outputs(kind)[kind] for kind in present}
+    return out
+
+
+@torch.no_grad()
+def encode_videos(model: nn.Module, videos: Images, towers: Iterable[int] = ()) -> ImageFeatures:
+    """Run `model`'s vision encoder once over the batch's videos (`pixel_values_videos`, `video_grid_thw`; no grad, in
+    the current autocast state): one entry per video, for `mm_encoder_outputs["video"]`. `towers` as for
+    `encode_images`."""
+    base = vision_backbone(model)
+    pixels = videos["pixel_values_videos"]
+    out = base.get_video_features(pixel_values_videos=pixels, video_grid_thw=videos["video_grid_thw"], return_dict=True)
+    levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per video
+    deepstack = None if levels is None else tuple(zip(*levels)) if levels else tuple(() for _ in out.pooler_output)
+    towers = frozenset({id(vision_tower(base)), *towers})
+    return ImageFeatures(per_image=tuple(out.pooler_output), towers=towers, autocast=autocast_state(pixels.device), deepstack=deepstack)
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The rollout batch: padded query|response, masks, image tensors (and their encoded features), and selection
-into micro-batches."""
+"""The rollout batch: padded query|response, masks, image and video tensors (and their encoded features), and
+selection into micro-batches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 
 from vlm_rl.models.families import Family, Images, join_images
 from vlm_rl.rollout.generation import first_eos_mask
-from vlm_rl.models.vision_features import ImageFeatures
+from vlm_rl.models.vision_features import ImageFeatures, with_encoded_features
+from vlm_rl.rollout.videos import VideoBatch
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Rollout:
     sources: list[str]
     family: Family
     image_features: ImageFeatures | None = None  # the vision tower's output per image, encoded once (vision_features.py)
+    videos: VideoBatch | None = None  # the rows' videos (rollout/videos.py); None when no row holds one
 
     @classmethod
     def from_generation(
@@ -40,9 +42,10 @@ class Rollout:
         sources: list[str],
         family: Family,
         image_features: ImageFeatures | None = None,
+        video_features: ImageFeatures | None = None,
     ) -> Rollout:
         """Cut each response after its first eos (the rest becomes pad, masked out) and join it to its query
-        (`encode_prompts`' output for a model of `family`)."""
+        (`encode_prompts`' output for a model of `family`, videos included)."""
         response_mask, has_eos = first_eos_mask(response_ids, eos_ids)  # (B, T_r), (B,)
         response_ids = response_ids.masked_fill(~response_mask, pad_id)
         token_types = query.get("mm_token_type_ids")
@@ -59,6 +62,7 @@ class Rollout:
             sources=list(sources),
             family=family,
             image_features=image_features,
+            videos=VideoBatch.from_query(query, family, video_features),
         )
 
     def __len__(self) -> int:
@@ -81,25 +85,30 @@ class Rollout:
         """The image tensors of each image, in batch order."""
         return self.family.image_layout.split(self.images()) if sum(self.num_images) else []
 
+    def num_videos(self) -> list[int]:
+        """Videos per row."""
+        return list(self.videos.counts) if self.videos is not None else [0] * len(self)
+
     def model_inputs(self, model: torch.nn.Module | None = None) -> dict:
         """Keyword arguments for a forward over query|response: the positions `generate` used
-        (`Family.position_inputs`), and the images.
+        (`Family.position_inputs`), and the images and videos.
 
-        The images go in as the encoded `image_features` when `model` may use them exactly (its vision tower is
-        one they stand for, see `ImageFeatures.usable_by`), else as `pixel_values` (+ `image_grid_thw`)."""
+        They go in as their encoded features when `model` may use them exactly (its vision tower is one they stand
+        for, see `ImageFeatures.usable_by`; images and videos alike), else as `pixel_values` (+ `image_grid_thw`) and
+        `pixel_values_videos` (+ `video_grid_thw`)."""
         images = self.images() if sum(self.num_images) else {}
+        videos = self.videos.tensors if self.videos is not None else {}
         inputs = {
             "input_ids": self.query_response,
             "attention_mask": self.attention_mask,
-            **self.family.position_inputs(self.attention_mask, self.mm_token_type_ids, images),
+            **self.family.position_inputs(self.attention_mask, self.mm_token_type_ids, images, videos),
+            **images,
+            **videos,
         }
-        if not sum(self.num_images):
+        if model is None:
             return inputs
-        if model is not None and self.image_features is not None and self.image_features.usable_by(model):
-            inputs["mm_encoder_outputs"] = self.image_features.encoder_outputs()
-        else:
-            inputs.update(images)
-        return inputs
+        features = {"image": self.image_features, "video": self.videos.features if self.videos is not None else None}
+        return with_encoded_features(model, inputs, features)
 
     def select(self, indices: list[int] | torch.Tensor) -> Rollout:
         """The rows `indices`, with their images' tensors (and encoded features) in the same order."""
@@ -121,13 +130,14 @@ class Rollout:
             pixel_values=images.get("pixel_values"),
             image_grid_thw=images.get("image_grid_thw"),
             image_features=image_features,
+            videos=None if self.videos is None else self.videos.select(indices),
             num_images=[self.num_images[i] for i in indices],
             sources=[self.sources[i] for i in indices],
         )
 
     def to(self, device: torch.device | str) -> Rollout:
         moved = {
-            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), (torch.Tensor, ImageFeatures)) else getattr(self, f.name)
+            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), (torch.Tensor, ImageFeatures, VideoBatch)) else getattr(self, f.name)
             for f in fields(self)
         }
         return Rollout(**moved)

@@ -9,7 +9,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from vlm_rl.models.families import ALL_VISION_TOKENS
-from vlm_rl.models.vision_features import ImageFeatures
+from vlm_rl.models.vision_features import ImageFeatures, with_encoded_features
 
 EOS_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 PAD_TOKEN = "<|endoftext|>"
@@ -125,19 +125,19 @@ def generate_responses(
     synced_gpus: bool = False,
     image_features: ImageFeatures | None = None,
     seed: int | None = None,
+    video_features: ImageFeatures | None = None,
 ) -> torch.Tensor:
     """One `generate` for the whole left-padded batch. Returns the new tokens `(B, T_r)`, T_r <= max_new_tokens.
 
     `synced_gpus`: every rank keeps stepping until all have finished (needed when the weights stay sharded).
-    `image_features`: the batch's images already encoded; used instead of `pixel_values` where `model` may use them.
+    `image_features`, `video_features`: the batch's images and videos already encoded; used instead of the pixels
+    where `model` may use them (for every kind the batch holds, or for none).
     `seed`: sample from a generator seeded with it, leaving the global RNG streams as they were; a synced rank
     that has finished keeps drawing until all have, so without it the draws after `generate` would depend on how
     long the other ranks decoded."""
     if "attention_mask" in inputs and inputs["attention_mask"][:, -1].eq(0).any():
         raise ValueError("prompts must be left-padded for batched generation (set processor.tokenizer.padding_side='left')")
-    if image_features is not None and "pixel_values" in inputs and image_features.usable_by(model):
-        inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
-        inputs["mm_encoder_outputs"] = image_features.encoder_outputs()
+    inputs = with_encoded_features(model, inputs, {"image": image_features, "video": video_features})
     devices = rng_devices(inputs["input_ids"].device)
     with generation_config_swapped(model, generation_config), torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:

@@ -26,12 +26,13 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> torch.Tensor:
     """Last hidden states at the positions that predict response tokens. (B, T_r, H)
 
-    M-RoPE positions are recomputed from this batch's own attention_mask, mm_token_type_ids and
-    image_grid_thw (no past_key_values), so a `rope_deltas` cached by an earlier `generate` never leaks in.
-    The images go in as the rollout's encoded features where `model` may use them exactly, else as pixels.
+    M-RoPE positions are recomputed from this batch's own attention_mask, mm_token_type_ids, image_grid_thw and
+    video_grid_thw (+ Qwen2.5-VL's second_per_grid_ts) (no past_key_values), so a `rope_deltas` cached by an earlier
+    `generate` never leaks in. The images and videos go in as the rollout's encoded features where `model` may use
+    them exactly, else as pixels.
     """
     inputs = rollout.model_inputs(model)
-    check_model_inputs(model, inputs, rollout.num_images, rollout.sources, where)
+    check_model_inputs(model, inputs, rollout.num_images, rollout.sources, where, rollout.num_videos())
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = base if not hasattr(base, "lm_head") else causal_lm_parts(model)[0]  # a separate critic is a backbone
     if hasattr(backbone, "rope_deltas"):

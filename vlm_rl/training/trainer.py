@@ -43,7 +43,7 @@ from vlm_rl.algorithms.losses import policy_loss, value_loss
 from vlm_rl.algorithms.masking import masked_mean
 from vlm_rl.atomic import atomic_file
 from vlm_rl.data.formats import PromptDataset
-from vlm_rl.data.prompts import drop_long_prompts, encode_prompts
+from vlm_rl.data.prompts import drop_long_prompts, encode_prompts, model_inputs
 from vlm_rl.errors import ConfigError
 from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_requires_grad
 from vlm_rl.models.families import family_of
@@ -58,7 +58,7 @@ from vlm_rl.models.sharding import (
     unsharded_roots,
     zero_stage,
 )
-from vlm_rl.models.vision_features import ImageFeatures, encode_images, plan_sharing, tower_trains
+from vlm_rl.models.vision_features import ImageFeatures, encode_images, encode_videos, plan_sharing, tower_trains
 from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
 from vlm_rl.rollout.integrity import check_model_inputs
@@ -283,28 +283,35 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         (with the rollout's sampling config unless another is given)."""
         query = encode_prompts(self.processor, samples, self.args.max_prompt_length)
         query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
-        generate_inputs = {k: v for k, v in query.items() if k != "num_images"}
+        generate_inputs = model_inputs(query)
         sources = [s["_source"] for s in samples]
         gather = self.args.ds3_gather_for_generation
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as unwrapped, unsharded_roots([self.model_wrapped], self.accelerator), self.accelerator.autocast():
             # (autocast: sample from the distribution the bf16 forwards compute)
-            check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], sources, "rollout generate")
-            features = self.encode_images(unwrapped.policy, query)
+            check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], sources, "rollout generate", query.get("num_videos"))
+            features, video_features = self.encode_images(unwrapped.policy, query)
             # Sharded weights (FSDP2, ZeRO-3 not gathered): every rank runs every decoding step (its shards are needed).
             synced = is_fsdp2(self.accelerator) or (zero_stage(self.accelerator) == 3 and not gather)
             config = generation_config or self.generation_config
             seed = int(torch.randint(2**62, ()))  # this rank's stream moves on by one draw, however long decoding runs
-            responses = generate_responses(unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed)
-        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources, family_of(unwrapped.policy), image_features=features)
+            responses = generate_responses(
+                unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, video_features=video_features
+            )
+        return Rollout.from_generation(
+            query, responses, self.eos_ids, self.pad_id, sources, family_of(unwrapped.policy), image_features=features, video_features=video_features
+        )
 
-    def encode_images(self, policy: nn.Module, query: dict) -> ImageFeatures | None:
-        """Each image of the batch through the policy's vision tower once, for every later forward of the rollout
-        that may use the features exactly (generate, old policy, value, reference, reward model, training epochs)."""
-        if not self.sharing.enabled or query.get("pixel_values") is None or tower_trains(policy):
-            return None
-        return encode_images(policy, query["pixel_values"], query.get("image_grid_thw"), self.sharing.towers)
+    def encode_images(self, policy: nn.Module, query: dict) -> tuple[ImageFeatures | None, ImageFeatures | None]:
+        """Each image and each video of the batch through the policy's vision tower once, for every later forward of
+        the rollout that may use the features exactly (generate, old policy, value, reference, reward model, training
+        epochs): (image features, video features), None for a kind the batch does not hold."""
+        if not self.sharing.enabled or tower_trains(policy):
+            return None, None
+        images = None if query.get("pixel_values") is None else encode_images(policy, query["pixel_values"], query.get("image_grid_thw"), self.sharing.towers)
+        videos = None if query.get("pixel_values_videos") is None else encode_videos(policy, query, self.sharing.towers)
+        return images, videos
 
     @torch.no_grad()
     def score(self, rollout: Rollout, samples: list[dict]) -> dict[str, torch.Tensor | dict]:
