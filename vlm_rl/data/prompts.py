@@ -32,13 +32,17 @@ def model_inputs(query: dict) -> dict:
     return {k: v for k, v in query.items() if k not in COUNT_KEYS}
 
 
-def _video_kwargs(samples: list[dict]) -> dict:
+def video_kwargs(processor, samples: list[dict]) -> dict:
     """The processor's video arguments for the batch's videos (`vlm_rl.data.videos.Video`), already sampled and
     sized by qwen-vl-utils: no frame sampling again; each video's metadata (Qwen2.5-VL's time steps, Qwen3-VL's
-    timestamps); qwen-vl-utils' per-frame pixel cap (transformers' `cap_pixels_per_frame`), which keeps the frames."""
+    timestamps); qwen-vl-utils' per-frame pixel cap (transformers' `cap_pixels_per_frame`), which keeps the frames.
+    A DataError naming the samples when the processor takes no video."""
     videos = [video for s in samples for video in s.get("videos") or ()]
     if not videos:
         return {}
+    if not takes_video(processor):
+        names = [s.get("_source", f"sample {i}") for i, s in enumerate(samples) if s.get("videos")]
+        raise DataError(f"{', '.join(names)}: {no_video_problem(processor)}")
     return {
         "videos": [video.frames for video in videos],
         "video_metadata": [video.metadata() for video in videos],
@@ -55,10 +59,7 @@ def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None
     sample). When a sample has videos: `pixel_values_videos (N_video_patches, D)`, `video_grid_thw (N_videos, 3)`
     (Qwen2.5-VL: `second_per_grid_ts (N_videos,)`) and `num_videos` (list, per sample).
     """
-    video_kwargs = _video_kwargs(samples)
-    if video_kwargs and not takes_video(processor):
-        names = [s.get("_source", f"sample {i}") for i, s in enumerate(samples) if s.get("videos")]
-        raise DataError(f"{', '.join(names)}: {no_video_problem(processor)}")
+    videos = video_kwargs(processor, samples)
     texts = [processor.apply_chat_template(s["prompt"], add_generation_prompt=True, tokenize=False) for s in samples]
     images = [image for s in samples for image in s["images"]]
     batch = processor(
@@ -67,11 +68,11 @@ def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None
         return_tensors="pt",
         padding=True,
         padding_side="left",
-        **video_kwargs,
+        **videos,
     )
     batch = dict(batch)
     batch["num_images"] = [len(s["images"]) for s in samples]
-    if video_kwargs:
+    if videos:
         batch["num_videos"] = [len(s.get("videos") or ()) for s in samples]
     if max_prompt_length is not None:
         lengths = batch["attention_mask"].sum(dim=1).tolist()
