@@ -1,9 +1,9 @@
 """Synthetic video questions: short clips of the shapes scenes whose one-word answers need more than one frame.
 
 `motion`: one shape starts at the centre of the canvas and moves left, right, up or down ("Which way does the red
-square move?"). `appear`: three shapes of different colours appear one after another, each in its own quarter of
-the canvas ("Which colour appears last?"). In both, the first frame is the same whatever the answer (the direction
-of motion, the colour that comes last), so a model shown only the first frame is at chance; the answer is in how
+square move?"). `appear`: three shapes of different colours appear one after another on an empty canvas, each in its own quarter
+("Which colour appears last?"). In both, the first frame is the same whatever the answer (the shape at the centre
+whatever its direction; an empty canvas), so a model shown only the first frame is at chance; the answer is in how
 the frames differ.
 
 Each clip is written twice: as an mp4 (H.264, lossless RGB, `FPS` frames per second, so that qwen-vl-utils' default
@@ -40,7 +40,8 @@ CLIP_QUESTIONS = {
 @dataclass(frozen=True)
 class Clip:
     """A clip's content: for `motion`, one shape (colours[0], shapes[0]) and its `direction`; for `appear`, three
-    shapes in order of appearance at `places` (quarter indices), appearing at frames `starts`."""
+    shapes in order of appearance at `places` (quarter indices), appearing at frames `starts` (the first at frame 1:
+    frame 0 is empty)."""
 
     task: str
     colours: tuple[str, ...]
@@ -65,10 +66,10 @@ def random_clip(task: str, rng: random.Random) -> Clip:
         jitter = (rng.randint(-1, 1), rng.randint(-1, 1))
         return Clip(task, (rng.choice(COLOURS),), (rng.choice(SHAPES),), direction=rng.choice(DIRECTIONS), jitter=jitter)
     if task == "appear":
-        second = rng.randint(2, 3)
+        second = 1 + rng.randint(2, 3)
         return Clip(
             task, tuple(rng.sample(COLOURS, 3)), tuple(rng.choice(SHAPES) for _ in range(3)),
-            places=tuple(rng.sample(range(4), 3)), starts=(0, second, second + rng.randint(2, 3)),
+            places=tuple(rng.sample(range(4), 3)), starts=(1, second, second + rng.randint(2, 3)),
         )
     raise ValueError(f"unknown clip task {task!r}; choose from {CLIP_TASKS}")
 

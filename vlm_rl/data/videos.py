@@ -166,18 +166,27 @@ def _checked_options(ref: VideoRef, from_file: bool, where: str) -> dict:
     return options
 
 
-def _probe(path: Path, backend: str, where: str, field_name: str) -> None:
-    """Open the file with the backend, so that a file it cannot read is an error naming it (qwen-vl-utils would
-    fall back to torchvision's reader and report that one's failure instead)."""
+def _probe(path: Path, backend: str, element: dict, where: str, field_name: str) -> None:
+    """Open the file with the backend and check the part's sampling options against its length and rate with
+    qwen-vl-utils' own rules, so that a file the backend cannot read, or a sampling it cannot do, is an error naming
+    the row (`fetch_video` would fall back to torchvision's reader, which fails in this environment, and report that)."""
     if backend != "decord":
         return
     import decord
+    from qwen_vl_utils import vision_process
 
     try:
-        decord.VideoReader(str(path))
+        reader = decord.VideoReader(str(path))
     except Exception as e:
         raise field_error(where, field_name, f"video file {path} cannot be decoded by decord ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                           "Re-encode it (e.g. H.264 in .mp4) or give its frames as images.") from None
+    total, fps = len(reader), reader.get_avg_fps()
+    try:
+        _, _, in_range = vision_process.calculate_video_frame_range(element, total, fps)
+        vision_process.smart_nframes(element, total_frames=in_range, video_fps=fps)
+    except (ValueError, AssertionError) as e:
+        raise field_error(where, field_name, f"video {path} ({total} frames at {fps:g} fps) cannot be sampled so ({e})",
+                          "Fix the part's fps, nframes, min_frames, max_frames, video_start or video_end.") from None
 
 
 def open_video(ref: Any, base_dir: Path, where: str, resize: VideoResize | None = None) -> Video:
@@ -195,15 +204,14 @@ def open_video(ref: Any, base_dir: Path, where: str, resize: VideoResize | None 
         path = _local_path(ref.source, base_dir, where, ref.field_name)
         if not path.exists():
             raise field_error(where, ref.field_name, f"video file {path} does not exist", "Fix the path (relative to the data file) or remove the row.")
-        backend = video_backend()
-        _probe(path, backend, where, ref.field_name)
+        _probe(path, video_backend(), element, where, ref.field_name)
         element["video"], name = str(path), str(ref.source if isinstance(ref.source, str) else path)
     else:
         element["video"] = [to_rgb(read_image(source, base_dir, where, name)) for source, name in frames]
         name = str(ref.source) if isinstance(ref.source, str) else f"{len(frames)} frames"
     try:
         video, metadata = fetch_video(element, image_patch_size=resize.patch_size if resize else 14, return_video_metadata=True)
-    except (ValueError, AssertionError, RuntimeError) as e:  # too few frames, a bad range, min_pixels > max_pixels, ...
+    except Exception as e:  # min_pixels > max_pixels, an aspect ratio over 200, a decoder failure, ...
         raise field_error(where, ref.field_name, f"video {name} cannot be sampled or sized ({e or 'bad options'})",
                           f"Fix the video or its options ({', '.join(VIDEO_OPTIONS)}).") from None
     indices = metadata["frames_indices"]
