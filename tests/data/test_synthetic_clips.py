@@ -24,7 +24,7 @@ def centre_of_shape(frame: np.ndarray) -> np.ndarray:
 
 def direction_seen(frames: np.ndarray) -> str:
     dx, dy = centre_of_shape(frames[-1]) - centre_of_shape(frames[0])
-    return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+    return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("bottom" if dy > 0 else "top")
 
 
 def last_colour_seen(frames: np.ndarray) -> str:

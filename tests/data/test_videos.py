@@ -27,7 +27,7 @@ def clips(tmp_path_factory) -> Path:
     """Two clips, each as clips/NAME.mp4 and frames/NAME/*.png."""
     root = tmp_path_factory.mktemp("clips")
     write_clip(Clip("motion", ("red",), ("square",), direction="right"), root, "right")
-    write_clip(Clip("motion", ("blue",), ("circle",), direction="up"), root, "up")
+    write_clip(Clip("motion", ("blue",), ("circle",), direction="top"), root, "up")
     return root
 
 

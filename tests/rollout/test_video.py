@@ -24,6 +24,7 @@ from vlm_rl.models.critic import Critic, PolicyAndValue
 from vlm_rl.models.families import get_family
 from vlm_rl.models.loading import image_resize, load_processor
 from vlm_rl.models.value_head import ValueHead
+from vlm_rl.models.vision_features import encode_images, encode_videos, with_encoded_features
 from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.rollout.integrity import MultimodalIntegrityError, check_model_inputs
@@ -83,9 +84,10 @@ def test_each_family_spaces_a_clips_temporal_positions_its_own_way(family, model
     (`second_per_grid_ts`: 0.5 s per patch of the 4-fps clip, 1 s at 2 fps); Qwen3-VL: a timestamp in text before
     each temporal patch, so each patch starts where its text leaves off."""
     spec = get_family(family)
-    gaps = []
+    gaps, texts = [], []
     for sample in (samples[0], samples[4]):  # 4 fps, 2 fps
         query = encode_prompts(processor, [sample])
+        texts.append(processor.tokenizer.decode(query["input_ids"][0]))
         inputs = model_inputs(query)
         videos = {k: inputs[k] for k in spec.video_layout.keys if k in inputs}
         positions, _ = model.model.get_rope_index(
@@ -102,6 +104,9 @@ def test_each_family_spaces_a_clips_temporal_positions_its_own_way(family, model
         assert gaps == [[step // 2] * 3, [step] * 3]
     else:
         assert gaps[0] == gaps[1] and min(gaps[0]) > 1  # after each patch's text timestamp, whatever the rate
+        # each temporal patch's mean time, from the frames' indices and the rate: (0 + 1) / 2 / 4 fps = 0.125 s, ...
+        assert [t for t in ("<0.1 seconds>", "<0.6 seconds>", "<1.1 seconds>", "<1.6 seconds>") if t in texts[0]] == ["<0.1 seconds>", "<0.6 seconds>", "<1.1 seconds>", "<1.6 seconds>"]
+        assert all(f"<{t} seconds>" in texts[1] for t in ("0.2", "1.2", "2.2", "3.2"))  # 2 fps: 0.25 s, 1.25 s, ...
 
 
 @VIDEO_FAMILIES
@@ -175,6 +180,19 @@ def test_select_keeps_each_rows_own_videos(family, processor, samples):
     for key in get_family(family).video_layout.keys:
         assert torch.equal(picked.videos.tensors[key], torch.cat([a[key] for a in alone])), key
     assert picked.num_videos() == [1, 0, 1] and rollout.select([2, 3]).videos is None
+
+
+@VIDEO_FAMILIES
+def test_a_forward_takes_encoded_features_for_every_kind_or_for_none(family, model, processor, samples):
+    query = encode_prompts(processor, samples[:2])  # a clip; a clip and a picture
+    inputs = model_inputs(query)
+    images = encode_images(model, query["pixel_values"], query["image_grid_thw"])
+    videos = encode_videos(model, query)
+    assert with_encoded_features(model, inputs, {"image": images, "video": None}) is inputs  # pixels for both kinds
+    encoded = with_encoded_features(model, inputs, {"image": images, "video": videos})
+    assert set(encoded["mm_encoder_outputs"]) == {"image", "video"} and not {"pixel_values", "pixel_values_videos"} & set(encoded)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, model(**encoded).logits)  # the same numbers, the tower run once
 
 
 @VIDEO_FAMILIES

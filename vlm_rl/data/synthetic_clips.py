@@ -1,7 +1,7 @@
 """Synthetic video questions: short clips of the shapes scenes whose one-word answers need more than one frame.
 
-`motion`: one shape starts at the centre of the canvas and moves left, right, up or down ("Which way does the red
-square move?"). `appear`: three shapes of different colours appear one after another on an empty canvas, each in its own quarter
+`motion`: one shape starts at the centre of the canvas and moves to the left, right, top or bottom ("Which side
+does the red square move to?"; the four sides are single tokens of the tiny tokenizer, as the image tasks' words are). `appear`: three shapes of different colours appear one after another on an empty canvas, each in its own quarter
 ("Which colour appears last?"). In both, the first frame is the same whatever the answer (the shape at the centre
 whatever its direction; an empty canvas), so a model shown only the first frame is at chance; the answer is in how
 the frames differ.
@@ -18,21 +18,21 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlm_rl.data.synthetic import COLOURS, RGB, SHAPES
+from vlm_rl.data.synthetic import COLOURS, POSITIONS, RGB, SHAPES
 
 CLIP_TASKS = ["motion", "appear"]
-DIRECTIONS = ["left", "right", "up", "down"]
+DIRECTIONS = POSITIONS  # left, right, top, bottom: the side a moving shape moves to
 FRAMES = 8  # 4 temporal patches of 2 frames
 FPS = 2  # qwen-vl-utils samples 2 frames per second by default: every frame of these clips
 SIZE = 56  # pixels per side: 2x2 vision tokens per temporal patch for a 14-px patch, 16 tokens per clip
 STEP = 3  # pixels a moving shape travels per frame (21 in all: it ends at the edge)
 SIDE = 12  # a shape's side in pixels
 BACKGROUND = (250, 250, 250)
-_MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+_MOVES = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
 _QUARTERS = [(14, 14), (42, 14), (14, 42), (42, 42)]  # centres of the four quarters (one merged vision token each)
 
 CLIP_QUESTIONS = {
-    "motion": "Which way does the {colour} {shape} move: left, right, up or down? Answer with one word.",
+    "motion": "Which side does the {colour} {shape} move to: left, right, top or bottom? Answer with one word.",
     "appear": "Which colour appears last? Answer with one word.",
 }
 
