@@ -64,9 +64,10 @@ def textbook(c: dict, n: int, bf16: bool, sharded: tuple[str, ...]) -> dict:
 
 def ddp_layout(c: dict, n: int, bf16: bool) -> dict:
     """DDP as vlm-rl runs it: the policy's weights fp32 whole on every rank (the master weights; bf16 is autocast),
-    fp32 gradients and AdamW moments of the trained ones, the frozen reference in the compute dtype."""
+    fp32 gradients and AdamW moments of the trained ones, the frozen reference held as the policy is (fp32: under
+    the same autocast it computes the policy's own starting logprobs)."""
     t = c["trainable"]
-    return {"weights": 4 * c["params"], "grads": 4 * t, "adam": 8 * t, "reference": (2 if bf16 else 4) * c["reference"]}
+    return {"weights": 4 * c["params"], "grads": 4 * t, "adam": 8 * t, "reference": 4 * c["reference"]}
 
 
 def deepspeed_layout(stage: int):
@@ -85,9 +86,9 @@ def deepspeed_layout(stage: int):
 
 def fsdp2_layout(c: dict, n: int, bf16: bool) -> dict:
     """FSDP2: the fp32 weights sharded 1/n (they are the master weights; bf16 compute gathers a
-    layer at a time), fp32 gradients and moments 1/n, the reference sharded the same way in the compute dtype."""
+    layer at a time), fp32 gradients and moments 1/n, the reference held and sharded as the policy is."""
     t = c["trainable"]
-    return {"weights": 4 * c["params"] / n, "grads": 4 * t / n, "adam": 8 * t / n, "reference": (2 if bf16 else 4) * c["reference"] / n}
+    return {"weights": 4 * c["params"] / n, "grads": 4 * t / n, "adam": 8 * t / n, "reference": 4 * c["reference"] / n}
 
 
 @dataclass

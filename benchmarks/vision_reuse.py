@@ -63,6 +63,7 @@ def train_step(args, model_dir: Path, samples: list[dict], device: torch.device)
         return logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     (lp_pixels, grads_pixels), (lp_features, grads_features) = step(pixels), step(features)
+    # exact: the features come from the same get_image_features call on the same pixel batch as the pixel path's
     exact = torch.equal(lp_pixels, lp_features) and all(torch.equal(grads_pixels[n], grads_features[n]) for n in grads_pixels)
     times = {"pixels": [], "features": []}
     for _ in range(args.repeats):  # interleaved, so that load from elsewhere on the machine hits both alike

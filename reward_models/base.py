@@ -52,8 +52,9 @@ class RewardSpecError(UserError, ValueError):
     """A reward spec that names no loadable reward (unknown name, bad arguments, module or attribute not found)."""
 
 
-class RewardOutputError(ValueError):
-    """A reward returned something that is not one score (float or None) per completion."""
+class RewardOutputError(UserError, ValueError):
+    """A reward returned something that is not one score (float or None) per completion: a user error (the user's
+    reward), named in one line."""
 
 
 class Reward:

@@ -464,9 +464,13 @@ def train(config: RewardTrainingConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from trl import TrlParser
+    import sys
 
-    (config,) = TrlParser((RewardTrainingConfig,)).parse_args_and_config(args=argv)
+    from vlm_rl.arguments import parse_config
+    from vlm_rl.launch import start_process
+
+    start_process("train-reward")
+    config = parse_config(RewardTrainingConfig, sys.argv[1:] if argv is None else argv, "vlm-rl train-reward")
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
     return train(config)

@@ -56,6 +56,7 @@ from torch import nn
 from reward_models.base import Reward, completion_texts
 from vlm_rl.atomic import atomic_dir
 from vlm_rl.data.prompts import model_inputs, video_kwargs
+from vlm_rl.models.dummy_image import tower_on_every_rank
 from vlm_rl.models.families import family_of
 from vlm_rl.rollout.integrity import check_model_inputs
 from vlm_rl.models.loading import language_model_lora_config
@@ -349,7 +350,10 @@ class VLMRewardModel(nn.Module, Reward):
             check_model_inputs(base, inputs, num_images, names, where, num_videos)
         if hasattr(base, "rope_deltas"):
             base.rope_deltas = None  # M-RoPE positions come from this batch's own mask and grids
-        hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        source = self.image_features_source  # during PPO: every rank's forwards read the rollout's features, or none
+        reads_features = source is not None and source.features.usable_by(self)
+        with tower_on_every_rank(self, has_images=bool(images or videos), reads_features=reads_features):
+            hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         index = last_token_index(attention_mask)  # (B,)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
         return self.head(last.float()).squeeze(-1)  # (B,)

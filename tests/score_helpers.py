@@ -17,7 +17,8 @@ def counting(prompts, completions, **kwargs):
     """Logs the `_source` of every row it scores to $SCORE_TEST_CALL_LOG (one line each, fsynced) and returns 1.0.
 
     With $SCORE_TEST_KILL_AT_CALL=K, the K-th call of this process SIGKILLs the process after logging (a crash
-    in the middle of a batch: its rows were scored but never written).
+    in the middle of a batch: its rows were scored but never written); with $SCORE_TEST_SIGINT_AT_CALL=K it sends
+    itself SIGINT instead (Ctrl-C in the middle of a batch).
     """
     global _calls
     _calls += 1
@@ -28,6 +29,8 @@ def counting(prompts, completions, **kwargs):
         os.fsync(f.fileno())
     if _calls == int(os.environ.get("SCORE_TEST_KILL_AT_CALL", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _calls == int(os.environ.get("SCORE_TEST_SIGINT_AT_CALL", "0")):
+        os.kill(os.getpid(), signal.SIGINT)
     return [1.0] * len(completions)
 
 
@@ -36,3 +39,8 @@ def fails_on_marker(prompts, completions, **kwargs):
     if "FAIL" in completions:
         raise RuntimeError("cannot score 'FAIL'")
     return [0.5] * len(completions)
+
+
+def never_scores(prompts, completions, **kwargs):
+    """None for every row: a reward that cannot score this data at all."""
+    return [None] * len(completions)

@@ -105,3 +105,24 @@ def test_a_bare_bf16_flag_means_true(tmp_path):
 def test_a_nonsense_train_reward_flag_is_a_user_error(capsys):
     err = user_error(capsys, ["train-reward", "--per_device_train_batch_size", "0"])
     assert "per_device_train_batch_size must be >= 1, got 0" in err
+
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        ("[float('nan')] + [1.0] * (len(completions) - 1)", "reward 'shaky' returned nan for sample 0; return None for samples it cannot score"),
+        ("[1.0]", "reward 'shaky' returned 1 scores for 4 completions"),
+    ],
+)
+def test_a_reward_returning_nan_or_too_few_scores_stops_ppo_in_one_line_naming_it(
+    tmp_path, capsys, monkeypatch, tiny_model_dir, synthetic_data_dir, body, says
+):
+    module = f"shaky_reward_for_test_{abs(hash(body))}"  # one module per case: the first case's directory stays on sys.path
+    (tmp_path / f"{module}.py").write_text(f"def shaky(prompts, completions, **kwargs):\n    return {body}\n")
+    monkeypatch.chdir(tmp_path)
+    err = user_error(capsys, [
+        "ppo", "--model_name_or_path", str(tiny_model_dir), "--train_data", str(synthetic_data_dir / "train.jsonl"),
+        "--reward", f"{module}:shaky", "--output_dir", str(tmp_path / "run"), "--use_cpu", "true",
+        "--per_device_train_batch_size", "4", "--max_new_tokens", "2", "--max_steps", "1", "--report_to", "none",
+    ])  # fmt: skip
+    assert err == f"vlm-rl ppo: error: {says}"

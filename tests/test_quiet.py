@@ -6,6 +6,7 @@ import logging
 import warnings
 
 import pytest
+from transformers.utils import logging as transformers_logging
 
 from vlm_rl import quiet
 from vlm_rl.cli import main as cli_main
@@ -20,13 +21,16 @@ def test_a_short_lora_ppo_run_with_evaluation_and_samples_prints_no_warning(tmp_
         "--gradient_accumulation_steps", "2", "--local_rollout_forward_batch_size", "8", "--max_new_tokens", "4",
         "--num_sample_generations", "2", "--report_to", "none",
     ]  # fmt: skip
+    transformers_logging.enable_progress_bar()  # as in a fresh process (an earlier test may have turned them off)
     with warnings.catch_warnings(record=True) as caught:  # as a user's Python shows them, instead of pytest's summary
         quiet.silence()  # pytest dropped the filters vlm_rl installed on import when it collected the tests
         cli_main(argv)
     out, err = capfd.readouterr()
-    assert "samples at iteration 1" in out and "PPO done" in out
+    assert "samples at iteration 1" in out and "PPO done: 1 iterations; policy, value head and processor in" in out
     assert [str(w.message) for w in caught] == []
     assert [line for line in (out + err).splitlines() if "warn" in line.lower()] == []
+    # stdout is no terminal here: no progress bar at all, transformers' "Loading weights"/"Writing model shards" included
+    assert "it/s]" not in out + err and "Loading weights" not in out + err and "Writing model shards" not in out + err
 
 
 def test_deepspeed_notice_that_it_found_no_gpu_is_silenced(monkeypatch):

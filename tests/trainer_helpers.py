@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -29,6 +30,17 @@ def negative_completion_length(prompts, completions, **kwargs):
 
 def never_scores(prompts, completions, **kwargs):
     return [None] * len(completions)
+
+
+def unscored_on_rank_1(prompts, completions, **kwargs):
+    """`completion_length` on every rank of a launch but rank 1, which it cannot score at all (None for every sample)."""
+    return [None] * len(completions) if os.environ.get("RANK") == "1" else completion_length(prompts, completions)
+
+
+def colour_questions_only(prompts, completions, task, **kwargs):
+    """0, 1, 0, 1, ... by position in the batch on colour questions, 0 on every other question, whatever the responses:
+    in groups of an even size, exactly the colour questions' groups carry a signal."""
+    return [float(i % 2) if t == "colour" else 0.0 for i, t in enumerate(task)]
 
 
 def answer_is_red(prompts, completions, answer, **kwargs):
@@ -110,21 +122,27 @@ def check_resume_reproduces_the_run(tmp_path: Path, model_dir: Path, data_dir: P
     one. Returns the uninterrupted run's log history."""
     settings = {**settings, "save_steps": 1, "save_total_limit": None}
     make_trainer(tmp_path / "a", model_dir, data_dir, reward=reward, **settings).train()
-    run = tmp_path / "a" / "run"
-    history = log_history(run)
+    history = log_history(tmp_path / "a" / "run")
     assert [h["step"] for h in history] == [1, 2, 3, 4]
-    make_trainer(tmp_path / "b", model_dir, data_dir, reward=reward, **settings).train(resume_from_checkpoint=str(run / "checkpoint-2"))
-    resumed_history = log_history(tmp_path / "b" / "run")
-    assert [h["step"] for h in resumed_history] == [1, 2, 3, 4]
-    for want, got in zip(history[2:], resumed_history[2:]):
+    check_resumed_run(tmp_path / "a" / "run", 2, tmp_path / "b", model_dir, data_dir, reward, **settings)
+    return history
+
+
+def check_resumed_run(run: Path, at: int, where: Path, model_dir: Path, data_dir: Path, reward, **settings) -> None:
+    """Resume the finished run in `run` from its checkpoint-`at` in `where` and check that the resumed run logs
+    every later iteration as `run` did and ends with its weights."""
+    history = log_history(run)
+    make_trainer(where, model_dir, data_dir, reward=reward, **settings).train(resume_from_checkpoint=str(run / f"checkpoint-{at}"))
+    resumed_history = log_history(where / "run")
+    assert [h["step"] for h in resumed_history] == [h["step"] for h in history]
+    for want, got in zip(history[at:], resumed_history[at:]):
         for name, value in want.items():
             if name != "eps":
                 assert got[name] == pytest.approx(value, abs=1e-6, rel=1e-6), (want["step"], name)
     final = parameters(Qwen2VLForConditionalGeneration.from_pretrained(run))
-    resumed_final = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "b" / "run"))
+    resumed_final = parameters(Qwen2VLForConditionalGeneration.from_pretrained(where / "run"))
     for name, value in final.items():
         assert torch.allclose(value, resumed_final[name], atol=1e-6), name
-    return history
 
 
 def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:

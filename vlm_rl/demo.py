@@ -5,9 +5,9 @@ so SFT alone learns an imperfect policy; PPO with a verifiable exact-match rewar
 real to fix. Each stage calls the same function its `vlm-rl` command calls. `--tasks motion` (or `appear`) runs
 it on short clips instead of pictures (`vlm_rl.data.synthetic_clips`).
 
-`--estimators gae,gae:separate,grpo,rloo` trains one policy per variant (an advantage estimator, for gae
-optionally with its critic) from the same SFT checkpoint, with the same reward, prompts, seed and episode
-budget, and compares them all with SFT in one report.
+`--estimators gae,gae:separate,grpo,dapo,gspo,rloo` trains one policy per variant (an advantage estimator, for gae
+optionally with its critic, or a GRPO-family recipe: dapo, dr_grpo, gspo) from the same SFT checkpoint, with the
+same reward, prompts, seed and episode budget, and compares them all with SFT in one report.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+
+from vlm_rl.training.recipes import RECIPES
 
 
 # Qwen2.5-VL's and Qwen3-VL's tiny models recover only in part from the oversized updates 1e-3 gives every family
@@ -52,8 +54,8 @@ class DemoConfig:
     ppo_epochs: int = 2
     ppo_learning_rate: float | None = None  # default: 1e-3, or the family's entry in PPO_LEARNING_RATE
     kl_coef: float = 0.02
-    estimators: str = "gae"  # comma-separated variants: gae (critic shared), gae:separate, grpo, rloo, reinforce_pp
-    num_generations: int = 4  # samples per prompt for grpo and rloo (the others: 1); the episode budget is the same
+    estimators: str = "gae"  # comma-separated variants: gae (critic shared), gae:separate, grpo, rloo, reinforce_pp, dapo, dr_grpo, gspo
+    num_generations: int = 4  # samples per prompt for grpo, rloo and the recipes (the others: 1); the episode budget is the same
     temperature: float = 1.0
     max_new_tokens: int = 4
     # compare
@@ -121,7 +123,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         single = len(variants) == 1
         t = stage("4/5 PPO" + ("" if single else f" ({k + 1}/{len(variants)}: {name})"))
         run_dir = out / ("ppo" if single else f"ppo-{name}")
-        run_ppo(cfg, sft_dir, data_dir, run_dir, estimator, critic)
+        run_ppo(cfg, sft_dir, data_dir, run_dir, estimator, critic, recipe=name if name in RECIPES else None)
         runs["rl" if single else name] = str(run_dir)
         timings["ppo" if single else f"ppo-{name}"] = time.time() - t
 
@@ -143,17 +145,21 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def parse_variants(spec: str) -> list[tuple[str, str, str]]:
-    """'gae,gae:separate,grpo' -> [(name, advantage_estimator, critic)]; a UserError for an unknown one."""
+    """'gae,gae:separate,grpo,dapo' -> [(name, advantage_estimator, critic)] (a recipe's name is its variant's); a
+    UserError for an unknown one."""
     from vlm_rl.algorithms.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS
     from vlm_rl.errors import UserError
 
     variants = []
     for item in (v.strip() for v in spec.split(",") if v.strip()):
         estimator, _, critic = item.partition(":")
+        if estimator in RECIPES and not critic:
+            variants.append((estimator, RECIPES[estimator].settings["advantage_estimator"], "shared"))
+            continue
         if estimator not in ADVANTAGE_ESTIMATORS or (critic and (estimator in CRITIC_FREE_ESTIMATORS or critic not in ("shared", "separate"))):
             raise UserError(
-                f"--estimators: unknown variant {item!r}; use {', '.join(ADVANTAGE_ESTIMATORS)}, or gae:shared / gae:separate "
-                "(the demo trains the full model, so no LoRA critic)"
+                f"--estimators: unknown variant {item!r}; use {', '.join(ADVANTAGE_ESTIMATORS)}, a recipe ({', '.join(RECIPES)}), "
+                "or gae:shared / gae:separate (the demo trains the full model, so no LoRA critic)"
             )
         name = estimator if critic in ("", "shared") else f"{estimator}-{critic}"
         variants.append((name, estimator, critic or "shared"))
@@ -173,13 +179,15 @@ def ppo_learning_rate(cfg: DemoConfig) -> float:
     return cfg.ppo_learning_rate or PPO_LEARNING_RATE.get(cfg.family, 1e-3)
 
 
-def run_ppo(cfg: DemoConfig, sft_dir: Path, data_dir: Path, run_dir: Path, estimator: str, critic: str) -> None:
-    """PPO from the SFT checkpoint with `estimator` (and `critic`, for gae), on the demo's reward and budget."""
+def run_ppo(cfg: DemoConfig, sft_dir: Path, data_dir: Path, run_dir: Path, estimator: str, critic: str, recipe: str | None = None) -> None:
+    """PPO from the SFT checkpoint with `estimator` (and `critic`, for gae), on the demo's reward and budget; a
+    `recipe` (training/recipes.py) sets its fields over the demo's."""
     from vlm_rl.training.config import PPOConfig
     from vlm_rl.ppo import build_trainer
+    from vlm_rl.training.recipes import recipe_settings
 
     group = estimator in ("grpo", "rloo")
-    ppo_config = PPOConfig(
+    settings = dict(
         output_dir=str(run_dir),
         model_name_or_path=str(sft_dir),
         train_data=str(data_dir / "train.jsonl"),
@@ -208,7 +216,7 @@ def run_ppo(cfg: DemoConfig, sft_dir: Path, data_dir: Path, run_dir: Path, estim
         disable_tqdm=False,
         overwrite_output_dir=cfg.overwrite,
     )
-    build_trainer(ppo_config).train()
+    build_trainer(PPOConfig(**{**settings, **(recipe_settings(recipe) if recipe else {})})).train()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from trl import TrlParser
-
+from vlm_rl.arguments import parse_config
+from vlm_rl.launch import start_process
+from vlm_rl.quiet import disable_progress_bars
 from vlm_rl.training.output_dir import refuse_previous_run
 from vlm_rl.training.config import PPOConfig
-from vlm_rl.models.critic import load_critic
+from vlm_rl.models.critic import CRITIC_DIR, load_critic
 from vlm_rl.data.bad_rows import BadRows, write_skipped_rows
 from vlm_rl.data.formats import load_samples
 from vlm_rl.models.loading import image_resize, load_policy_and_reference, load_processor
@@ -16,6 +17,7 @@ from vlm_rl.training.preemption import Preempted
 from vlm_rl.data.synthetic import resolve_data_path
 from vlm_rl.training.trainer import PPOTrainer
 from vlm_rl.data.validate import check_data
+from vlm_rl.training.trl_names import translate_trl_names
 
 
 def build_trainer(config: PPOConfig) -> PPOTrainer:
@@ -26,6 +28,8 @@ def build_trainer(config: PPOConfig) -> PPOTrainer:
     from reward_models.registry import load_rewards
     from vlm_rl.models.tiny import resolve_model_path
 
+    if config.disable_tqdm:  # transformers' "Loading weights" and "Writing model shards" bars too
+        disable_progress_bars()
     with PartialState().main_process_first():  # rank 0 builds the embedded defaults; the others then read them
         model_path = resolve_model_path(config.model_name_or_path)
         data_path = resolve_data_path(config.train_data, config.train_split)
@@ -76,24 +80,22 @@ def check_prompt_data(config: PPOConfig, processor, sources: list[tuple[str | No
     return bad
 
 
-def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
-    """`--reward a --reward b` -> `--reward a b`: argparse's nargs='+' would silently keep only the last one."""
-    values, rest, i = [], [], 0
-    while i < len(argv):
-        if argv[i] == flag:
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                values.append(argv[i])
-                i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest + [flag, *values] if values else rest
+def what_was_saved(trainer: PPOTrainer) -> str:
+    """The final model's parts, as the last line names them: the policy, its critic if it has one, the processor."""
+    critic = trainer.accelerator.unwrap_model(trainer.model_wrapped).critic
+    if critic is None:  # the critic-free estimators
+        return "policy and processor"
+    return "policy, value head and processor" if critic.mode == "shared" else f"policy, {critic.mode} critic ({CRITIC_DIR}/) and processor"
+
+
+def parse_args(argv: list[str]) -> PPOConfig:
+    """`vlm-rl ppo`'s flags and `--config` YAML (TRL GRPOConfig's names and `--recipe` too) -> its PPOConfig."""
+    return parse_config(PPOConfig, argv, "vlm-rl ppo", translate=translate_trl_names, repeatable=["--reward"])
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "--reward")
-    (config,) = TrlParser((PPOConfig,)).parse_args_and_config(args=argv)
+    start_process("ppo")
+    config = parse_args(sys.argv[1:] if argv is None else argv)
     if config.torch_num_threads:
         import torch
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             print(stopped, file=sys.stderr, flush=True)
         sys.exit(stopped.exit_code)
     if trainer.is_world_process_zero():
-        print(f"PPO done: {trainer.state.global_step} iterations; policy, value head and processor in {config.output_dir}")
+        print(f"PPO done: {trainer.state.global_step} iterations; {what_was_saved(trainer)} in {config.output_dir}")
 
 
 if __name__ == "__main__":

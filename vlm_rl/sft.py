@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -52,7 +53,7 @@ SFT_CONFIG_FILE = "sft_config.yaml"
 @dataclass
 class VLMSFTConfig(DataOptions, SFTConfig):
     """TRL's `SFTConfig` plus the model, the data (and `DataOptions`) and LoRA: one dataclass, parsed from YAML + CLI
-    by `TrlParser`.
+    (vlm_rl/arguments.py, on TRL's parser).
 
     Defaults that differ from `SFTConfig`: `bf16` is on only where a CUDA GPU supports it (fp32 on CPU);
     TRL's activation checkpointing (on) is set under transformers' current name, `activation_checkpointing`.
@@ -129,6 +130,10 @@ class VLMSFTConfig(DataOptions, SFTConfig):
 
     def __post_init__(self):
         self.check_data_options()
+        if self.disable_tqdm is None:  # bars only where a terminal shows them: none in a log file or a pipe
+            from vlm_rl.quiet import on_a_terminal
+
+            self.disable_tqdm = not on_a_terminal()
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
         if self.bf16 is None:
@@ -422,18 +427,23 @@ def run_sft(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> VLMSFTConfig:
-    """CLI + optional `--config file.yaml` (YAML values are defaults the command line overrides)."""
-    from trl import TrlParser
+    """CLI + optional `--config file.yaml` (YAML values are defaults the command line overrides); an unknown flag or
+    key is a UserError naming it (vlm_rl/arguments.py)."""
+    from vlm_rl.arguments import parse_config
 
-    parser = TrlParser(VLMSFTConfig)
-    (config,) = parser.parse_args_and_config(args=argv)
-    return config
+    return parse_config(VLMSFTConfig, sys.argv[1:] if argv is None else argv, "vlm-rl sft")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """`vlm-rl sft ...` / `accelerate launch scripts/sft.py ...`."""
+    from vlm_rl.launch import start_process
+    from vlm_rl.quiet import disable_progress_bars
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start_process("sft")
     config = parse_args(argv)
+    if config.disable_tqdm:
+        disable_progress_bars()
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
     out = run_sft(config)

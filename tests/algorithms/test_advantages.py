@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from vlm_rl.algorithms.advantages import compute_gae, discounted_returns, grpo_advantages, kl_penalty, rloo_advantages, shape_rewards, whiten
+from vlm_rl.algorithms.advantages import (
+    compute_gae,
+    discounted_returns,
+    grpo_advantages,
+    groups_with_signal,
+    kl_penalty,
+    rloo_advantages,
+    shape_rewards,
+    whiten,
+)
 from vlm_rl.algorithms.masking import masked_mean, masked_var
 
 T_ = True
@@ -167,6 +176,7 @@ def test_gae_padding_invariance():
     mask = torch.tensor([[T_] * 5 + [F_] * 3, [T_] * 8])
     adv, ret = compute_gae(batch_rewards, batch_values, mask, 0.9, 0.95)
 
+    # exact: GAE is elementwise per row (no reduction, no GEMM), so another batch cannot change the rounding
     assert torch.equal(adv[0, :5], alone_adv[0])
     assert torch.equal(ret[0, :5], alone_ret[0])
     assert torch.equal(adv[0, 5:], torch.zeros(3))
@@ -214,9 +224,29 @@ def test_grpo_hand_computed_unbiased_std():
 
 
 def test_grpo_without_std_scaling_only_centres():
-    # scale_rewards=False (Dr. GRPO): r - group mean; group 0 [-4/3, -1/3, 5/3], group 2 [2, 0, -2]
+    # scale_rewards="none" (Dr. GRPO): r - group mean; group 0 [-4/3, -1/3, 5/3], group 2 [2, 0, -2]
     expected = torch.tensor([-4 / 3, -1 / 3, 5 / 3, 0.0, 0.0, 0.0, 2.0, 0.0, -2.0, 0.0, 0.0, 0.0])
-    torch.testing.assert_close(grpo_advantages(GROUP_SCORES, GROUP_VALID, 3, scale_rewards=False), expected)
+    torch.testing.assert_close(grpo_advantages(GROUP_SCORES, GROUP_VALID, 3, scale_rewards="none"), expected)
+
+
+def test_grpo_batch_scaling_divides_by_the_std_of_every_valid_score():
+    # scale_rewards="batch" (TRL, PPO Lite): the group-centred scores / (unbiased std of all 9 valid scores + 1e-4).
+    # valid scores 1, 2, 4, 3, 3, 3, 5, 1, 7: mean 29/9; squared deviations sum to 266/9; / (9 - 1)
+    valid = [1.0, 2.0, 4.0, 3.0, 3.0, 3.0, 5.0, 1.0, 7.0]
+    mean = sum(valid) / 9
+    std = math.sqrt(sum((v - mean) ** 2 for v in valid) / 8)
+    assert std == pytest.approx(math.sqrt(266 / 72))
+    centred = torch.tensor([-4 / 3, -1 / 3, 5 / 3, 0.0, 0.0, 0.0, 2.0, 0.0, -2.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(grpo_advantages(GROUP_SCORES, GROUP_VALID, 3, scale_rewards="batch"), centred / (std + 1e-4))
+    # (over ranks, the count, sum and squared deviations are all-reduced by masked_moments, which whiten shares:
+    # test_whiten_over_two_ranks_equals_whitening_the_concatenated_batch runs it on 2 gloo ranks)
+
+
+def test_groups_with_signal_are_those_whose_valid_scores_differ():
+    # spread; all equal; 5 vs 1 (the unscored 99 does not count); a single scored sample
+    assert groups_with_signal(GROUP_SCORES, GROUP_VALID, 3).tolist() == [True, False, True, False]
+    # equal valid scores with an unscored sample that differs: no signal
+    assert groups_with_signal(torch.tensor([2.0, 9.0, 2.0]), torch.tensor([T_, F_, T_]), 3).tolist() == [False]
 
 
 def test_rloo_hand_computed():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_helpers import user_error
+from vlm_rl.data.validate import check_data as validate
 from vlm_rl.evaluation.score import main, summarize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,6 +23,11 @@ TESTS = Path(__file__).resolve().parents[1]  # score_helpers.py
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def as_seen_from(row: dict, data_dir: Path, out: Path) -> dict:
+    """`row` with its relative image path re-based from `data_dir` to `out`'s folder, as `score` writes it."""
+    return {**row, "image": os.path.relpath(data_dir / row["image"], out.parent)} if "image" in row else row
 
 
 @pytest.fixture()
@@ -35,7 +43,7 @@ def test_exact_match_scores_every_row(synthetic_data_dir, tmp_path):
     rows_out = read_jsonl(out)
     assert len(rows_out) == len(rows_in) == result["rows"]
     for original, scored in zip(rows_in, rows_out):
-        assert {k: v for k, v in scored.items() if not k.startswith("score")} == original
+        assert {k: v for k, v in scored.items() if not k.startswith("score")} == as_seen_from(original, synthetic_data_dir, out)
         assert scored["score_exact_match"] == 1.0 and scored["score"] == 1.0  # response == answer in test.jsonl
     assert result["errors"] == 0 and read_jsonl(tmp_path / "scored.errors.jsonl") == []
     assert not Path(str(out) + ".partial").exists()
@@ -99,7 +107,7 @@ def test_bad_rows_are_reported_and_the_rest_scored(data_copy, tmp_path, capsys):
         if lineno in bad_lines:
             assert row["score"] is None and row["score_exact_match"] is None
         else:
-            assert row["score"] == 1.0 and row["image"] == rows[lineno - 1]["image"]
+            assert row["score"] == 1.0 and row["image"] == as_seen_from(rows[lineno - 1], data_copy, out)["image"]
     assert scored[6] == {"score_exact_match": None, "score": None}  # the malformed line: nothing to copy
 
 
@@ -174,7 +182,8 @@ def test_resume_after_kill_scores_every_row_exactly_once(synthetic_data_dir, tmp
     assert "resuming: 8 of 32 rows" in resumed.stderr
     scored = read_jsonl(out)
     assert len(scored) == len(rows) and not partial.exists()
-    assert [{k: v for k, v in r.items() if not k.startswith("score")} for r in scored] == rows  # each row once, in order
+    expected = [as_seen_from(r, synthetic_data_dir, out) for r in rows]
+    assert [{k: v for k, v in r.items() if not k.startswith("score")} for r in scored] == expected  # each row once, in order
     assert all(r["score"] == 1.0 for r in scored)
 
     calls = log.read_text().splitlines()
@@ -191,3 +200,42 @@ def test_resume_refuses_a_partial_of_another_input(synthetic_data_dir, tmp_path)
     partial.write_text(json.dumps({"image": "elsewhere.png", "score": 1.0}) + "\n")
     with pytest.raises(ValueError, match="not a partial run of this input"):
         main(["--data", str(synthetic_data_dir / "test.jsonl"), "--reward", "exact_match", "--out", str(out), "--resume", "--no-progress"])
+
+
+def test_an_output_in_another_folder_scores_again_and_a_rescore_replaces_its_columns(data_copy, tmp_path, capsys):
+    first, second = tmp_path / "elsewhere" / "scored.jsonl", tmp_path / "again" / "deeper" / "rescored.jsonl"
+    main(["--data", str(data_copy / "test.jsonl"), "--reward", "exact_match", "--reward", "length", "--out", str(first), "--no-progress"])
+    assert {"score_exact_match", "score_length", "score"} <= set(read_jsonl(first)[0])
+    capsys.readouterr()
+    result = main(["--data", str(first), "--reward", "exact_match", "--out", str(second), "--no-progress"])
+    assert result["errors"] == 0  # every image path still valid, from another folder again
+    assert "has score columns (score, score_exact_match, score_length): replaced" in capsys.readouterr().err  # named, not silently
+    for row, original in zip(read_jsonl(second), read_jsonl(data_copy / "test.jsonl"), strict=True):
+        assert set(row) == set(original) | {"score_exact_match", "score"}  # score_length (the first run's) is gone
+        assert (second.parent / row["image"]).resolve() == (data_copy / original["image"]).resolve()
+        assert row["score"] == 1.0
+    report = validate(str(second), "score")
+    assert report.usable and not report.problems
+
+
+def test_no_row_scored_is_an_error_after_writing_every_row(synthetic_data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    out = tmp_path / "o.jsonl"
+    err = user_error(capsys, ["score", "--data", str(synthetic_data_dir / "test.jsonl"), "--reward", "score_helpers:never_scores",
+                              "--out", str(out), "--no-progress"])
+    assert err.startswith("vlm-rl score: error: no row of") and "could be scored" in err
+    assert [r["score"] for r in read_jsonl(out)] == [None] * len(read_jsonl(synthetic_data_dir / "test.jsonl"))
+
+
+def test_ctrl_c_keeps_the_scored_rows_and_prints_the_command_that_resumes(synthetic_data_dir, tmp_path):
+    data, out, log = synthetic_data_dir / "train.jsonl", tmp_path / "scored.jsonl", tmp_path / "calls.log"
+    args = ["--data", str(data), "--reward", "score_helpers:counting", "--out", str(out), "--batch-size", "4", "--no-progress"]
+    stopped = _run_cli(args, {"SCORE_TEST_CALL_LOG": str(log), "SCORE_TEST_SIGINT_AT_CALL": "3"})
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr
+    [line] = [line for line in stopped.stderr.splitlines() if line.strip()]
+    assert line.startswith("vlm-rl score: interrupted: 8 of 32 rows scored, kept in") and len(read_jsonl(Path(str(out) + ".partial"))) == 8
+    command = shlex.split(line.split("to score the rest: ", 1)[1])
+    assert command[:2] == ["vlm-rl", "score"] and command[-1] == "--resume"
+    resumed = _run_cli(command[2:], {"SCORE_TEST_CALL_LOG": str(log)})
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["score"] for r in read_jsonl(out)] == [1.0] * 32

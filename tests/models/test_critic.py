@@ -65,11 +65,12 @@ def test_each_critic_trains_only_what_it_owns_and_leaves_the_reference_alone(mod
     reached = {n for n, g in grads.items() if g.abs().sum() > 0}
     assert reached and not reached & critic, sorted(reached & critic)[:5]  # no policy gradient reaches the critic
 
+    # exact: the same reference forward on the same rollout (same kernels, same shapes) before and after
     torch.testing.assert_close(trainer.reference_logprobs(rollout), reference, rtol=0, atol=0)
     with torch.no_grad():  # the policy's logprobs are its own adapter's (the critic's adapter is not left active)
         policy_logprobs, _, _ = model(rollout, trainer.args.temperature)
         alone = response_logprobs(model.policy, rollout, trainer.args.temperature)[0]
-    torch.testing.assert_close(policy_logprobs, alone, rtol=0, atol=0)
+    torch.testing.assert_close(policy_logprobs, alone, rtol=0, atol=0)  # exact: one backbone forward and LM head, same shapes
     assert not torch.equal(policy_logprobs, reference)  # the policy moved away from the reference
 
 

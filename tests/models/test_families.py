@@ -152,6 +152,46 @@ def test_select_keeps_each_samples_images(family, processor, samples):
     rollout_tests.test_select_keeps_each_samples_patches(samples, processor, get_family(family))
 
 
+def test_among_several_processes_a_forward_without_images_runs_the_tower_on_a_dummy(family, model, processor, samples, monkeypatch):
+    """Under ZeRO-3/FSDP2 a vision tower's forward gathers its shards on every rank: with several processes, a forward
+    or generate without images whose model encodes pixels runs the tower once on a dummy image (where the real one
+    would), changing no number; the tower's parameters get zero gradients, as a rank with images gives them real
+    ones. Where the forwards read encoded features no rank runs the tower, and encoding no image runs it once."""
+    import torch.distributed as dist
+
+    from vlm_rl.models.vision_features import encode_images, vision_encoder
+
+    batch = [rollout_tests.text_only(s) for s in samples[:2]]
+    rollout = logprob_tests.rollout_for(model, processor, batch)
+    model.requires_grad_(True)  # the tower trains: it must take part in the backward too
+    alone, _ = response_logprobs(model, rollout, 1.0)
+    with reuse_tests.tower_calls(model) as calls:
+        response_logprobs(model, rollout, 1.0)
+    assert calls == [0]  # one process: nothing to keep in step
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with reuse_tests.tower_calls(model) as calls:
+        among, _ = response_logprobs(model, rollout, 1.0)
+    assert calls == [1] and torch.equal(among, alone)
+    among.sum().backward()
+    dummy = {n: p.grad for module in vision_encoder(model) for n, p in module.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    response_logprobs(model, logprob_tests.rollout_for(model, processor, samples[:2]), 1.0)[0].sum().backward()
+    real = {n for module in vision_encoder(model) for n, p in module.named_parameters() if p.grad is not None}
+    assert dummy.keys() == real and real and not any(g.any() for g in dummy.values())  # the same parameters, zeros
+
+    query = encode_prompts(processor, batch)
+    inputs = {k: v for k, v in query.items() if k != "num_images"}
+    config = make_generation_config(processor.tokenizer, max_new_tokens=3)
+    with torch.no_grad(), reuse_tests.tower_calls(model) as calls:
+        features = encode_images(model, None, device=torch.device("cpu"))  # a rank with no image; another encodes its own
+        assert features.per_image == () and calls == [1]
+        generate_responses(model, inputs, config, image_features=features, seed=0)  # the features: no tower
+        assert calls == [1]
+        generate_responses(model, inputs, config, seed=0)  # pixels elsewhere: the tower once (the prefill)
+        assert calls == [2]
+
+
 def test_lora_adapts_the_language_model_only(family, model):
     from peft import get_peft_model
 
@@ -180,7 +220,7 @@ def test_reward_pairs_collate_the_same_from_the_cache(family, processor, synthet
     cached(pairs[1:])  # fills the cache in another batch
     a, b = fresh(pairs), cached(pairs)
     assert a.keys() == b.keys() and a["num_images"] == b["num_images"] == [1] * 6
-    for key in a:
+    for key in a:  # exact: token ids, masks and pixels the processor prepares per image (no GEMM)
         assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
 
 

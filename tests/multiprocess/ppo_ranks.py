@@ -1,23 +1,31 @@
-"""Launched by tests/training/test_ppo_entrypoint.py and tests/training/test_sharding.py under `accelerate launch`: trains briefly,
-then each rank records what it saw (its first prompts), what it ended with (a checksum of every weight of the policy
-and critic, gathered whole on the rank under ZeRO-3 and FSDP2), and the advantages and mask of one more rollout (to
-check that advantages are whitened over the global batch, not per rank)."""
+"""Launched by tests/training/test_ppo_entrypoint.py, test_estimators.py and test_sharding.py under `accelerate launch`:
+trains briefly through `run_command` (as `vlm-rl ppo` does, its flags parsed as `vlm-rl ppo` parses them: TRL's names
+and recipes too), then each rank records what it saw (its first prompts, each rollout's scores and which samples were
+unscored), what it ended with (a checksum of every weight of the policy and critic, gathered whole on the rank under
+ZeRO-3 and FSDP2), and the samples, scores, advantages and mask of one more rollout (to check that advantages are
+whitened over the global batch, not per rank, and what dynamic sampling kept) in rank{r}.json; and, once the command
+has returned, how the process is left (process group, threads, signal handlers) in rank{r}_exit.json."""
 
 import json
 import os
 import runpy
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
-from trl import TrlParser
+import torch.distributed as dist
 
 if os.environ.get("ACCELERATE_USE_FSDP") == "true":  # FSDP on CPU ranks: accelerate would not turn it on
     runpy.run_path(str(Path(__file__).with_name("fsdp_on_cpu.py")), run_name="fsdp_on_cpu")
 
-from vlm_rl.training.config import PPOConfig  # noqa: E402
-from vlm_rl.ppo import build_trainer  # noqa: E402
+from vlm_rl.errors import run_command  # noqa: E402
+from vlm_rl.launch import start_process  # noqa: E402
+from vlm_rl.ppo import build_trainer, parse_args  # noqa: E402
 from vlm_rl.models.sharding import gathered_parameters  # noqa: E402
+
+RUN = {}  # the output directory and rank, for the exit record
 
 
 def full_weights_checksum(trainer) -> float:
@@ -32,20 +40,52 @@ def full_weights_checksum(trainer) -> float:
         return sum(float(p.detach().double().sum()) for p in model.parameters())
 
 
-(config,) = TrlParser((PPOConfig,)).parse_args_and_config(args=sys.argv[1:])
-torch.set_num_threads(1)
-trainer = build_trainer(config)
-first_sources = [s["_source"] for s in trainer.batch_samples(0)]
-trainer.train()
-checksum = full_weights_checksum(trainer)
-samples = trainer.batch_samples(0)
-rollout = trainer.make_rollout(samples)
-scored = trainer.score(rollout, samples)
-old = trainer.advantages(rollout, scored)
-rank = trainer.accelerator.process_index
-out = Path(config.output_dir) / f"rank{rank}.json"
-out.write_text(json.dumps({
-    "rank": rank, "world": trainer.accelerator.num_processes, "sources": first_sources, "checksum": checksum,
-    "num_prompts": len(trainer.train_dataset),
-    "advantages": old["advantages"].tolist(), "train_mask": old["train_mask"].tolist(),
-}))
+def rounds_needed_alone(trainer) -> int:
+    """The rounds of dynamic sampling this rank alone would need at iteration 0 with the reward
+    `trainer_helpers.colour_questions_only` (whose groups with signal are the colour questions')."""
+    wanted, kept = trainer.args.local_batch_size // trainer.args.num_generations, 0
+    for r in range(trainer.args.max_sampling_rounds):
+        kept += sum(s["task"] == "colour" for s in trainer.batch_samples(0, round=r)[:: trainer.args.num_generations])
+        if kept >= wanted:
+            return r + 1
+    return trainer.args.max_sampling_rounds
+
+
+def main(argv: list[str]) -> None:
+    start_process("ppo")  # as vlm_rl.ppo.main: warnings from the main process only
+    config = parse_args(argv)
+    torch.set_num_threads(1)
+    trainer = build_trainer(config)
+    rank = trainer.accelerator.process_index
+    RUN.update(output_dir=config.output_dir, rank=rank)
+    first_sources = [s["_source"] for s in trainer.batch_samples(0)]
+    scored, score = [], trainer.score
+
+    def recording_score(rollout, samples):
+        out = score(rollout, samples)
+        scored.append({"scores": out["scores"].tolist(), "unscored": out["unscored"].tolist()})
+        return out
+
+    trainer.score = recording_score
+    trainer.train()
+    trainer.score = score
+    checksum = full_weights_checksum(trainer)
+    samples, rollout, last = trainer.sample(0)  # steps 1-3 (with dynamic sampling: its rounds)
+    old = trainer.advantages(rollout, last)
+    out = Path(config.output_dir) / f"rank{rank}.json"
+    out.write_text(json.dumps({
+        "rank": rank, "world": trainer.accelerator.num_processes, "sources": first_sources, "checksum": checksum,
+        "num_prompts": len(trainer.train_dataset), "scored": scored,
+        "advantages": old["advantages"].tolist(), "train_mask": old["train_mask"].tolist(),
+        "sample_sources": [s["_source"] for s in samples], "scores": old["scores"].tolist(),
+        "dynamic_sampling": last["dynamic_sampling"].tolist() if "dynamic_sampling" in last else None,
+        "rounds_needed_alone": rounds_needed_alone(trainer) if config.dynamic_sampling else None,
+    }))  # fmt: skip
+
+
+run_command("ppo", main, sys.argv[1:])
+threads = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+(Path(RUN["output_dir"]) / f"rank{RUN['rank']}_exit.json").write_text(json.dumps({
+    "process_group": dist.is_initialized(), "threads": threads,
+    "handlers": [signal.getsignal(s) == signal.SIG_DFL or signal.getsignal(s) == signal.default_int_handler for s in (signal.SIGTERM, signal.SIGINT)],
+}))  # fmt: skip

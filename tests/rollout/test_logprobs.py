@@ -103,6 +103,38 @@ def test_sample_is_padding_invariant(policy_and_value, tiny_model, tiny_processo
     assert torch.allclose(batch_adv[0, :n], on_its_own[3][0], atol=1e-5)
 
 
+def test_concat_joins_rollouts_of_other_paddings_row_for_row(tiny_model, tiny_processor, samples):
+    # Dynamic sampling joins the groups it keeps from several rollouts: queries of other lengths, responses of other
+    # widths, each with its images' encoded features. Row for row, the joined batch holds the same tokens, images and
+    # features, and (padding invariance) the same logprobs.
+    from dataclasses import replace
+
+    from vlm_rl.models.vision_features import encode_images
+
+    target, longer, shorter = pick_by_prompt_length(samples, tiny_processor)
+    for module in family_of(tiny_model).vision_encoder(tiny_model):
+        module.requires_grad_(False)  # features are only reused from a frozen tower
+    torch.manual_seed(0)
+    parts = [rollout_for(tiny_model, tiny_processor, [target, shorter], max_new_tokens=8), rollout_for(tiny_model, tiny_processor, [longer], max_new_tokens=3)]
+    parts = [replace(r, image_features=encode_images(tiny_model, r.pixel_values, r.image_grid_thw)) for r in parts]
+    a, b = parts
+    assert a.context_length < b.context_length and a.response_mask.shape[1] > b.response_mask.shape[1]
+    joined = Rollout.concat(parts, pad_token_id(tiny_processor.tokenizer))
+    rows = [(a, 0), (a, 1), (b, 0)]
+    assert joined.sources == a.sources + b.sources and joined.num_images == a.num_images + b.num_images
+    assert joined.has_eos.tolist() == a.has_eos.tolist() + b.has_eos.tolist()
+    for row, (part, i) in enumerate(rows):
+        assert torch.equal(joined.query_response[row][joined.attention_mask[row].bool()], part.query_response[i][part.attention_mask[i].bool()])
+        assert torch.equal(joined.responses[row][joined.response_mask[row]], part.responses[i][part.response_mask[i]])
+    assert all(torch.equal(x, y) for x, y in zip(joined.image_features.per_image, a.image_features.per_image + b.image_features.per_image))
+    assert "mm_encoder_outputs" in joined.model_inputs(tiny_model)
+    with torch.no_grad():
+        together = response_logprobs(tiny_model, joined, TEMPERATURE)[0]
+        apart = [response_logprobs(tiny_model, part, TEMPERATURE)[0] for part in parts]
+    for row, (k, i) in enumerate([(0, 0), (0, 1), (1, 0)]):
+        assert torch.allclose(together[row][joined.response_mask[row]], apart[k][i][parts[k].response_mask[i]], atol=1e-5)
+
+
 def test_lm_head_sees_only_response_positions(tiny_model, tiny_processor, samples):
     rollout = rollout_for(tiny_model, tiny_processor, samples[:3], max_new_tokens=4)
     seen = []
@@ -140,7 +172,7 @@ def test_image_tokens_get_3d_positions(tiny_model, tiny_processor, samples):
 
 
 def test_nothing_after_eos_is_trained_on(policy_and_value, tiny_model, tiny_processor, samples):
-    from vlm_rl.algorithms.losses import policy_loss, value_loss
+    from vlm_rl.algorithms.losses import PolicyObjective, policy_loss, value_loss
 
     tok = tiny_processor.tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -155,10 +187,10 @@ def test_nothing_after_eos_is_trained_on(policy_and_value, tiny_model, tiny_proc
         logprobs, _, values = policy_and_value(rollout, TEMPERATURE)
         adv = torch.ones_like(logprobs)
         adv[0, 3:] = advantage_after_eos
-        loss = policy_loss(logprobs, logprobs.detach() - 0.1, adv, rollout.response_mask, 0.2)[0]
+        loss = policy_loss(logprobs, logprobs.detach() - 0.1, adv, rollout.response_mask, PolicyObjective(epsilon_low=0.2))[0]
         loss = loss + value_loss(values, values.detach(), adv, rollout.response_mask, 0.2)[0]
         loss.backward()
         return [p.grad.clone() for p in policy_and_value.parameters() if p.grad is not None]
 
-    for a, b in zip(grads(0.0), grads(1e6)):
+    for a, b in zip(grads(0.0), grads(1e6)):  # exact: the same forward and backward; only masked-out values differ
         assert torch.equal(a, b)

@@ -31,6 +31,7 @@ def test_select_keeps_each_samples_patches(samples, tiny_processor, family=QWEN2
     picked = rollout.select([3, 1, 0])
     alone = [encode_prompts(tiny_processor, [b]) for b in (batch[3], batch[0])]
     for key in family.image_layout.keys:  # pixel_values, and the Qwen families' image_grid_thw
+        # exact: selection copies tensors, and the processor prepares each image on its own (no GEMM)
         assert torch.equal(getattr(picked, key), torch.cat([a[key] for a in alone])), key
     assert picked.num_images == [1, 0, 1]
     assert picked.sources == [batch[3]["_source"], "text-only", batch[0]["_source"]]

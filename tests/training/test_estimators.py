@@ -8,6 +8,7 @@ estimators have no value head at all; each estimator learns a reward; the warm-u
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,9 +18,11 @@ import torch
 from safetensors.torch import load_file
 from trainer_helpers import (
     check_resume_reproduces_the_run,
+    check_resumed_run,
     completion_length,
     log_history,
     make_trainer,
+    negative_completion_length,
     parameters,
     rollout_and_old,
     sampled_lengths,
@@ -30,6 +33,7 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 from vlm_rl import ppo
 from vlm_rl.training import trainer as trainer_module
 from vlm_rl.training.checkpoint import CheckpointError
+from vlm_rl.training.recipes import RECIPES, recipe_settings
 from vlm_rl.training.config import ConfigError, PPOConfig
 import vlm_rl.models.critic as critic_module
 from vlm_rl.rollout.logprobs import response_logprobs
@@ -59,6 +63,21 @@ GENERATIONS = {"gae": 1, "grpo": 4, "rloo": 4, "reinforce_pp": 1}
         (dict(advantage_estimator="rloo", num_generations=2, value_model_name_or_path="x"), "value_model_name_or_path"),
         (dict(advantage_estimator="reinforce_pp", whiten_rewards=True), "whiten_rewards"),
         (dict(advantage_estimator="rloo", num_generations=2, scale_rewards=False), "scale_rewards"),
+        # the GRPO family's fields (README: the GRPO family)
+        (dict(advantage_estimator="grpo", num_generations=2, scale_rewards="std"), "scale_rewards must be one of group, batch, none"),
+        (dict(advantage_estimator="rloo", num_generations=2, scale_rewards="batch"), "scale_rewards is for advantage_estimator=grpo"),
+        (dict(loss_type="sapo"), "loss_type must be one of .*TRL's sapo is not implemented"),
+        (dict(importance_sampling_level="seq"), "importance_sampling_level"),
+        (dict(loss_type="cispo"), "cispo caps the importance weight at epsilon_high"),
+        (dict(epsilon_high=0.0), "epsilon_high must be > 0"),
+        (dict(delta=1.0), "delta caps the importance ratio"),
+        (dict(loss_type="cispo", epsilon_high=5.0, delta=2.0), "delta caps the ratio of the clipped losses"),
+        (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
+        (dict(dynamic_sampling=True), "dynamic_sampling drops groups"),  # gae: no groups
+        (dict(advantage_estimator="grpo", num_generations=2, dynamic_sampling=True, max_sampling_rounds=0), "max_sampling_rounds"),
+        (dict(kl_coef=0.0, ref_model_name_or_path="x"), "ref_model_name_or_path loads the reference"),
+        (dict(reward=["exact_match"], reward_weights=[1.0, 2.0]), "reward_weights has 2 weights for 1 reward"),
+        (dict(reward=["exact_match:2"], reward_weights=[1.0]), "carries a weight already"),
     ],
 )
 def test_estimator_fields_are_checked_when_the_config_is_parsed(tmp_path, fields, named):
@@ -66,6 +85,13 @@ def test_estimator_fields_are_checked_when_the_config_is_parsed(tmp_path, fields
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4, gradient_accumulation_steps=2)
     with pytest.raises(ConfigError, match=named):
         PPOConfig(**base, **fields)
+
+
+def test_k1_in_the_loss_without_bias_correction_warns(tmp_path):
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.warns(UserWarning, match="its gradient, the score function, is 0 in expectation"):
+        PPOConfig(**base, kl_in_loss=True, kl_estimator="k1", use_bias_correction_kl=False)
+    assert PPOConfig(**base, kl_in_loss=True).kl_estimator == "k3" and PPOConfig(**base).kl_estimator == "k1"  # TRL's / ours
 
 
 def test_valid_estimator_configs_parse(tmp_path):
@@ -273,6 +299,28 @@ def test_each_estimator_learns_the_reward(tmp_path, tiny_model_dir, synthetic_da
     assert sampled_lengths(trainer) > starting_length + 15, (estimator, starting_length, sampled_lengths(trainer))
 
 
+# The recipes learn to answer shorter, up to 16 tokens: with dapo's overlong filtering (mask_truncated_completions)
+# a response cut at max_new_tokens takes no part in the loss, so it learns only from the responses that end (at 8
+# tokens nearly every response of the tiny model is cut), and a reward for length, which makes them rarer, starves it.
+RECIPE_LEARNING = {**LEARNING, "max_new_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def recipe_starting_length(tmp_path_factory, tiny_model_dir, synthetic_data_dir):
+    return sampled_lengths(make_trainer(tmp_path_factory.mktemp("start16"), tiny_model_dir, synthetic_data_dir, **RECIPE_LEARNING))
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_each_recipe_learns_the_reward(tmp_path, tiny_model_dir, synthetic_data_dir, recipe_starting_length, recipe):
+    # 20 iterations with each published recipe's settings over the learning ones (README: the GRPO family).
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[negative_completion_length], **{
+        **RECIPE_LEARNING, "total_episodes": 160, **recipe_settings(recipe), "num_generations": 4,
+    })
+    trainer.train()
+    # measured: 32.9 characters -> dapo 0, dr_grpo 16, gspo 0
+    assert sampled_lengths(trainer) < recipe_starting_length - 15, (recipe, recipe_starting_length, sampled_lengths(trainer))
+
+
 # ---- resume -------------------------------------------------------------------------------------------------------
 
 
@@ -292,12 +340,22 @@ def test_resume_with_groups_reproduces_the_uninterrupted_run(tmp_path, tiny_mode
 # ---- critic warm-up -----------------------------------------------------------------------------------------------
 
 
-def test_critic_warmup_trains_the_value_head_alone_then_the_policy(tmp_path, tiny_model_dir, synthetic_data_dir):
+def test_critic_warmup_trains_the_value_head_alone_then_the_policy_on_its_whole_schedule(tmp_path, tiny_model_dir, synthetic_data_dir):
     # weight_decay > 0: a policy weight that merely got a zero gradient would still decay.
-    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[completion_length], **{
+    settings = {
         **LEARNING, "total_episodes": 32, "num_ppo_epochs": 2, "critic_warmup_steps": 2, "save_steps": 1,
-        "save_total_limit": None, "weight_decay": 0.1,
-    })
+        "save_total_limit": None, "weight_decay": 0.1, "critic_learning_rate": 2e-2,
+    }  # fmt: skip
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[completion_length], **settings)
+    rates = []  # per optimiser step: (the policy's learning rate, the critic's)
+    optimiser_step = trainer.optimiser_step
+
+    def recording_step(*args):
+        groups = trainer.optimizer.param_groups
+        rates.append(tuple(next(g["lr"] for g in groups if g["critic"] == critic) for critic in (False, True)))
+        optimiser_step(*args)
+
+    trainer.optimiser_step = recording_step
     trainer.train()
     run = tmp_path / "run"
     start_weights = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir))
@@ -312,38 +370,82 @@ def test_critic_warmup_trains_the_value_head_alone_then_the_policy(tmp_path, tin
     history = log_history(run)
     assert all(h["loss/value_avg"] > 0 for h in history)
 
+    # The linear schedule: the critic's over the run's 4 iterations, the policy's over the 2 that train it, so the
+    # policy's first trained iteration has the full learning rate. Two steps per iteration (num_ppo_epochs 2).
+    policy_rates = [1e-2, 1e-2, 1e-2, 5e-3]  # (iterations 1-2: not used, the policy has no gradient)
+    critic_rates = [2e-2, 1.5e-2, 1e-2, 5e-3]
+    assert [r for pair in rates for r in pair] == pytest.approx([r for pair in zip(policy_rates, critic_rates) for r in 2 * pair])
+    assert [h["lr"] for h in history] == pytest.approx(policy_rates)  # the rate each iteration used
+    # Exact resume in the middle of the warm-up and after it.
+    for at in (1, 3):
+        check_resumed_run(run, at, tmp_path / f"resumed{at}", tiny_model_dir, synthetic_data_dir, [completion_length], **settings)
+
 
 # ---- two DDP ranks ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["grpo", "gae_warmup"])
+@pytest.mark.parametrize("estimator", ["grpo_unscored", "grpo_dynamic", "gae_warmup"])
 def test_two_ranks_keep_groups_whole_and_warm_up_the_critic_alone(tmp_path, tiny_model_dir, synthetic_data_dir, estimator):
-    """grpo: groups whole on each rank. gae_warmup (a LoRA policy with a lora critic): the warm-up trains the critic's
-    adapter and head alone, on both ranks."""
-    from test_ppo_entrypoint import ACCELERATE, run
+    """grpo_unscored: groups whole on each rank, and rank 1 unscored (its reward returns None for every sample: every
+    collective is still issued alike on both ranks, the metrics are rank 0's), with the machine loaded, and the run
+    ends cleanly. grpo_dynamic: dynamic sampling (each rank keeps its own groups with signal; the ranks make the same
+    rounds, in step, whatever each one needed). gae_warmup (a LoRA policy with a lora critic): the warm-up trains the
+    critic's adapter and head alone, on both ranks."""
+    from test_ppo_entrypoint import ACCELERATE, cpu_load, run
 
     out = tmp_path / "run"
     # The warm-up keeps every parameter in the graph (the policy loss weighted 0, both adapters in the forward):
     # DDP needs no unused-parameter search.
-    warmup = ["--critic_warmup_steps", "1", "--ddp_find_unused_parameters", "false", "--use_peft", "true", "--critic", "lora",
-              "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"]
-    extra = ["--advantage_estimator", "grpo", "--num_generations", "4"] if estimator == "grpo" else warmup
-    run([*ACCELERATE, "--main_process_port", "0", "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py",
-         "--config", "configs/ppo_tiny.yaml", "--output_dir", str(out), "--report_to", "none", "--reward", "trainer_helpers:completion_length",
-         "--model_name_or_path", str(tiny_model_dir), "--train_data", str(synthetic_data_dir / "train.jsonl"),
-         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_mini_batches", "1", "--total_episodes", "32", "--save_steps", "1", *extra],
-        tmp_path)
+    extra = {
+        "gae_warmup": ["--critic_warmup_steps", "1", "--ddp_find_unused_parameters", "false", "--use_peft", "true", "--critic", "lora",
+                       "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--reward", "trainer_helpers:completion_length"],
+        "grpo_unscored": ["--advantage_estimator", "grpo", "--num_generations", "4", "--reward", "trainer_helpers:unscored_on_rank_1",
+                          "--max_unscored_fraction", "0.5", "--missing_eos_penalty", "0"],  # (the logged scores are then the rewards')
+        "grpo_dynamic": ["--advantage_estimator", "grpo", "--num_generations", "4", "--dynamic_sampling", "true", "--kl_coef", "0",
+                         "--missing_eos_penalty", "0", "--reward", "trainer_helpers:colour_questions_only"],
+    }[estimator]
+    with cpu_load(1 if estimator == "grpo_unscored" else 0):
+        run([*ACCELERATE, "--main_process_port", "0", "--multi_gpu", "--num_processes", "2", "tests/multiprocess/ppo_ranks.py",
+             "--config", "configs/ppo_tiny.yaml", "--output_dir", str(out), "--report_to", "none",
+             "--model_name_or_path", str(tiny_model_dir), "--train_data", str(synthetic_data_dir / "train.jsonl"),
+             "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_mini_batches", "1", "--total_episodes", "32", "--save_steps", "1",
+             *extra],
+            tmp_path, timeout=300)  # fmt: skip
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP in step
     assert not set(ranks[0]["sources"]) & set(ranks[1]["sources"])  # each rank its own prompts
-    if estimator == "grpo":
+    for r in (0, 1):  # the command ended the run: process group destroyed, no thread left, handlers restored
+        assert json.loads((out / f"rank{r}_exit.json").read_text()) == {"process_group": False, "threads": [], "handlers": [True, True]}
+    if estimator.startswith("grpo"):
         start_weights = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir))
         after = parameters(Qwen2VLForConditionalGeneration.from_pretrained(out / "checkpoint-1"))
         for r in ranks:  # 2 prompts per rank, each 4 times in a row
             assert [r["sources"][4 * (i // 4)] for i in range(8)] == r["sources"] and r["sources"][0] != r["sources"][4]
         assert not (out / VALUE_HEAD_FILE).exists()
-        assert not all(torch.equal(start_weights[n], after[n]) for n in start_weights)
+        assert not all(torch.equal(start_weights[n], after[n]) for n in start_weights)  # the update reached both ranks
+    if estimator == "grpo_unscored":
+        # Each iteration's metrics: the scores are rank 0's (rank 1 has none), the step statistics too.
+        history = log_history(out)
+        assert len(history) == 2 and all(all(s["unscored"]) for s in ranks[1]["scored"])
+        for logged, scored in zip(history, ranks[0]["scored"], strict=True):
+            assert not any(scored["unscored"])
+            assert logged["objective/scores"] == pytest.approx(statistics.mean(scored["scores"]))
+            assert logged["objective/unscored"] == 0.5
+            for name in ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "val/ratio", "loss/policy_avg"):
+                assert math.isfinite(logged[name]), name
+    elif estimator == "grpo_dynamic":
+        # dynamic sampling: each rank's batch is whole groups of colour questions (the only ones with signal), scored
+        # 0, 1, 0, 1; both ranks made the rounds the slower one needed, generating a whole batch each round
+        for r in ranks:
+            kept = r["sample_sources"]
+            assert len(kept) == 8 and [kept[4 * (i // 4)] for i in range(8)] == kept and r["scores"] == [0.0, 1.0, 0.0, 1.0] * 2
+        generated, _, filled, rounds = zip(*(r["dynamic_sampling"] for r in ranks))
+        assert rounds[0] == rounds[1] == max(r["rounds_needed_alone"] for r in ranks) and filled == (0, 0)
+        assert len({r["rounds_needed_alone"] for r in ranks}) == 2  # measured: 5 and 2, so one rank rolled out 3 more
+        assert generated == (2 * rounds[0], 2 * rounds[0])
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        assert all(0 < h["dynamic_sampling/filtered_fraction"] < 1 for h in history)
     else:  # the first iteration trains the critic alone (its adapter and head); the second the policy's adapter too
         def lora_b(path: Path) -> torch.Tensor:  # the adapter's B matrices: all 0 until it trains (peft's init)
             return torch.cat([v.flatten() for k, v in load_file(str(path / "adapter_model.safetensors")).items() if "lora_B" in k])

@@ -111,4 +111,6 @@ def test_without_wandb_or_trackio_a_run_shows_its_samples_and_logs_its_metrics(
     short_run(tmp_path, tiny_model_dir, synthetic_data_dir, report_to="tensorboard")
     out = capsys.readouterr().out
     assert "samples at iteration 1:" in out and "samples at iteration 2:" in out
-    assert list((tmp_path / "run" / "runs").rglob("events.out.tfevents.*"))
+    (events,) = (tmp_path / "run" / "runs").rglob("events.out.tfevents.*")
+    # the run's start says where it writes: its outputs, and the TensorBoard logs' own directory
+    assert f"outputs in {tmp_path / 'run'} (" in out and f"TensorBoard logs in {events.parent} (tensorboard --logdir {events.parent.parent})" in out

@@ -82,7 +82,8 @@ def recorded(tmp_path_factory, tiny_model_dir, synthetic_data_dir):
     start(trainer)
     _, rollout, old = rollout_and_old(trainer, seed=5)
     unscored = torch.arange(len(rollout)) % 3 == 0  # masks that are not all-True: a mean over padding would show
-    old = {**old, "unscored": unscored, "train_mask": old["train_mask"] & ~unscored[:, None]}
+    out = ~unscored[:, None]
+    old = {**old, "unscored": unscored, "train_mask": old["train_mask"] & out, "loss_mask": old["loss_mask"] & out}
     entropy = sequence_entropy(trainer.model.policy, rollout, trainer.args.temperature)  # of the policy that sampled
     forwards = []
     model = trainer.model_wrapped
@@ -106,7 +107,7 @@ def test_optimisation_statistics_are_the_numbers_they_name(recorded):
     metrics = trainer.metrics(rollout, old, stats)
     approxkl, entropy, vclip, pclip = [], [], [], []
     for idx, logprobs, ent, values in forwards:
-        mask = old["train_mask"][idx]
+        mask = old["loss_mask"][idx]
         log_ratio = (logprobs - old["logprobs"][idx])[mask]
         approxkl.append(0.5 * (log_ratio**2).mean().item())
         entropy.append(ent[mask].mean().item())

@@ -30,7 +30,7 @@ def reference_loss(trainer, rollout, old, idx: list[int]) -> torch.Tensor:
     args = trainer.args
     mb = rollout.select(idx)
     logprobs, _, values = trainer.model(mb, args.temperature)
-    mask = old["train_mask"][idx]
+    mask = old["loss_mask"][idx]
     adv, old_lp = old["advantages"][idx], old["logprobs"][idx]
     ratio = torch.exp(logprobs - old_lp)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
@@ -107,7 +107,8 @@ def test_the_value_loss_trains_the_shared_backbone(trainer):
 def test_a_wholly_unscored_mini_batch_among_several_takes_no_step(trainer):
     _, rollout, old = rollout_and_old(trainer, seed=3)
     unscored = torch.tensor([i < 4 for i in range(len(rollout))])  # samples 0-3: the first mini-batch, unscored
-    old = {**old, "unscored": unscored, "train_mask": old["train_mask"] & ~unscored[:, None]}
+    out = ~unscored[:, None]
+    old = {**old, "unscored": unscored, "train_mask": old["train_mask"] & out, "loss_mask": old["loss_mask"] & out}
     before = parameters(trainer.model)
     stats = {k: [] for k in trainer.step_stat_names}
     trainer.optimiser_step(rollout, old, torch.arange(0, 4), stats)

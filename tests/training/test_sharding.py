@@ -43,23 +43,34 @@ def launch(engine: list[str], out: Path, model_dir, data_dir, *extra: str, preci
            "--learning_rate", "1e-2", "--kl_coef", "0.5", "--max_new_tokens", "6",
            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--num_mini_batches", "1",
            "--total_episodes", "24", "--save_steps", "1", "--save_total_limit", "5", *extra]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)  # a hang fails, not blocks
 
 
-def ppo(engine: list[str], out: Path, model_dir, data_dir, reward_model: Path, *extra: str) -> tuple[list[dict], str]:
-    """(log history, console output) of a 3-iteration run rewarded by response length and a learned reward model,
-    with a separate critic (its own backbone: sharded, saved and resumed like the policy)."""
-    result = launch(engine, out, model_dir, data_dir, "--reward", "trainer_helpers:completion_length", f"{reward_model}:0.5", "--critic", "separate", *extra)
+CRITICS = {  # the critic's own weights: a separate backbone, or a second LoRA adapter on the LoRA policy's base
+    "separate": ["--critic", "separate"],
+    "lora": ["--critic", "lora", "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--total_episodes", "16"],
+}
+
+
+def ppo(engine: list[str], out: Path, model_dir, data_dir, reward_model: Path, *extra: str, critic: str = "separate") -> tuple[list[dict], str]:
+    """(log history, console output) of a run rewarded by response length and a learned reward model, with a critic
+    of its own weights (sharded, saved and resumed like the policy): 3 iterations with a separate critic, 2 with
+    a lora critic."""
+    result = launch(engine, out, model_dir, data_dir, "--reward", "trainer_helpers:completion_length", f"{reward_model}:0.5", *CRITICS[critic], *extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((out / "trainer_state.json").read_text())["log_history"], result.stdout + result.stderr
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    """The policy's full weights in `path` (loaded with `from_pretrained`) and a separate critic's (backbone and
-    value head, as saved in `path/critic/`), by name."""
-    policy = dict(Qwen2VLForConditionalGeneration.from_pretrained(path).named_parameters())
-    files = [path / "critic" / f for f in ("model.safetensors", "value_head.safetensors") if (path / "critic").is_dir()]
-    return {**policy, **{f"critic/{k}": v for f in files for k, v in load_file(f).items()}}
+    """The trained weights saved in `path`, by name: the policy's (full, loaded with `from_pretrained`, or its LoRA
+    adapter) and the critic's (in `path/critic/`: a separate critic's backbone or a lora critic's adapter, and its
+    value head)."""
+    if (path / "adapter_config.json").exists():
+        policy = load_file(path / "adapter_model.safetensors")
+    else:
+        policy = dict(Qwen2VLForConditionalGeneration.from_pretrained(path).named_parameters())
+    files = [path / "critic" / f for f in ("model.safetensors", "adapter_model.safetensors", "value_head.safetensors")]
+    return {**policy, **{f"critic/{k}": v for f in files if f.exists() for k, v in load_file(f).items()}}
 
 
 @pytest.fixture(scope="module")
@@ -73,25 +84,59 @@ def reward_model(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory, tiny_model_dir, synthetic_data_dir, reward_model):
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    history, _ = ppo(["--multi_gpu", "scripts/ppo.py"], out, tiny_model_dir, synthetic_data_dir, reward_model, "--use_cpu", "true")
-    return out, history
+def uneven_images(tmp_path_factory, synthetic_data_dir) -> Path:
+    """The synthetic prompts with some made text-only, so that the ranks hold uneven images: in iteration 1 rank 1 has
+    none at all (rank 0 four), in iteration 2 one of rank 0's prompts and two of rank 1's are text-only. (The
+    prompts of each iteration and rank: the trainer's shuffle, seed 0 of configs/ppo_tiny.yaml, 4 per rank.)"""
+    rows = [json.loads(line) for line in (synthetic_data_dir / "train.jsonl").read_text().splitlines()]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    text_only = {*order[4:8], order[8], *order[12:14]}
+    for i, row in enumerate(rows):
+        image = row.pop("image")
+        if i not in text_only:
+            row["image"] = str(synthetic_data_dir / image)
+    out = tmp_path_factory.mktemp("uneven")
+    (out / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
 
 
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory, tiny_model_dir, uneven_images, reward_model):
+    """The DDP run each critic's sharded runs are compared with: (output directory, log history), made once."""
+    runs = {}
+
+    def run(critic: str) -> tuple[Path, list[dict]]:
+        if critic not in runs:
+            out = tmp_path_factory.mktemp(f"ddp-{critic}") / "run"
+            history, _ = ppo(["--multi_gpu", "scripts/ppo.py"], out, tiny_model_dir, uneven_images, reward_model, "--use_cpu", "true", critic=critic)
+            runs[critic] = out, history
+        return runs[critic]
+
+    return run
+
+
+@pytest.mark.parametrize("critic", ["separate", "lora"])
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
 @pytest.mark.slow
 @needs_deepspeed
-def test_sharded_ppo_trains_like_ddp_saves_full_weights_and_resumes_exactly(engine, ddp, tmp_path, tiny_model_dir, synthetic_data_dir, reward_model):
-    straight, console = ppo(ENGINES[engine], tmp_path / "straight", tiny_model_dir, synthetic_data_dir, reward_model)
+def test_sharded_ppo_trains_like_ddp_saves_full_weights_and_resumes_exactly(engine, critic, ddp, tmp_path, tiny_model_dir, uneven_images, reward_model):
+    # The ranks hold uneven images (`uneven_images`): a rank without any runs its vision towers on a dummy image
+    # wherever another rank runs them, else ZeRO-3 and FSDP2 would wait forever for its shards.
+    straight, console = ppo(ENGINES[engine], tmp_path / "straight", tiny_model_dir, uneven_images, reward_model, critic=critic)
     placement = "sharded" if SHARDED[engine] else "whole on each rank"
-    assert f"policy {placement}, reference {placement}, reward model 'rm' {placement}" in console
-    ddp_dir, ddp_history = ddp
+    reference = f"reference {placement}, " if critic == "separate" else ""  # (a LoRA policy's reference: adapters off)
+    assert f"policy {placement}, {reference}reward model 'rm' {placement}" in console
+    ddp_dir, ddp_history = ddp(critic)
     for want, got in zip(ddp_history, straight, strict=True):  # the same rollouts, rewards, losses and gradient norms
         for name in ("objective/scores", "objective/scores/rm", "objective/kl", "loss/policy_avg", "loss/value_avg", "train/grad_norm"):
             assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (engine, want["step"], name)
-    reference, start, final = weights(ddp_dir), weights(tiny_model_dir), weights(tmp_path / "straight")  # full weights
-    assert max((reference[n] - start[n]).abs().max() for n in start) > 1e-3  # the weights moved
+    reference, final = weights(ddp_dir), weights(tmp_path / "straight")  # full weights
+    if critic == "separate":
+        start = weights(tiny_model_dir)
+        assert max((reference[n] - start[n]).abs().max() for n in start) > 1e-3  # the weights moved
+    else:  # both adapters trained (their B matrices start at 0)
+        assert all(v.abs().max() > 1e-4 for n, v in reference.items() if "lora_B" in n)
+        assert any(n.startswith("critic/") and "lora_B" in n for n in reference)
     assert final.keys() == reference.keys() and any(n.startswith("critic/") for n in final)
     assert max((final[n] - reference[n]).abs().max() for n in final) < 1e-4
     weights(tmp_path / "straight" / "checkpoint-1")  # every checkpoint holds loadable full weights
@@ -100,8 +145,8 @@ def test_sharded_ppo_trains_like_ddp_saves_full_weights_and_resumes_exactly(engi
     # Resumed through tests/multiprocess/ppo_ranks.py (the same build and train), which reports each rank.
     lockstep = ["--ds3_gather_for_generation", "false"] if engine == "zero3" else []
     reporting = [*ENGINES[engine][:-1], "tests/multiprocess/ppo_ranks.py"]
-    resumed, _ = ppo(reporting, tmp_path / "resumed", tiny_model_dir, synthetic_data_dir, reward_model,
-                     "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoint-1"), *lockstep)  # fmt: skip
+    resumed, _ = ppo(reporting, tmp_path / "resumed", tiny_model_dir, uneven_images, reward_model,
+                     "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoint-1"), *lockstep, critic=critic)  # fmt: skip
     ranks = [json.loads((tmp_path / "resumed" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert not set(ranks[0]["sources"]) & set(ranks[1]["sources"])  # each rank rolls out its own prompts
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the same full weights gathered on both ranks
@@ -123,10 +168,26 @@ def test_the_shipped_zero_configs_train_in_bf16_with_the_value_head(engine, tmp_
     extra = ["--reward", "trainer_helpers:completion_length", "--total_episodes", "16"]
     result = launch(ENGINES[engine], out, tiny_model_dir, synthetic_data_dir, *extra, precision="bf16")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Gradient accumulation steps mismatch" not in result.stdout + result.stderr  # by design: quiet.py
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss/value_avg"])) for h in history)
+    assert history[0]["objective/kl"] == 0  # the reference cast to bf16 with the policy: the policy's own start
     final, start = weights(out), weights(tiny_model_dir)
     assert max((final[n] - start[n]).abs().max() for n in start) > 1e-3
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_deepspeed_that_would_apply_a_non_finite_step_is_refused(tmp_path, tiny_model_dir, synthetic_data_dir):
+    """DeepSpeed steps inside the last backward, so PPO skips a non-finite step only if the engine does: its ZeRO and
+    fp16/bf16 optimizers check the gradient norm; without ZeRO in fp32 it steps whatever the gradient (a NaN update
+    was applied and the next rollout failed on NaN probabilities). That launch stops before training, saying why."""
+    config = tmp_path / "zero0.yaml"
+    config.write_text((REPO / "configs/accelerate/zero2.yaml").read_text().replace("zero_stage: 2", "zero_stage: 0"))
+    result = launch(["--config_file", str(config), "scripts/ppo.py"], tmp_path / "run", tiny_model_dir, synthetic_data_dir, "--reward", "trainer_helpers:completion_length")
+    assert result.returncode != 0
+    assert "vlm-rl ppo: error: DeepSpeed without ZeRO (zero_stage 0) in fp32 applies every optimizer step" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
 
 
 @pytest.mark.slow

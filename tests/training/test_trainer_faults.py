@@ -4,6 +4,7 @@ losses, and an output_dir that already holds a run."""
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 import math
 import os
 import signal
@@ -129,10 +130,83 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint_from_before(tm
     monkeypatch.setattr(trainer_module, "value_loss", lambda *a: (real_value_loss(*a)[0] * math.inf, real_value_loss(*a)[1]))
     trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, **{**SIGNAL, "max_skipped_steps": 3})
     initial = parameters(trainer.model.policy)
-    with pytest.raises(NonFiniteError, match=r"3 optimiser steps in a row.*checkpoint-1"):
+    # Steps 1-2 (iteration 1) and 3 (iteration 2) skipped: iteration 2 is finished (its step 4 skipped too), then saved.
+    with pytest.raises(NonFiniteError, match=r"3 optimiser steps in a row.*stopped after iteration 2.*checkpoint-2"):
         trainer.train()
-    saved = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "run" / "checkpoint-1"))
+    saved = parameters(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "run" / "checkpoint-2"))
     assert all(torch.equal(saved[n.removeprefix("policy.")], p) for n, p in initial.items())  # nothing was stepped
+
+
+def test_a_non_finite_stop_mid_iteration_leaves_the_checkpoint_its_name_says(tmp_path, tiny_model_dir, synthetic_data_dir, monkeypatch):
+    """The run stops at the end of the iteration where max_skipped_steps was reached: its checkpoint is the one an
+    uninterrupted run writes there (weights, optimiser, scheduler, RNG), never one named for the previous iteration
+    holding weights this iteration already changed."""
+    from safetensors.torch import load_file
+
+    real_value_loss = trainer_module.value_loss
+
+    def nan_in_the_fourth_step(calls: list):  # 2 micro-batches per step: the 4th step is iteration 2's second
+        def value_loss(*args):
+            loss, stats = real_value_loss(*args)
+            calls.append(1)
+            return (loss * math.nan if len(calls) == 7 else loss), stats
+
+        return value_loss
+
+    monkeypatch.setattr(trainer_module, "value_loss", nan_in_the_fourth_step([]))
+    stopped = make_trainer(tmp_path / "stopped", tiny_model_dir, synthetic_data_dir, **{**SIGNAL, "max_skipped_steps": 1})
+    with pytest.raises(NonFiniteError, match="stopped after iteration 2"):
+        stopped.train()
+    monkeypatch.setattr(trainer_module, "value_loss", nan_in_the_fourth_step([]))
+    straight = make_trainer(tmp_path / "straight", tiny_model_dir, synthetic_data_dir, **{**SIGNAL, "max_skipped_steps": 10, "save_steps": 1, "save_total_limit": None})
+    straight.train()
+    ours, theirs = tmp_path / "stopped" / "run", tmp_path / "straight" / "run"
+    assert ckpt.list_checkpoints(ours) == [ours / "checkpoint-2"]
+    want, got = theirs / "checkpoint-2", ours / "checkpoint-2"
+    assert ckpt.problem_with(got) is None
+    for name in ("model.safetensors", "value_head.safetensors"):
+        a, b = load_file(want / name), load_file(got / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rng = sorted(p.name for p in want.glob("rng_state*"))
+    assert rng and rng == sorted(p.name for p in got.glob("rng_state*"))
+    for name in ["optimizer.pt", "scheduler.pt", *rng]:
+        assert same(torch.load(want / name, weights_only=False), torch.load(got / name, weights_only=False)), name
+
+
+def same(a, b) -> bool:
+    """Equal, element for element, through dicts, lists and tuples of tensors, arrays and plain values."""
+    import numpy as np
+
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    return a == b
+
+
+def test_a_non_finite_step_deepspeed_applied_anyway_stops_the_run(tmp_path, tiny_model_dir, synthetic_data_dir, monkeypatch):
+    """Under DeepSpeed the engine steps before PPO sees the gradient norm: a step PPO would skip but the engine
+    applied (an engine without an overflow check) is an error, never logged as skipped."""
+
+    class EngineThatStepped(torch.nn.Module):  # what PPO asks of a DeepSpeed engine here
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def was_step_applied(self) -> bool:
+            return True
+
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, **SIGNAL)
+    trainer.create_optimizer_and_scheduler(num_training_steps=trainer.num_total_batches)
+    trainer.model_wrapped = EngineThatStepped(trainer.model)
+    monkeypatch.setattr(trainer_module, "is_deepspeed", lambda accelerator: True)
+    monkeypatch.setattr(trainer.accelerator, "clip_grad_norm_", lambda parameters, max_norm: torch.tensor(math.nan))
+    with pytest.raises(NonFiniteError, match="DeepSpeed applied an optimizer step whose loss or gradient norm"):
+        trainer.apply_step(torch.zeros(2), False, defaultdict(list))
 
 
 def test_an_output_dir_holding_a_run_is_refused_unless_overwritten(tmp_path, tiny_model_dir, synthetic_data_dir):

@@ -57,7 +57,7 @@ def test_bf16_trains_fp32_master_weights_with_an_fp32_value_head(tmp_path, tiny_
     assert trainer.accelerator.mixed_precision == "bf16"  # forwards under bf16 autocast
     policy = trainer.model.policy
     assert all(p.dtype == torch.float32 for p in policy.parameters() if p.requires_grad)
-    assert trainer.ref_model.dtype == torch.bfloat16  # frozen: held in the compute dtype
+    assert trainer.ref_model.dtype == torch.float32  # held as the policy is, so that it computes as the policy does
     before = parameters(trainer.model)
     _, rollout, old = rollout_and_old(trainer)
     assert old["values"].dtype == torch.float32 and old["logprobs"].dtype == torch.float32
@@ -80,13 +80,21 @@ def test_bf16_weights_is_an_explicit_choice(tmp_path, tiny_model_dir, synthetic_
     assert trainer.model.value_head.summary.weight.dtype == torch.float32
 
 
-def test_bf16_first_rollout_matches_its_reference(tmp_path, tiny_model_dir, synthetic_data_dir):
-    """fp32 master weights under autocast and the bf16 reference compute the same distribution at the start."""
-    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, bf16=True)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("tuning", ["full", "lora", "sft_adapter"])
+def test_the_reference_gives_the_policys_starting_logprobs(tmp_path, tiny_model_dir, synthetic_data_dir, precision, tuning):
+    """Before any update KL(policy || reference) is 0, token for token: the reference computes exactly as the policy
+    does (under --bf16: the same fp32 weights under the same autocast), so the KL penalty pulls toward the policy's
+    true start and the reference can read the policy's vision features."""
+    from trainer_helpers import make_sft_adapter
+
+    model = make_sft_adapter(tiny_model_dir, tmp_path / "sft-adapter") if tuning == "sft_adapter" else tiny_model_dir
+    lora = dict(use_peft=True, lora_r=4, lora_alpha=8) if tuning == "lora" else {}
+    trainer = make_trainer(tmp_path, model, synthetic_data_dir, reward=[completion_length], bf16=precision == "bf16", **lora)
     start(trainer)
+    assert trainer.sharing.reference  # the reference reads the policy's image features
     _, rollout, old = rollout_and_old(trainer)
-    mask = rollout.response_mask
-    assert (old["logprobs"] - old["ref_logprobs"])[mask].abs().max() < 0.05
+    assert torch.equal(old["logprobs"], old["ref_logprobs"]) and not old["kl"].any()
 
 
 @pytest.mark.parametrize("estimator", ["k2", "k3"])

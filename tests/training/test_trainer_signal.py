@@ -47,12 +47,22 @@ def test_ppo_learns_the_reward_and_its_negation(tmp_path, tiny_model_dir, synthe
 def test_a_large_kl_coef_holds_the_policy_near_its_reference(tmp_path, tiny_model_dir, synthetic_data_dir):
     free = run(tmp_path / "free", tiny_model_dir, synthetic_data_dir, completion_length, kl_coef=0.0)
     held = run(tmp_path / "held", tiny_model_dir, synthetic_data_dir, completion_length, kl_coef=20.0)
-    free, held = log_history(tmp_path / "free" / "run"), log_history(tmp_path / "held" / "run")
-    free_kl = statistics.mean(h["objective/kl"] for h in free[-5:])
-    held_kl = statistics.mean(h["objective/kl"] for h in held[-5:])
-    assert free_kl > 10  # measured: ~42 nats per sequence
-    assert held_kl < 0.25 * free_kl  # measured: ~3.9
-    assert held[0]["objective/kl"] == 0.0  # the first rollout is sampled from the reference itself
+    assert free.ref_model is None and held.ref_model is not None  # kl_coef 0: no reference loaded (TRL's beta 0)
+    free_log, held_log = log_history(tmp_path / "free" / "run"), log_history(tmp_path / "held" / "run")
+    assert all("objective/kl" not in h for h in free_log)  # ... nor run: no KL to log
+    free_kl, held_kl = kl_to_the_start(free, tiny_model_dir), kl_to_the_start(held, tiny_model_dir)
+    assert free_kl > 10  # measured: 43.6 nats per sequence
+    assert held_kl < 0.25 * free_kl  # measured: 3.6
+    assert held_log[-1]["objective/kl"] == pytest.approx(held_kl, rel=0.5)  # the logged KL measures the same
+    assert held_log[0]["objective/kl"] == 0.0  # the first rollout is sampled from the reference itself
+
+
+def kl_to_the_start(trainer, tiny_model_dir) -> float:
+    """The k1 KL per sequence between the trainer's policy and a freshly loaded starting model, on a fresh rollout."""
+    torch.manual_seed(0)
+    rollout = trainer.make_rollout(trainer.batch_samples(0))
+    policy, ref = independent_logprobs(trainer, tiny_model_dir, rollout)
+    return torch.where(rollout.response_mask, policy - ref, 0.0).sum(1).mean().item()
 
 
 def test_resume_with_a_real_signal_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, synthetic_data_dir):
@@ -105,12 +115,12 @@ def test_logged_metrics_are_the_numbers_they_name(moved, tiny_model_dir, monkeyp
     kl = torch.where(mask, policy - ref, 0.0).sum(1)  # (B,) k1 summed over each response
     lengths = [float(len(c)) for c in trainer.processor.batch_decode(rollout.responses, skip_special_tokens=True)]
 
-    seen = []  # each micro-batch's policy-loss inputs, to recompute the clip fraction
+    seen = []  # each micro-batch's policy-loss inputs, to recompute the clip fractions
     real_policy_loss = trainer_module.policy_loss
 
-    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, num_items):
+    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, *args, **kwargs):
         seen.append((logprobs.detach(), old_logprobs, advantages, mask))
-        return real_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, num_items)
+        return real_policy_loss(logprobs, old_logprobs, advantages, mask, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "policy_loss", recording_policy_loss)
     metrics = trainer.metrics(rollout, old, trainer.optimise(rollout, old))
@@ -122,14 +132,18 @@ def test_logged_metrics_are_the_numbers_they_name(moved, tiny_model_dir, monkeyp
     assert metrics["objective/rlhf_reward"] == pytest.approx(statistics.mean(lengths) - args.kl_coef * kl.mean().item(), abs=1e-4)
     assert metrics["val/num_eos_tokens"] == ended(trainer, rollout).sum().item()
     assert metrics["val/response_length"] == pytest.approx(mask.sum(1).float().mean().item())
-    clipfracs = []
+    clipfracs, lows, highs = [], [], []
     for logprobs, old_logprobs, advantages, m in seen:
         ratio = torch.exp(logprobs - old_logprobs)
         clipped = (advantages * ratio > advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))[m]
         clipfracs.append(clipped.float().mean().item())
+        lows.append(((ratio < 1 - args.cliprange) & (advantages < 0))[m].float().mean().item())
+        highs.append(((ratio > 1 + args.cliprange) & (advantages > 0))[m].float().mean().item())
     assert len(seen) == args.num_ppo_epochs * args.num_mini_batches * args.gradient_accumulation_steps
-    assert max(clipfracs) > 0  # the second epoch is off-policy enough to clip
+    assert max(clipfracs) > 0 and max(lows) > 0 and max(highs) > 0  # the second epoch is off-policy enough to clip
     assert metrics["policy/clipfrac_avg"] == pytest.approx(statistics.mean(clipfracs), abs=1e-6)
+    assert metrics["policy/clipfrac_low"] == pytest.approx(statistics.mean(lows), abs=1e-6)
+    assert metrics["policy/clipfrac_high"] == pytest.approx(statistics.mean(highs), abs=1e-6)
 
 
 def test_missing_eos_penalty_is_subtracted_from_responses_without_eos(moved, monkeypatch):
@@ -195,3 +209,27 @@ def test_evaluation_logs_held_out_rewards_and_changes_nothing_in_training(tmp_pa
     assert history[-1]["eval/kl"] > 0 and history[-1]["eval/kl_greedy"] != history[-1]["eval/kl"]
     curves = read_training_curves(tmp_path / "eval" / "run")  # what compare's report plots
     assert [step for step, _ in curves["eval/scores"]] == [2, 4]
+
+
+def test_skip_long_prompts_drops_long_held_out_prompts_too(tmp_path, tiny_model_dir, synthetic_data_dir):
+    """`vlm-rl ppo` with skip_long_prompts and an eval set holding prompts over max_prompt_length: they are dropped
+    as the training set's are (not a PromptTooLongError at the first evaluation), and evaluation runs on the rest."""
+    from vlm_rl.data.formats import load_samples
+    from vlm_rl.data.prompts import prompt_lengths
+    from vlm_rl.ppo import build_trainer
+    from trainer_helpers import make_config
+
+    # The synthetic prompts are 36-50 tokens long: 41 keeps some of each set, not all.
+    config = make_config(
+        tmp_path, tiny_model_dir, synthetic_data_dir, reward=["trainer_helpers:completion_length"], skip_long_prompts=True,
+        max_prompt_length=41, eval_data=str(synthetic_data_dir / "test.jsonl"), eval_num_samples=4, total_episodes=8,
+    )  # fmt: skip
+    trainer = build_trainer(config)
+    held_out = load_samples(synthetic_data_dir / "test.jsonl")
+    lengths = prompt_lengths(trainer.processor, held_out)
+    kept = [held_out[i]["_source"] for i, n in enumerate(lengths) if n <= 41]
+    assert 4 <= len(kept) < len(held_out)
+    assert [trainer.eval_dataset[i]["_source"] for i in range(len(trainer.eval_dataset))] == kept
+    trainer.train()
+    [logged] = log_history(tmp_path / "run")
+    assert logged["eval/scores"] >= 0 and logged["eval/scores_greedy"] >= 0

@@ -9,6 +9,8 @@ import torch
 from trainer_helpers import log_history, make_trainer, never_scores, parameters, record_gradients, rollout_and_old, start
 
 from vlm_rl.algorithms.masking import masked_mean
+from vlm_rl.data.formats import load_samples
+from vlm_rl.training.console import header
 from vlm_rl.training.scoring import RewardCoverageError
 
 
@@ -17,8 +19,10 @@ def every_other_scored(prompts, completions, **kwargs):
     return [float(len(c)) if i % 2 == 0 else None for i, c in enumerate(completions)]
 
 
-def test_a_batch_nobody_can_score_changes_nothing(tmp_path, tiny_model_dir, synthetic_data_dir, caplog):
+def test_a_batch_nobody_can_score_changes_nothing(tmp_path, tiny_model_dir, synthetic_data_dir, caplog, capsys):
     trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir, reward=[never_scores], max_unscored_fraction=1.0, total_episodes=8)
+    trainer.eval_dataset = load_samples(synthetic_data_dir / "test.jsonl")
+    trainer.args.eval_num_samples = 4
     before = parameters(trainer.model)
     with caplog.at_level(logging.WARNING, logger="vlm_rl.training.trainer"):
         trainer.train()
@@ -27,6 +31,13 @@ def test_a_batch_nobody_can_score_changes_nothing(tmp_path, tiny_model_dir, synt
     assert "no sample of the batch could be scored" in caplog.text
     [logged] = log_history(tmp_path / "run")
     assert logged["objective/unscored"] == 1.0
+    # no score is missing, not 0 (nor nan): in the log, and on the console line
+    assert not {"objective/scores", "objective/rlhf_reward", "eval/scores", "eval/scores_greedy"} & logged.keys() and "eval/kl" in logged
+    lines = capsys.readouterr().out.splitlines()
+    head, line = lines[lines.index(header())], lines[lines.index(header()) + 1]
+    for title in ("reward", "eval", "eval_greedy"):
+        end = head.index(title) + len(title)
+        assert line[end - len(title) - 2 : end].strip() == "", (title, line)
 
 
 def test_more_unscored_than_allowed_stops_the_run_naming_the_reward(tmp_path, tiny_model_dir, synthetic_data_dir):

@@ -22,6 +22,7 @@ ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 CRITIC_FREE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")  # no value model: nothing to warm up, nothing to load
 GROUP_ESTIMATORS = ("grpo", "rloo")  # need num_generations >= 2 samples per prompt
 GRPO_EPS = 1e-4  # TRL GRPOTrainer's: advantages / (std + 1e-4)
+SCALE_REWARDS = ("group", "batch", "none")  # TRL GRPOConfig.scale_rewards
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
@@ -40,6 +41,18 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
 
 
+def masked_moments(x: Tensor, mask: Tensor, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, unbiased variance) of `x` over its valid entries; the variance is 0 with fewer than two.
+
+    `all_reduce_sum` (e.g. a sum over ranks) turns them global: the count, the sum and the sum of squared deviations
+    are summed over ranks, so every rank gets the statistics of the whole batch, as if it were on one process."""
+    total = all_reduce_sum or (lambda t: t)
+    count = total(mask.sum().to(x.dtype))
+    mean = total(masked_sum(x, mask)) / count.clamp(min=1)
+    var = total(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
+    return count, mean, var
+
+
 def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """`x` normalised to mean 0 and unbiased variance 1 over its valid entries; 0 where `mask` is False.
 
@@ -47,14 +60,10 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce_sum: Cal
     two valid entries the variance is undefined and `x` is only centred, not scaled: a single valid
     entry whitens to 0 (to itself with `shift_mean=False`).
 
-    `all_reduce_sum` (e.g. a sum over ranks) turns the statistics global: with each rank holding a
-    shard of the batch, the count, the sum and the sum of squared deviations are summed over ranks, so
-    every rank whitens with the statistics of the whole batch, as if it were on one process.
+    `all_reduce_sum` (e.g. a sum over ranks) turns the statistics global (`masked_moments`): every rank whitens
+    with the statistics of the whole batch, as if it were on one process.
     """
-    total = all_reduce_sum or (lambda t: t)
-    count = total(mask.sum().to(x.dtype))
-    mean = total(masked_sum(x, mask)) / count.clamp(min=1)
-    var = total(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
+    count, mean, var = masked_moments(x, mask, all_reduce_sum)
     inv_std = torch.where(count >= 2, torch.rsqrt(var + 1e-8), 1.0)
     whitened = (x - mean) * inv_std  # (B, T)
     if not shift_mean:
@@ -125,22 +134,51 @@ def _groups(scores: Tensor, valid: Tensor, num_generations: int) -> tuple[Tensor
     return torch.where(v, s, 0.0), v, v.sum(dim=1, keepdim=True)
 
 
-def grpo_advantages(scores: Tensor, valid: Tensor, num_generations: int, scale_rewards: bool = True, eps: float = GRPO_EPS) -> Tensor:
-    """GRPO's outcome advantage per sample `(B,)`: `(r_i - mean(r)) / (std(r) + eps)` over the group's valid samples.
+def grpo_advantages(
+    scores: Tensor,
+    valid: Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    eps: float = GRPO_EPS,
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """GRPO's outcome advantage per sample `(B,)`: `(r_i - mean(r)) / (std + eps)`, the mean over the group's valid samples.
 
-    Shao et al. 2024 (DeepSeekMath), eq. for outcome supervision, with TRL GRPOTrainer's conventions: the
-    **unbiased** (Bessel-corrected, n - 1) standard deviation of the group, `eps = 1e-4`, and with
-    `scale_rewards=False` no division at all (Liu et al. 2025, "Dr. GRPO": std scaling biases towards easy and
-    hard prompts). A group whose samples all score the same gets 0 everywhere; a group with fewer than two
-    valid samples has no spread to compare against and gets 0; invalid samples get 0.
+    Shao et al. 2024 (DeepSeekMath), eq. for outcome supervision, with TRL GRPOTrainer's conventions: `eps = 1e-4`
+    and an **unbiased** (Bessel-corrected, n - 1) standard deviation, whose reach is `scale_rewards` (TRL's values):
+    "group", the group's; "batch", that of every valid score of the batch (PPO Lite, Liu et al. 2025; with
+    `all_reduce_sum`, e.g. a sum over ranks, the global batch's); "none", no division (Dr. GRPO, Liu et al. 2025:
+    std scaling biases towards easy and hard prompts). A group whose samples all score the same gets 0 everywhere;
+    a group with fewer than two valid samples has no spread to compare against and gets 0; invalid samples get 0.
     """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; expected one of {', '.join(SCALE_REWARDS)}")
     s, v, count = _groups(scores, valid, num_generations)  # (P, G), (P, G), (P, 1)
     mean = s.sum(dim=1, keepdim=True) / count.clamp(min=1)  # (P, 1)
     centred = torch.where(v, s - mean, 0.0)  # (P, G)
-    if scale_rewards:
+    if scale_rewards == "group":
         std = (centred.pow(2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()  # (P, 1), unbiased
         centred = centred / (std + eps)
+    elif scale_rewards == "batch":
+        centred = centred / (batch_std(scores, valid, all_reduce_sum) + eps)
     return torch.where(v & (count >= 2), centred, 0.0).reshape(-1)  # (B,)
+
+
+def batch_std(scores: Tensor, valid: Tensor, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The unbiased standard deviation of the valid `scores` `(B,)` (over every rank's with `all_reduce_sum`); 0 with
+    fewer than two."""
+    return masked_moments(scores, valid, all_reduce_sum)[2].sqrt()
+
+
+def groups_with_signal(scores: Tensor, valid: Tensor, num_generations: int) -> Tensor:
+    """Per group `(B / G,)` bool: whether its valid samples' scores differ (DAPO's dynamic sampling keeps only those).
+
+    A group whose valid samples all score the same, or with fewer than two valid samples, gets advantage 0 from
+    every group estimator: it carries no signal."""
+    s, v, count = _groups(scores, valid, num_generations)  # (P, G), (P, G), (P, 1)
+    highest = torch.where(v, s, -torch.inf).amax(dim=1)  # (P,)
+    lowest = torch.where(v, s, torch.inf).amin(dim=1)  # (P,)
+    return (count.squeeze(1) >= 2) & (highest > lowest)
 
 
 def rloo_advantages(scores: Tensor, valid: Tensor, num_generations: int) -> Tensor:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from vlm_rl.data.errors import DataError
 from vlm_rl.data.formats import PromptDataset
+from vlm_rl.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,9 @@ def prompt_lengths(processor, samples: Sequence[dict], batch_size: int = 32) -> 
     return lengths
 
 
-def drop_long_prompts(processor, dataset: PromptDataset, max_prompt_length: int) -> PromptDataset:
-    """`dataset` without the prompts longer than `max_prompt_length` (image and video tokens included).
+def drop_long_prompts(processor, dataset: PromptDataset, max_prompt_length: int, what: str = "train_data") -> PromptDataset:
+    """`dataset` (`what`: the field that named it) without the prompts longer than `max_prompt_length` (image and video
+    tokens included); a ConfigError when none is left.
 
     Dropped before batching, identically on every rank, so that every rank keeps full batches.
     """
@@ -104,5 +106,10 @@ def drop_long_prompts(processor, dataset: PromptDataset, max_prompt_length: int)
     keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
     if len(keep) < len(dataset):
         dropped = [f"{dataset.rows[i]['_source']} ({n} tokens)" for i, n in enumerate(lengths) if n > max_prompt_length]
-        logger.warning(f"skip_long_prompts: dropped {len(dropped)} prompt(s) longer than {max_prompt_length} tokens: {', '.join(dropped[:10])}")
+        if not keep:
+            raise ConfigError(
+                f"{what}: every prompt is longer than max_prompt_length={max_prompt_length} (skip_long_prompts dropped all "
+                f"{len(dropped)}, e.g. {dropped[0]}). Raise max_prompt_length or lower the processor's max_pixels"
+            )
+        logger.warning(f"skip_long_prompts: dropped {len(dropped)} {what} prompt(s) longer than {max_prompt_length} tokens: {', '.join(dropped[:10])}")
     return PromptDataset([dataset.rows[i] for i in keep], dataset.base_dir, dataset.resize)

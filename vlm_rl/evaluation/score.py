@@ -14,7 +14,11 @@ all (missing, empty, unreadable, no usable row, e.g. every row without the `answ
 an error listing every problem by line and field.
 
 Output: one line per input row, in input order: the original row's fields, plus `score_<name>` per reward and
-`score` (the weighted sum, see `reward_models.base.CombinedReward`). A row that cannot be scored (malformed
+`score` (the weighted sum, see `reward_models.base.CombinedReward`). Image paths are rewritten to stay valid from
+OUT's folder (as `vlm-rl generate` writes them), so OUT scores and validates again wherever it is. Columns named
+`score` or `score_*` in the input (an earlier `vlm-rl score`'s) are replaced by this run's, not kept beside them
+(stderr names them). When no row could be scored at all, the files are written and the command stops with an
+error. A row that cannot be scored (malformed
 JSON, bad row, missing or unreadable image, missing response, a reward raising on it) keeps its place with
 null scores, is reported on stderr by line number, and goes to the errors file
 (`{"line": N, "source": "file:N", "error": "..."}`; default OUT with `.errors.jsonl` for `.jsonl`). A malformed
@@ -24,7 +28,7 @@ a .jsonl file, and 0-based row indices of a .json list or a dataset directory.
 Crash safety: rows are appended to `OUT.partial` (and errors to `ERRORS.partial`), flushed and fsynced after
 every batch; both are renamed into place at the end. `--resume` keeps the complete rows of an existing
 `OUT.partial` (a torn last line is dropped), checks they are the first rows of this input, and scores only the
-rest, so no row is scored twice.
+rest, so no row is scored twice. Ctrl-C leaves `OUT.partial` and prints the command that resumes it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,7 @@ from vlm_rl.atomic import OutputExistsError
 from vlm_rl.data.formats import (
     DataError, InputRow, normalise_row, open_image, open_video, read_rows, response_field, response_text, reward_kwargs,
 )
+from vlm_rl.errors import UserError
 
 SCORE_PREFIX = "score_"
 COMBINED = "score"
@@ -82,9 +88,23 @@ def _dumps(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False, default=_json_default)
 
 
+def is_score_column(name: str) -> bool:
+    """`score` and `score_*`: the columns `vlm-rl score` writes (an input's are an earlier run's, replaced)."""
+    return name == COMBINED or name.startswith(SCORE_PREFIX)
+
+
 def _fields_of(raw: dict | None) -> dict:
-    """The row's fields as they will appear in the output (JSON round trip, so that resume can compare them)."""
-    return {} if raw is None else json.loads(_dumps(raw))
+    """The row's fields as they will appear in the output, its earlier score columns left out (JSON round trip, so
+    that resume can compare them)."""
+    return {} if raw is None else {k: v for k, v in json.loads(_dumps(raw)).items() if not is_score_column(k)}
+
+
+class ScoreInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `vlm-rl score`; the message says what was kept (`resumable`: rows are, in OUT.partial)."""
+
+    def __init__(self, message: str, resumable: bool):
+        super().__init__(message)
+        self.resumable = resumable
 
 
 def _complete_lines(path: Path) -> tuple[list[dict], int]:
@@ -214,10 +234,21 @@ def score_file(
     if not report.usable:
         report.raise_if_problems()
 
+    from vlm_rl.evaluation.generate import portable_images
+
     reward = load_rewards(rewards)
     columns = [SCORE_PREFIX + n for n in reward.names]
     rows_in, base_dir = read_rows(data, split, column_map)
     all_rows = list(rows_in)
+    position = {id(row): i for i, row in enumerate(all_rows)}
+
+    def output_fields(row: InputRow) -> dict:
+        """The row's fields as OUT holds them: image paths valid from OUT's folder, earlier score columns out."""
+        return _fields_of(None if row.raw is None else portable_images(row.raw, base_dir, out, position[id(row)]))
+
+    earlier = sorted({k for row in all_rows if isinstance(row.raw, dict) for k in row.raw if is_score_column(k)})
+    if earlier:
+        print(f"{data} has score columns ({', '.join(earlier)}): replaced by this run's", file=sys.stderr)
 
     done_rows: list[dict] = []
     keep_bytes = None
@@ -227,9 +258,7 @@ def score_file(
         if len(done_rows) > len(all_rows):
             raise DataError(f"{partial} holds {len(done_rows)} rows but {data} has only {len(all_rows)}: not a partial run of this input. Use --overwrite to start again.")
         for row, done in zip(all_rows, done_rows):
-            if {k: v for k, v in done.items() if k not in columns and k != COMBINED} != {
-                k: v for k, v in _fields_of(row.raw).items() if k not in columns and k != COMBINED
-            }:
+            if {k: v for k, v in done.items() if not is_score_column(k)} != output_fields(row):
                 raise DataError(
                     f"{partial} does not match {data} at {row.source}: it is not a partial run of this input. "
                     "Use --overwrite to start again."
@@ -285,7 +314,7 @@ def score_file(
                     err_rows.append({"line": row.line, "source": row.source, "error": error})
                     bar.write(f"error: line {row.line}: {error}", file=sys.stderr)
                     scores = {**{c: None for c in columns}, COMBINED: None}
-                out_rows.append({**_fields_of(row.raw), **scores})
+                out_rows.append({**output_fields(row), **scores})
             err_log.write(err_rows)
             err_log.commit()  # errors first: on resume, errors of rows not in OUT.partial are dropped
             out_log.write(out_rows)
@@ -293,12 +322,16 @@ def score_file(
             n_errors += len(err_rows)
             written += len(out_rows)
             bar.update(len(chunk))
-    except BaseException:
-        if written == 0 and not done_rows:  # nothing to resume from: leave no partial files behind
+    except BaseException as stopped:
+        nothing_kept = written == 0 and not done_rows
+        if nothing_kept:  # nothing to resume from: leave no partial files behind
             out_log.close()
             err_log.close()
             partial.unlink(missing_ok=True)
             errors_partial.unlink(missing_ok=True)
+        if isinstance(stopped, KeyboardInterrupt):
+            kept = f"{len(done_rows) + written} of {len(all_rows)} rows scored, kept in {partial}"
+            raise ScoreInterrupted(f"interrupted: {'nothing written' if nothing_kept else kept}", resumable=not nothing_kept) from None
         raise
     finally:
         bar.close()
@@ -311,6 +344,11 @@ def score_file(
     summary = {name: summarize([r.get(name) for r in final_rows]) for name in [*columns, COMBINED]}
     print(format_summary(summary, len(final_rows), n_errors))
     print(f"scores written to {out}" + (f"; {n_errors} error(s) in {errors_path}" if n_errors else ""))
+    if final_rows and summary[COMBINED]["count"] == 0:
+        raise UserError(
+            f"no row of {data} could be scored ({len(final_rows)} rows: {n_errors} with errors, listed in {errors_path}, "
+            "the others without a score from any reward)"
+        )
     return {"rows": len(final_rows), "errors": n_errors, "out": str(out), "errors_path": str(errors_path), "summary": summary}
 
 
@@ -341,26 +379,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same flags, --resume instead of --overwrite."""
+    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return shlex.join(["vlm-rl", "score", *kept, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.torch_num_threads:
         import torch
 
         torch.set_num_threads(args.torch_num_threads)
-    return score_file(
-        args.data,
-        args.reward,
-        args.out,
-        batch_size=args.batch_size,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        response_column=args.response_column,
-        errors=args.errors,
-        split=args.split,
-        progress=args.progress,
-        column_map=args.column_map,
-    )
+    try:
+        return score_file(
+            args.data,
+            args.reward,
+            args.out,
+            batch_size=args.batch_size,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            response_column=args.response_column,
+            errors=args.errors,
+            split=args.split,
+            progress=args.progress,
+            column_map=args.column_map,
+        )
+    except KeyboardInterrupt as stopped:  # Ctrl-C: one line saying what was kept and how to go on, exit 130
+        message = str(stopped) if isinstance(stopped, ScoreInterrupted) else "interrupted before scoring began: nothing written"
+        if getattr(stopped, "resumable", False):
+            message += f"; to score the rest: {resume_command(argv)}"
+        print(f"vlm-rl score: {message}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

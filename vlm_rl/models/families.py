@@ -91,6 +91,15 @@ class PatchGrid:
             for i, p in enumerate(pixels)
         ]
 
+    def dummy(self, config: Any) -> Images:
+        """The image tensors of one small black image, for a model with `config`: a (1, 2m, 2m) patch grid, m the
+        spatial merge size (4 vision tokens)."""
+        vision = config.vision_config
+        merge, patch, temporal = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+        rows = (2 * merge) ** 2
+        pixels = torch.zeros(rows, vision.in_channels * temporal * patch * patch)
+        return {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, 2 * merge, 2 * merge]])}
+
 
 VIDEO_PATCHES = PatchGrid(("pixel_values_videos", "video_grid_thw"), "video_grid_thw")
 # Qwen2.5-VL: each video's seconds per temporal patch set its temporal M-RoPE ids (`get_rope_index`)
@@ -121,6 +130,11 @@ class FixedSizeImages:
 
     def split(self, images: Images) -> list[Images]:
         return [{"pixel_values": p} for p in images["pixel_values"].split(1)]
+
+    def dummy(self, config: Any) -> Images:
+        """The image tensors of one black image at the tower's input size."""
+        vision = config.vision_config
+        return {"pixel_values": torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size)}
 
 
 def join_images(per_image: list[Images], keys: tuple[str, ...]) -> Images:

@@ -1,10 +1,13 @@
 """Load the policy, its reference and its processor the same way for a tiny model and for Qwen2-VL-2B (any family
 of `vlm_rl.models.families`, through the Auto classes).
 
-The reference is the model as it is when PPO starts:
-  full fine-tuning          a frozen copy of the starting checkpoint (or `ref_model_name_or_path`);
+The reference is the model as it is when PPO starts, computing exactly as the policy does (before any update
+KL(policy || reference) is 0, token for token):
+  full fine-tuning          a frozen copy of the starting checkpoint (or `ref_model_name_or_path`) in the policy's
+                            weight dtype (fp32 under --bf16, as the policy's master weights; bf16 with bf16_weights);
   fresh LoRA adapter        no copy: the policy with its adapters disabled;
-  continuing an SFT adapter a frozen copy of the starting adapter, merged into its own base.
+  continuing an SFT adapter a frozen copy of the starting adapter on its own base, unmerged as the policy's is.
+With `kl_coef` 0 (no KL term, TRL's `beta` 0) there is no reference at all.
 """
 
 from __future__ import annotations
@@ -136,6 +139,17 @@ def image_resize(path: str, processor) -> ImageResize | None:
     return ImageResize(images.patch_size, images.size["shortest_edge"], images.size["longest_edge"], video)
 
 
+def load_reference(path: str, dtype: torch.dtype) -> nn.Module:
+    """A frozen reference from `path`: a full checkpoint in `dtype`, or a peft adapter on its base (in `dtype`; the
+    adapter in fp32, as peft loads a policy's), not merged, so that it computes as a policy continuing it does."""
+    path = require_model(path)
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        return freeze(PeftModel.from_pretrained(load_vlm(adapter_base_path(path), dtype=dtype), path))
+    return freeze(load_base_model(path, dtype))
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -144,22 +158,24 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
-    """(trainable policy, frozen reference or None when the reference is the policy with adapters disabled).
+    """(trainable policy, frozen reference or None when the reference is the policy with adapters disabled, or when
+    the run has no KL term: `config.kl_coef` 0, as TRL's `beta` 0, loads no reference at all).
 
     Mixed precision as in the Trainer: `--bf16`/`--fp16` set the compute dtype (autocast), while the
     weights the optimiser updates stay fp32 (the master weights), unless `bf16_weights` asks for
-    bf16 weights to save memory. Frozen weights (the reference, a LoRA policy's base) are held in the
-    compute dtype; LoRA adapters are fp32 (peft's `autocast_adapter_dtype`).
+    bf16 weights to save memory. A LoRA policy's frozen base is held in the compute dtype, its adapters
+    in fp32 (peft's `autocast_adapter_dtype`); the reference is held as the policy is.
     """
     dtype = torch_dtype_for(config.bf16, config.fp16)  # compute dtype, for frozen weights
     trained_dtype = dtype if config.bf16_weights else torch.float32
     start = require_model(config.model_name_or_path)
+    wants_reference = config.kl_coef != 0
     if is_adapter_dir(start):
         from peft import PeftModel
 
         base = load_vlm(adapter_base_path(start), dtype=dtype)
         policy = PeftModel.from_pretrained(base, start, is_trainable=True)
-        reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
+        reference = load_reference(config.ref_model_name_or_path or start, dtype) if wants_reference else None
     elif config.use_peft:
         from peft import get_peft_model
 
@@ -168,13 +184,13 @@ def load_policy_and_reference(config) -> tuple[nn.Module, nn.Module | None]:
             config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules, family_of(base), task_type="CAUSAL_LM"
         )
         policy = get_peft_model(base, lora)
-        reference = freeze(load_base_model(config.ref_model_name_or_path, dtype)) if config.ref_model_name_or_path else None
+        reference = load_reference(config.ref_model_name_or_path, dtype) if wants_reference and config.ref_model_name_or_path else None
     else:
         policy = load_vlm(start, dtype=trained_dtype)
         if config.freeze_vision_tower:
             for module in family_of(policy).vision_encoder(policy):
                 module.requires_grad_(False)
-        reference = freeze(load_base_model(config.ref_model_name_or_path or start, dtype))
+        reference = load_reference(config.ref_model_name_or_path or start, trained_dtype) if wants_reference else None
     if config.activation_checkpointing:  # `gradient_checkpointing` is transformers' deprecated alias of it
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs=config.activation_checkpointing_kwargs or {"use_reentrant": False})
         policy.config.use_cache = False

@@ -40,6 +40,23 @@ def check_engine(accelerator: Accelerator, fsdp: bool = False, deepspeed: bool =
         raise ConfigError("FSDP1 is not supported: set `fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp2.yaml)")
 
 
+def check_deepspeed_skips_non_finite_steps(accelerator: Accelerator) -> None:
+    """Stop unless DeepSpeed's engine skips an optimizer step whose gradient is not finite, as PPO's skipped steps
+    promise (the engine steps inside the last backward, before PPO sees the gradient norm). Its ZeRO optimizers
+    (stage 1-3) and its fp16/bf16 optimizers check the norm and skip; without ZeRO in fp32 it steps the plain
+    optimizer whatever the gradient."""
+    if not is_deepspeed(accelerator) or zero_stage(accelerator) >= 1:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("bf16", {}).get("enabled") or config.get("fp16", {}).get("enabled"):
+        return
+    raise ConfigError(
+        "DeepSpeed without ZeRO (zero_stage 0) in fp32 applies every optimizer step, even one whose gradient is not "
+        "finite, which PPO must skip: use zero_stage 1-3 (configs/accelerate/zero2.yaml), --mixed_precision bf16, or "
+        "DDP (configs/accelerate/ddp.yaml)"
+    )
+
+
 def describe_placement(models: dict[str, nn.Module], accelerator: Accelerator) -> str:
     """One line: the engine, and for each model whether its weights are sharded over the ranks (FSDP2 DTensors,
     ZeRO-3 partitions) or whole on each, read from the parameters themselves."""

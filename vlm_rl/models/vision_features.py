@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vlm_rl.models.dummy_image import dummy_image_features, several_processes
 from vlm_rl.models.families import Images, family_of, vision_backbone, vision_encoder, vision_tower
 
 # Config entries that name or version a tower without changing what it computes.
@@ -132,6 +133,15 @@ class ImageFeatures:
         deepstack = [tuple(image[level] for image in self.deepstack) for level in range(levels)]
         return {modality: BaseModelOutputWithDeepstackFeatures(pooler_output=self.per_image, deepstack_features=deepstack)}
 
+    @staticmethod
+    def concat(parts: list[ImageFeatures]) -> ImageFeatures | None:
+        """The images of `parts` in order; None unless all stand for the same towers in the same autocast state."""
+        first = parts[0]
+        if any(p.towers != first.towers or p.autocast != first.autocast or (p.deepstack is None) != (first.deepstack is None) for p in parts):
+            return None
+        deepstack = None if first.deepstack is None else tuple(d for p in parts for d in p.deepstack)
+        return replace(first, per_image=tuple(f for p in parts for f in p.per_image), deepstack=deepstack)
+
     def select(self, images: Iterable[int]) -> ImageFeatures:
         images = list(images)
         deepstack = None if self.deepstack is None else tuple(self.deepstack[i] for i in images)
@@ -144,13 +154,25 @@ class ImageFeatures:
 
 @torch.no_grad()
 def encode_images(
-    model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, towers: Iterable[int] = ()
+    model: nn.Module,
+    pixel_values: torch.Tensor | None,
+    image_grid_thw: torch.Tensor | None = None,
+    towers: Iterable[int] = (),
+    device: torch.device | None = None,
 ) -> ImageFeatures:
     """Run `model`'s vision encoder once over the batch's images (no grad, in the current autocast state).
     `image_grid_thw`: the Qwen families' patch grids (LLaVA's fixed-size images have none).
 
-    `towers`: id()s of other towers known to compute the same (see `same_tower`)."""
+    `towers`: id()s of other towers known to compute the same (see `same_tower`). A batch without images
+    (`pixel_values` None; `device`: the batch's) has features for no image, which stand for the same towers as any
+    other rank's: every rank's forwards then read features, or none does; with several processes its tower runs
+    on a dummy image, as the other ranks' do on theirs (dummy_image.py)."""
     base = vision_backbone(model)
+    if pixel_values is None:
+        if several_processes():
+            dummy_image_features(base, device)
+        deepstack = () if family_of(base).deepstack else None
+        return ImageFeatures(per_image=(), towers=frozenset({id(vision_tower(base)), *towers}), autocast=autocast_state(device), deepstack=deepstack)
     grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
     out = base.get_image_features(pixel_values=pixel_values, **grid, return_dict=True)
     levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per image

@@ -65,6 +65,38 @@ class Rollout:
             videos=VideoBatch.from_query(query, family, video_features),
         )
 
+    @classmethod
+    def concat(cls, parts: list[Rollout], pad_id: int) -> Rollout:
+        """The rows of `parts` (rollouts of one family) in order as one batch: queries left-padded and responses
+        right-padded (with `pad_id`, masked out) to the longest; images and their encoded features in row order
+        (the features only when every part with images has them, from the same towers)."""
+        context = max(p.context_length for p in parts)
+        width = max(p.response_mask.shape[1] for p in parts)
+
+        def joined(name: str, value: int | bool) -> torch.Tensor:
+            """The parts' query|response tensor `name`, each `(b, T_q + T_r)` padded to `(b, context + width)`."""
+            pad = [(context - p.context_length, width - p.response_mask.shape[1]) for p in parts]
+            return torch.cat([torch.nn.functional.pad(getattr(p, name), sides, value=value) for p, sides in zip(parts, pad)])
+
+        with_images = [p for p in parts if sum(p.num_images)]
+        features = [p.image_features for p in with_images]
+        images = join_images([image for p in with_images for image in p.per_image()], parts[0].family.image_layout.keys)
+        response_mask = [torch.nn.functional.pad(p.response_mask, (0, width - p.response_mask.shape[1]), value=False) for p in parts]
+        return cls(
+            query_response=joined("query_response", pad_id),
+            attention_mask=joined("attention_mask", 0),
+            mm_token_type_ids=None if parts[0].mm_token_type_ids is None else joined("mm_token_type_ids", 0),
+            response_mask=torch.cat(response_mask),
+            has_eos=torch.cat([p.has_eos for p in parts]),
+            pixel_values=images.get("pixel_values"),
+            image_grid_thw=images.get("image_grid_thw"),
+            num_images=[n for p in parts for n in p.num_images],
+            context_length=context,
+            sources=[s for p in parts for s in p.sources],
+            family=parts[0].family,
+            image_features=ImageFeatures.concat(features) if features and None not in features else None,
+        )
+
     def __len__(self) -> int:
         return self.query_response.shape[0]
 
@@ -117,7 +149,7 @@ class Rollout:
         chosen = [j for i in indices for j in range(first[i], first[i] + self.num_images[i])]
         per_image = self.per_image()
         images = join_images([per_image[j] for j in chosen], self.family.image_layout.keys)
-        image_features = None if self.image_features is None or not chosen else self.image_features.select(chosen)
+        image_features = None if self.image_features is None else self.image_features.select(chosen)  # (for no image too)
         index = torch.tensor(indices, device=self.query_response.device)
         token_types = self.mm_token_type_ids
         return replace(

@@ -8,8 +8,9 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from vlm_rl.models.dummy_image import tower_on_every_rank
 from vlm_rl.models.families import ALL_VISION_TOKENS
-from vlm_rl.models.vision_features import ImageFeatures, with_encoded_features
+from vlm_rl.models.vision_features import PIXEL_KEYS, ImageFeatures, with_encoded_features
 
 EOS_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 PAD_TOKEN = "<|endoftext|>"
@@ -137,9 +138,15 @@ def generate_responses(
     long the other ranks decoded."""
     if "attention_mask" in inputs and inputs["attention_mask"][:, -1].eq(0).any():
         raise ValueError("prompts must be left-padded for batched generation (set processor.tokenizer.padding_side='left')")
+    reads_features = image_features is not None and image_features.usable_by(model)  # the same on every rank
+    has_images = any(inputs.get(key) is not None for key in PIXEL_KEYS.values())  # images or videos: the tower runs
     inputs = with_encoded_features(model, inputs, {"image": image_features, "video": video_features})
     devices = rng_devices(inputs["input_ids"].device)
-    with generation_config_swapped(model, generation_config), torch.random.fork_rng(devices=devices, enabled=seed is not None):
+    with (
+        generation_config_swapped(model, generation_config),
+        torch.random.fork_rng(devices=devices, enabled=seed is not None),
+        tower_on_every_rank(model, has_images, reads_features),  # (a synced generate: every rank encodes, or none)
+    ):
         if seed is not None:
             torch.manual_seed(seed)
         out = model.generate(**inputs, generation_config=generation_config, synced_gpus=synced_gpus)  # (B, T_q + T_r)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
+from vlm_rl.models.dummy_image import tower_on_every_rank
 from vlm_rl.rollout.integrity import check_model_inputs
 from vlm_rl.rollout.batch import Rollout
 
@@ -37,7 +38,11 @@ def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> to
     backbone = base if not hasattr(base, "lm_head") else causal_lm_parts(model)[0]  # a separate critic is a backbone
     if hasattr(backbone, "rope_deltas"):
         backbone.rope_deltas = None
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T_q + T_r, H)
+    features = rollout.image_features
+    reads_features = features is not None and features.usable_by(model)  # the same on every rank (vision_features)
+    has_images = bool(sum(rollout.num_images) + sum(rollout.num_videos()))  # (videos run the same tower)
+    with tower_on_every_rank(model, has_images=has_images, reads_features=reads_features):
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T_q + T_r, H)
     c = rollout.context_length
     return hidden[:, c - 1 : -1]  # (B, T_r, H): position t predicts token t + 1
 

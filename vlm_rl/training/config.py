@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
-from vlm_rl.algorithms.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS
+from vlm_rl.algorithms.advantages import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS, SCALE_REWARDS
+from vlm_rl.algorithms.losses import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, PolicyObjective
 from vlm_rl.models.critic import CRITICS
 from vlm_rl.data.options import DataOptions
 from vlm_rl.errors import ConfigError
+from vlm_rl.quiet import on_a_terminal
+from vlm_rl.training.inherited_fields import REFUSED, refusal
 
 
 @dataclass
@@ -26,7 +31,11 @@ class PPOConfig(DataOptions, TrainingArguments):
     and a mini-batch's gradient does not depend on that split or on the number of processes.
 
     The data options (`column_map`, `skip_bad_rows`, `max_bad_row_fraction`) are `vlm_rl.data.options.DataOptions`'s.
+    Of the inherited TrainingArguments fields, those PPO's own loop does not use are refused when set
+    (`refused_fields`, vlm_rl/training/inherited_fields.py), never silently ignored.
     """
+
+    refused_fields: ClassVar[dict[str, str]] = REFUSED
 
     # Model and data
     model_name_or_path: str = field(
@@ -61,7 +70,8 @@ class PPOConfig(DataOptions, TrainingArguments):
     local_rollout_forward_batch_size: int = field(default=16, metadata={"help": "Micro-batch for the no-grad scoring forwards."})
     total_episodes: int | None = field(
         default=None,
-        metadata={"help": "Samples (prompt x generation) to roll out in total; default num_train_epochs x dataset size x num_generations."},
+        metadata={"help": "Samples (prompt x generation) to roll out in total; default num_train_epochs x dataset size x "
+                  "num_generations (or max_steps iterations, when given)."},
     )
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtracted from the score of responses without eos (recommended with learned rewards)."}
@@ -74,12 +84,25 @@ class PPOConfig(DataOptions, TrainingArguments):
     # PPO
     num_ppo_epochs: int = field(default=4, metadata={"help": "Optimisation passes over each rollout batch."})
     num_mini_batches: int = field(default=1, metadata={"help": "Optimiser steps per PPO epoch."})
-    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip: 1 - cliprange below (and above unless epsilon_high is set); TRL's epsilon."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
-    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty weight in the per-token reward."})
-    kl_estimator: str = field(
-        default="k1", metadata={"help": "k1 (the only unbiased gradient of KL as a per-token reward), k2 or k3."}
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "KL penalty weight, per token: in the reward, or in the loss with kl_in_loss (TRL's beta). "
+                  "0: no reference model is loaded or run."},
+    )
+    kl_estimator: str | None = field(
+        default=None,
+        metadata={"help": "k1, k2 or k3; default k1 in the reward (the only unbiased gradient of KL as a reward), k3 in the loss (TRL's)."},
+    )
+    kl_in_loss: bool = field(
+        default=False,
+        metadata={"help": "Put kl_coef x KL in the loss per token, as GRPO and TRL do (default: a per-token reward)."},
+    )
+    use_bias_correction_kl: bool = field(
+        default=True,
+        metadata={"help": "kl_in_loss: multiply the KL by the importance ratio (TRL's default; DeepSeek-V3.2's unbiased reverse-KL gradient)."},
     )
     gamma: float = field(default=1.0, metadata={"help": "Discount."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
@@ -94,8 +117,10 @@ class PPOConfig(DataOptions, TrainingArguments):
         default=1,
         metadata={"help": "Samples per prompt, rolled out together on one process; the local batch holds local_batch_size / num_generations prompts."},
     )
-    scale_rewards: bool = field(
-        default=True, metadata={"help": "grpo: divide by the group's reward std (false: only centre, as Dr. GRPO)."}
+    scale_rewards: str = field(
+        default="group",
+        metadata={"help": "grpo: divide the centred score by the std of its group (group, or true), of the whole batch "
+                  "(batch) or not at all (none, or false: Dr. GRPO). TRL's values."},
     )
     critic: str = field(
         default="shared",
@@ -108,6 +133,45 @@ class PPOConfig(DataOptions, TrainingArguments):
     )
     critic_warmup_steps: int = field(
         default=0, metadata={"help": "gae: the first N iterations train only the value head, the policy frozen (OpenRLHF's freezing_actor_steps)."}
+    )
+
+    # The GRPO family's loss and sampling (TRL GRPOConfig's names and meanings; README: the GRPO family)
+    loss_type: str = field(
+        default="dapo",
+        metadata={"help": "How per-token losses add up: grpo (mean over sequences of their token means), bnpo (token mean "
+                  "of each micro-batch), dr_grpo (token sum / max_new_tokens per sequence), dapo (token mean over the "
+                  "whole mini-batch on all ranks), cispo (clipped, detached importance weights; as dapo)."},
+    )
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={"help": "Upper clip 1 + epsilon_high (clip-higher, DAPO: 0.28); default cliprange. cispo: the largest "
+                  "importance weight (ScaleRL: 5.0)."},
+    )
+    delta: float | None = field(
+        default=None, metadata={"help": "Two-sided clipping: the ratio is also capped at delta (> 1 + epsilon_high; INTELLECT-2)."}
+    )
+    importance_sampling_level: str = field(
+        default="token",
+        metadata={"help": "token, or sequence (GSPO: one ratio per sequence, the geometric mean of its token ratios)."},
+    )
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus weight: minus entropy_coef x the mean token entropy."})
+    top_entropy_quantile: float = field(
+        default=1.0,
+        metadata={"help": "Train only on the tokens whose entropy is in this top fraction of each micro-batch's (all ranks'); 0.2 in 'Beyond the 80/20 Rule'."},
+    )
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Responses without an eos (cut at max_new_tokens) take no part in the loss (DAPO's overlong filtering)."}
+    )
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "grpo/rloo: drop groups whose scores are all equal and sample further prompts until the batch "
+                  "is full or max_sampling_rounds is reached (DAPO)."},
+    )
+    max_sampling_rounds: int = field(
+        default=10, metadata={"help": "dynamic_sampling: rollouts per iteration at most (verl's max_num_gen_batches)."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward spec (TRL's); the same as writing SPEC:WEIGHT."}
     )
 
     # LoRA
@@ -139,6 +203,10 @@ class PPOConfig(DataOptions, TrainingArguments):
         default=False,
         metadata={"help": "Start afresh in an output_dir that already holds a run (it is set aside, deleted when this one ends).",
                   "aliases": ["--overwrite"]},
+    )
+
+    max_steps: int = field(
+        default=-1, metadata={"help": "PPO iterations in all, when > 0 (overrides num_train_epochs; not with total_episodes)."}
     )
 
     # Runtime
@@ -175,14 +243,41 @@ class PPOConfig(DataOptions, TrainingArguments):
         default=None, metadata={"help": "Evaluate on eval_data every N PPO iterations (default: 10 times per run, and at the end)."}
     )
     remove_unused_columns: bool = field(default=False)
+    disable_tqdm: bool | None = field(
+        default=None,
+        metadata={"help": "No progress bars, transformers' included; one plain line per logged iteration. Default: "
+                  "bars only when stdout and stderr are both terminals (none in a log file or a pipe)."},
+    )
+    log_level_replica: str = field(
+        default="error", metadata={"help": "transformers' log level on the processes other than the main one (error: a warning shows once)."}
+    )
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            message = refusal(f.name, getattr(self, f.name), default)
+            if message:
+                raise ConfigError(message)
+        if self.max_steps > 0 and self.total_episodes is not None:
+            raise ConfigError(
+                f"max_steps={self.max_steps} and total_episodes={self.total_episodes} both set the run's length: give one "
+                "(max_steps counts PPO iterations, total_episodes samples)"
+            )
+        if self.disable_tqdm is None:
+            self.disable_tqdm = not on_a_terminal()
+        self.kl_estimator = self.kl_estimator or ("k3" if self.kl_in_loss else "k1")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
-        if self.kl_estimator != "k1" and self.kl_coef > 0:
+        if self.kl_estimator != "k1" and self.kl_coef > 0 and not self.kl_in_loss:
             warnings.warn(
                 f"kl_estimator={self.kl_estimator!r} in the per-token reward: only k1 gives an unbiased gradient of "
                 "KL(policy || reference) when the penalty is a reward (k3 is unbiased as a value, not as a reward)",
+                stacklevel=2,
+            )
+        if self.kl_estimator == "k1" and self.kl_coef > 0 and self.kl_in_loss and not self.use_bias_correction_kl:
+            warnings.warn(
+                "kl_estimator='k1' in the loss without use_bias_correction_kl: its gradient, the score function, is 0 in "
+                "expectation (use k3, TRL's, or keep use_bias_correction_kl true)",
                 stacklevel=2,
             )
         at_least_one = (
@@ -205,12 +300,14 @@ class PPOConfig(DataOptions, TrainingArguments):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         self.check_estimator()
+        self.check_loss()
         if self.eval_steps is not None and (self.eval_steps < 1 or self.eval_steps != int(self.eval_steps)):
             raise ConfigError(f"eval_steps counts PPO iterations: a whole number >= 1, got {self.eval_steps}")
         if self.bf16_weights and not self.bf16:
             raise ConfigError("bf16_weights needs --bf16 (it keeps the trained weights in the bf16 compute dtype)")
         if isinstance(self.reward, str):
             self.reward = [self.reward]
+        self.fold_reward_weights()
         super().__post_init__()
 
     def check_estimator(self) -> None:
@@ -247,8 +344,80 @@ class PPOConfig(DataOptions, TrainingArguments):
             ):
                 if unused:
                     raise ConfigError(f"{name} {why}: it is for advantage_estimator=gae, and {estimator} has no value model (unset {name})")
-        if not self.scale_rewards and estimator != "grpo":
-            raise ConfigError(f"scale_rewards is for advantage_estimator=grpo, not {estimator} (leave it true)")
+        # TRL's values, and its bools (from YAML, or as words on the command line): true is "group", false "none"
+        as_word = str(self.scale_rewards).lower()
+        if as_word in ("true", "false"):
+            self.scale_rewards = "group" if as_word == "true" else "none"
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ConfigError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} (or true/false), got {self.scale_rewards!r}")
+        if self.scale_rewards != "group" and estimator != "grpo":
+            raise ConfigError(f"scale_rewards is for advantage_estimator=grpo, not {estimator} (leave it group)")
+        if self.dynamic_sampling and estimator not in GROUP_ESTIMATORS:
+            raise ConfigError(
+                f"dynamic_sampling drops groups whose scores are all equal: it needs a group estimator ({', '.join(GROUP_ESTIMATORS)}), "
+                f"not advantage_estimator={estimator}"
+            )
+        if self.max_sampling_rounds < 1:
+            raise ConfigError(f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
+
+    def check_loss(self) -> None:
+        """The policy loss's fields (TRL GRPOConfig's), against each other."""
+        trl_only = ("sapo", "luspo", "vespo")
+        if self.loss_type not in LOSS_TYPES:
+            also = f" (TRL's {self.loss_type} is not implemented here)" if self.loss_type in trl_only else ""
+            raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}{also}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ConfigError(
+                f"importance_sampling_level must be one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}, got {self.importance_sampling_level!r}"
+            )
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            raise ConfigError("loss_type cispo caps the importance weight at epsilon_high: set it (ScaleRL uses 5.0)")
+        if self.epsilon_high is not None and self.epsilon_high <= 0:
+            raise ConfigError(f"epsilon_high must be > 0, got {self.epsilon_high}")
+        if self.delta is not None:
+            if self.loss_type == "cispo":
+                raise ConfigError("delta caps the ratio of the clipped losses; loss_type cispo has none (unset delta)")
+            if self.delta <= 1:
+                raise ConfigError(f"delta caps the importance ratio from above: it must be > 1 (TRL recommends > 1 + epsilon_high), got {self.delta}")
+        if not 0 <= self.top_entropy_quantile <= 1:
+            raise ConfigError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
+        if self.kl_coef == 0 and self.ref_model_name_or_path is not None:
+            raise ConfigError("ref_model_name_or_path loads the reference model, which kl_coef 0 does not use: unset one of them")
+
+    def fold_reward_weights(self) -> None:
+        """`reward_weights` (TRL's) folded into the reward specs as SPEC:WEIGHT, then cleared."""
+        if self.reward_weights is None:
+            return
+        from reward_models.registry import split_weight
+
+        if len(self.reward_weights) != len(self.reward):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.reward)} reward specs: give one per reward")
+        weighted = [spec for spec in self.reward if split_weight(spec)[0] != spec]
+        if weighted:
+            raise ConfigError(f"reward {weighted[0]!r} carries a weight already: give weights either as SPEC:WEIGHT or in reward_weights")
+        self.reward = [f"{spec}:{weight}" for spec, weight in zip(self.reward, self.reward_weights)]
+        self.reward_weights = None
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the run has a KL term, hence loads and runs a reference model (TRL: beta != 0)."""
+        return self.kl_coef != 0
+
+    @property
+    def policy_objective(self) -> PolicyObjective:
+        """The policy loss this config asks for (the KL in it only with kl_in_loss)."""
+        return PolicyObjective(
+            loss_type=self.loss_type,
+            epsilon_low=self.cliprange,
+            epsilon_high=self.epsilon_high,
+            delta=self.delta,
+            importance_sampling_level=self.importance_sampling_level,
+            kl_coef=self.kl_coef if self.kl_in_loss else 0.0,
+            kl_estimator=self.kl_estimator,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            entropy_coef=self.entropy_coef,
+            max_completion_length=self.max_new_tokens,
+        )
 
     @property
     def uses_critic(self) -> bool:
@@ -286,6 +455,8 @@ def plan_batches(config: PPOConfig, num_prompts: int, num_processes: int) -> Bat
             f"the dataset has {num_prompts} prompts, fewer than one batch of {prompts_per_batch} "
             f"({global_batch_size} samples {batch} / num_generations={config.num_generations})"
         )
+    if config.max_steps > 0:  # PPO iterations, as the Trainer's global_step counts them
+        return BatchPlan(global_batch_size, prompts_per_batch, batches_per_epoch, config.max_steps)
     total_episodes = config.total_episodes or int(config.num_train_epochs * num_prompts * config.num_generations)
     if total_episodes < global_batch_size:
         raise ConfigError(f"total_episodes={total_episodes} is less than one batch of {global_batch_size} {batch}")

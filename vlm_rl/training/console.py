@@ -3,8 +3,10 @@ and sample generations as a small table; every metric still goes to `report_to` 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tqdm.auto import tqdm
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 # (column title, metric, format): the few a person watches; the rest goes to the logging integrations.
 COLUMNS = (
@@ -45,39 +47,63 @@ def samples_table(step: int, rows: list[tuple[str, str, float | None]], width: i
     return "\n".join(lines)
 
 
+def outputs_line(output_dir: str, callbacks: list[TrainerCallback]) -> str:
+    """Where the run writes: `output_dir`, and the TensorBoard log directory where `report_to` has tensorboard (its
+    callback names the directory when training begins)."""
+    line = f"outputs in {output_dir} (checkpoint-N/, the final model, ppo_config.yaml, trainer_state.json)"
+    tensorboard = next((cb for cb in callbacks if type(cb).__name__ == "TensorBoardCallback"), None)
+    if tensorboard is not None and getattr(tensorboard, "logging_dir", None):
+        logs = Path(tensorboard.logging_dir)
+        line += f"; TensorBoard logs in {logs} (tensorboard --logdir {logs.parent})"
+    return line
+
+
 def write(text: str) -> None:
     """A line that does not tear the progress bar."""
     tqdm.write(text)
 
 
-class MetricsLineCallback(ProgressCallback):
-    """The progress bar, with one aligned metrics line per log instead of the whole log dict."""
+class RunLines:
+    """Console callbacks' shared part: where the run writes and the header when training begins, then one aligned
+    metrics line per log instead of the whole log dict. `callbacks`: the trainer's, read when training begins (after
+    the integrations have set up)."""
+
+    def __init__(self, callbacks: list[TrainerCallback], *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.callbacks = callbacks
+
+    def show(self, text: str) -> None:
+        raise NotImplementedError
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         if state.is_world_process_zero:
-            write(header())
+            self.show(outputs_line(args.output_dir, self.callbacks))
+            self.show(header())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            write(metrics_line({"step": state.global_step, **logs}))
+            self.show(metrics_line({"step": state.global_step, **logs}))
 
 
-class MetricsLinePrinter(PrinterCallback):
-    """`MetricsLineCallback` without the progress bar (`disable_tqdm`)."""
+class MetricsLineCallback(RunLines, ProgressCallback):
+    """The progress bar, with the run's lines written above it."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            print(header(), flush=True)
+    def show(self, text: str) -> None:
+        write(text)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            print(metrics_line({"step": state.global_step, **logs}), flush=True)
+
+class MetricsLinePrinter(RunLines, PrinterCallback):
+    """The run's lines without any progress bar (`disable_tqdm`): plain lines, for a log file or a pipe."""
+
+    def show(self, text: str) -> None:
+        print(text, flush=True)
 
 
 def use_metrics_line(trainer) -> None:
     """Replace the Trainer's console callback (which prints every log dict whole) with the metrics line."""
+    handler = trainer.callback_handler
     for old, new in ((ProgressCallback, MetricsLineCallback), (PrinterCallback, MetricsLinePrinter)):
-        if any(type(cb) is old for cb in trainer.callback_handler.callbacks):
+        if any(type(cb) is old for cb in handler.callbacks):
             trainer.remove_callback(old)
-            trainer.add_callback(new)
+            trainer.add_callback(new(handler.callbacks))

@@ -31,6 +31,10 @@ class MetricSums:
         present = len(values) > 0
         self._put(name, torch.stack(values).float().mean() if present else torch.zeros(()), float(present))
 
+    def ratio(self, name: str, numerator: torch.Tensor, denominator: torch.Tensor) -> None:
+        """The sum of `numerator` over ranks divided by the sum of `denominator`."""
+        self._put(name, numerator, denominator)
+
     def total(self, name: str, value: torch.Tensor) -> None:
         """The sum of `value` over ranks."""
         self._put(name, value.sum(), 1.0)
@@ -57,15 +61,19 @@ def iteration_metrics(
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
 ) -> dict[str, float]:
-    """TRL's PPO metrics of one iteration: KL and entropy per sequence (summed over tokens), scores as means over
-    the samples the rewards could score, the optimisation statistics `stats` (lists per name; `stat_names` is the
-    fixed list the config produces) as means over ranks."""
+    """TRL's PPO metrics of one iteration: KL and entropy per sequence (summed over tokens; no KL without a KL term,
+    `old["kl"]` None), scores as means over the samples the rewards could score, the optimisation statistics `stats`
+    (lists per name; `stat_names` is the fixed list the config produces) as means over ranks, and with dynamic
+    sampling the fraction of groups it filtered out, the rounds it took and the groups without signal it kept to fill
+    the batch. `kl_coef` is the KL's weight in the reward."""
     m = MetricSums(device)
     scored = ~old["unscored"]  # (B,)
-    non_score = (-kl_coef * old["kl"]).sum(1)  # (B,)
-    m.mean("objective/kl", old["kl"].sum(1))
+    non_score = torch.zeros_like(old["scores"])  # (B,)
+    if old["kl"] is not None:
+        non_score = (-kl_coef * old["kl"]).sum(1)
+        m.mean("objective/kl", old["kl"].sum(1))
+        m.mean("objective/non_score_reward", non_score)
     m.mean("objective/entropy", old["entropy"].sum(1))
-    m.mean("objective/non_score_reward", non_score)
     m.mean("objective/rlhf_reward", (old["scores"] + non_score)[scored])
     m.mean("objective/scores", old["scores"][scored])
     m.mean("objective/unscored", old["unscored"].float())
@@ -79,6 +87,11 @@ def iteration_metrics(
             m.rank_mean(name, [torch.stack(values).sum()] if values else [])
         else:
             m.rank_mean(name, values)
+    if "dynamic_sampling" in old:
+        generated, filtered, filled, rounds = old["dynamic_sampling"].unbind()
+        m.ratio("dynamic_sampling/filtered_fraction", filtered, generated)
+        m.rank_mean("dynamic_sampling/rounds", [rounds])
+        m.total("dynamic_sampling/filled_groups", filled)
     ratios = stats.get("val/ratio", [])
     m.rank_mean("val/ratio_var", [torch.stack(ratios).var() if len(ratios) > 1 else torch.zeros(())] if ratios else [])
     return m.reduce(all_reduce_sum)

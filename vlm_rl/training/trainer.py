@@ -10,8 +10,9 @@ to bottom here). Built on transformers' Trainer for what users expect of a TRL t
 progress bar, TrainerState and trainer_state.json, checkpoint rotation).
 
 What stays right at scale: one optimiser step (and one gradient clip) per mini-batch, whatever its split
-into micro-batches; the loss is a token mean over the whole mini-batch on every rank (so the gradient does
-not depend on the split or on the number of ranks); advantages are whitened over the global batch; fp32
+into micro-batches; each micro-batch's loss is its share of the whole mini-batch's on all ranks, as its loss type
+defines it (so the gradient does not depend on the split or on the number of ranks wherever the definition allows
+it: README, the GRPO family); advantages are whitened over the global batch; fp32
 master weights under bf16 autocast; samples a reward cannot score take no part in the update; every
 collective is issued identically on every rank whatever the data.
 """
@@ -32,14 +33,14 @@ import yaml
 from peft import PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import Trainer, TrainerState
+from transformers import Trainer, TrainerState, get_scheduler
 from transformers.trainer_callback import ExportableState
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
 from reward_models.vlm_reward import learned_reward_models
 from vlm_rl.algorithms.advantages import compute_gae, discounted_returns, grpo_advantages, kl_penalty, rloo_advantages, shape_rewards, whiten
-from vlm_rl.algorithms.losses import policy_loss, value_loss
+from vlm_rl.algorithms.losses import LossNormaliser, high_entropy_mask, policy_loss, value_loss
 from vlm_rl.algorithms.masking import masked_mean
 from vlm_rl.atomic import atomic_file
 from vlm_rl.data.formats import PromptDataset
@@ -49,6 +50,7 @@ from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_req
 from vlm_rl.models.families import family_of
 from vlm_rl.models.sharding import (
     cast_to_engine_dtype,
+    check_deepspeed_skips_non_finite_steps,
     check_engine,
     configure_deepspeed,
     describe_placement,
@@ -68,6 +70,7 @@ from vlm_rl.training import console
 from vlm_rl.training.checkpointing import CONFIG_FILE, CheckpointingMixin
 from vlm_rl.training.config import PPOConfig, plan_batches
 from vlm_rl.training.console import use_metrics_line
+from vlm_rl.training.dynamic_sampling import sample_with_signal
 from vlm_rl.training.integrations import show_samples
 from vlm_rl.training.metrics import iteration_metrics
 from vlm_rl.training.output_dir import claim_output_dir
@@ -97,8 +100,10 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         callbacks=None,
         eval_dataset: PromptDataset | None = None,
     ):
-        if ref_model is None and not isinstance(model, PeftModel):
-            raise ValueError("ref_model is required unless the policy is a peft model (then the reference is the base)")
+        if not args.uses_reference and ref_model is not None:
+            raise ValueError("kl_coef is 0: the run has no KL term and uses no reference model (pass ref_model=None)")
+        if args.uses_reference and ref_model is None and not isinstance(model, PeftModel):
+            raise ValueError("ref_model is required unless the policy is a peft model (then the reference is the base) or kl_coef is 0")
         disable_dropout_in_model(model)
         self.processor = processing_class
         self.reward = reward
@@ -109,8 +114,12 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         critic = critic_for(args, critic, model)
         critic_backbone = None if critic is None else critic.backbone
         self.sharing = plan_sharing(model, ref_model, reward_models, args.reuse_vision_features, critic=critic_backbone)
-        if args.skip_long_prompts:
+        if args.skip_long_prompts:  # the held-out prompts too: evaluation encodes them under the same limit
             train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
+            if eval_dataset is not None:
+                eval_dataset = drop_long_prompts(processing_class, eval_dataset, args.max_prompt_length, what="eval_data")
+        if args.ddp_find_unused_parameters is None:  # every trainable parameter takes part in every backward, unless
+            args.ddp_find_unused_parameters = tower_trains(model)  # a training tower misses text-only micro-batches
         super().__init__(
             model=PolicyAndValue(model, critic),
             args=args,
@@ -124,9 +133,11 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         if is_deepspeed(self.accelerator) and args.critic_warmup_steps:
             # The engine steps inside backward: the policy's gradients cannot be dropped before its step.
             raise ConfigError("critic_warmup_steps is not supported under DeepSpeed yet; use DDP, or set it to 0")
+        check_deepspeed_skips_non_finite_steps(self.accelerator)
         if is_deepspeed(self.accelerator):
             configure_deepspeed(self.accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm)
         if self.ref_model is not None:
+            cast_to_engine_dtype(self.ref_model, self.accelerator)  # DeepSpeed bf16 casts the policy: the reference with it
             self.ref_model = prepare_frozen(self.ref_model, self.accelerator)
         self.reward_models = [prepare_frozen(m, self.accelerator) for _, m in reward_models]  # in place, inside `reward`
         self.rewards = RolloutRewards(reward, processing_class, self.accelerator, self.sharing.reward_models, self.reward_models, args.max_unscored_fraction, self.sum_over_ranks)
@@ -140,6 +151,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         self.batches_per_epoch, self.num_total_batches = plan.batches_per_epoch, plan.num_total_batches
         self.eval_every = int(args.eval_steps) if args.eval_steps else max(1, self.num_total_batches // 10)
         self.skipped_in_a_row = 0
+        self.too_many_skipped = False  # max_skipped_steps in a row reached: stop at the end of the iteration
 
     # ---- helpers -----------------------------------------------------------------------------------
 
@@ -160,6 +172,14 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         """`t` summed over all processes (itself on one); `t` must live on `accelerator.device`."""
         return t if self.accelerator.num_processes == 1 else self.accelerator.reduce(t.clone(), reduction="sum")
 
+    def gather_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Every process's 1-D `values` (of any length, none negative) concatenated, on every process."""
+        if self.accelerator.num_processes == 1:
+            return values
+        sentinel = -1e9  # below any value gathered here (entropies), as in TRL's get_high_entropy_mask
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(values, dim=0, pad_index=sentinel))
+        return gathered[gathered != sentinel]
+
     # ---- the loop ---------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainerState:
@@ -178,7 +198,6 @@ class PPOTrainer(CheckpointingMixin, Trainer):
                 episode = self.state.global_step * self.global_batch_size
                 metrics["eps"] = (episode - episodes_at_start) / max(time.time() - started, 1e-9)
                 metrics["episode"] = episode
-                metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
                 self.end_iteration(metrics, stop)
                 if self.control.should_training_stop:
                     break
@@ -222,19 +241,18 @@ class PPOTrainer(CheckpointingMixin, Trainer):
 
     def iteration(self, iteration: int) -> dict[str, float]:
         """One PPO iteration: prompts, rollout, scores, advantages, optimisation, LR step; returns its metrics."""
-        samples = self.batch_samples(iteration)  # 1
-        rollout = self.make_rollout(samples)  # 2
-        scored = self.score(rollout, samples)  # 3
+        samples, rollout, scored = self.sample(iteration)  # 1-3
         old = {**scored, **self.advantages(rollout, scored)}  # 4-5
         if self.sum_over_ranks(old["train_mask"].any(dim=1).sum().to(self.accelerator.device)) == 0:
             logger.warning(f"iteration {iteration + 1}: no sample of the batch could be scored; the update is skipped")
             stats = {}
         else:
             stats = self.optimise(rollout, old)  # 6
+        lr = self.policy_learning_rate()  # the rate this iteration's steps used (the scheduler moves on below)
         with warnings.catch_warnings():  # an iteration whose steps were all skipped still advances the schedule
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
             self.lr_scheduler.step()
-        metrics = self.metrics(rollout, old, stats)  # 7
+        metrics = {**self.metrics(rollout, old, stats), "lr": lr}  # 7
         if self.args.num_sample_generations and self.is_world_process_zero() and (iteration + 1) % max(1, int(self.args.logging_steps)) == 0:
             show_samples(self.args.report_to, iteration + 1, samples[: self.args.num_sample_generations], old)
         return metrics
@@ -250,6 +268,13 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             self.log(metrics)
         if self.saved_this_step():
             self.save_checkpoint()
+        if self.too_many_skipped:  # the same on every rank (the skip is decided over all ranks)
+            path = Path(args.output_dir) / f"{ckpt.PREFIX}{step}" if self.saved_this_step() else self.save_checkpoint()
+            raise NonFiniteError(
+                f"{args.max_skipped_steps} optimiser steps in a row had a non-finite loss or gradient norm (skipped: they "
+                f"changed nothing); stopped after iteration {step}. {path} holds the run at the end of it. Lower the "
+                "learning rate, check the reward for extreme values, or try fp32/bf16 instead of fp16"
+            )
         if self.stop_requested(stop):
             path = Path(args.output_dir) / f"{ckpt.PREFIX}{step}" if self.saved_this_step() else self.save_checkpoint()
             launcher = "accelerate launch [your launch flags]" if self.accelerator.num_processes > 1 else None
@@ -265,13 +290,25 @@ class PPOTrainer(CheckpointingMixin, Trainer):
 
     # ---- the seven steps -----------------------------------------------------------------------------
 
-    def batch_samples(self, iteration: int) -> list[dict]:
+    def sample(self, iteration: int) -> tuple[list[dict], Rollout, dict]:
+        """Steps 1-3: this iteration's samples, their rollout and its scores. With `dynamic_sampling`, groups whose
+        scores are all equal are dropped and further prompts rolled out until the batch is full
+        (training/dynamic_sampling.py)."""
+        if self.args.dynamic_sampling:
+            return sample_with_signal(self, iteration)
+        samples = self.batch_samples(iteration)
+        rollout = self.make_rollout(samples)
+        return samples, rollout, self.score(rollout, samples)
+
+    def batch_samples(self, iteration: int, round: int = 0) -> list[dict]:
         """This process's samples for PPO iteration `iteration`: local_batch_size / num_generations prompts, each
         repeated num_generations times in a row (a group, whole on this process), taken from a fixed shuffle per
-        epoch, so resuming replays it."""
+        epoch, so resuming replays it. Dynamic sampling's further rounds take the prompts of the epoch's next
+        batches (`round` batches on, wrapping round)."""
         generations = self.args.num_generations
         prompts = self.args.local_batch_size // generations
         epoch, k = divmod(iteration, self.batches_per_epoch)
+        k = (k + round) % self.batches_per_epoch
         order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed + epoch))
         start = k * self.prompts_per_batch + self.accelerator.process_index * prompts
         chosen = [self.train_dataset[int(i)] for i in order[start : start + prompts]]
@@ -306,16 +343,18 @@ class PPOTrainer(CheckpointingMixin, Trainer):
     def encode_images(self, policy: nn.Module, query: dict) -> tuple[ImageFeatures | None, ImageFeatures | None]:
         """Each image and each video of the batch through the policy's vision tower once, for every later forward of
         the rollout that may use the features exactly (generate, old policy, value, reference, reward model, training
-        epochs): (image features, video features), None for a kind the batch does not hold."""
+        epochs): (image features, video features; None for a batch without video)."""
         if not self.sharing.enabled or tower_trains(policy):
             return None, None
-        images = None if query.get("pixel_values") is None else encode_images(policy, query["pixel_values"], query.get("image_grid_thw"), self.sharing.towers)
+        device = query["input_ids"].device
+        images = encode_images(policy, query.get("pixel_values"), query.get("image_grid_thw"), self.sharing.towers, device)
         videos = None if query.get("pixel_values_videos") is None else encode_videos(policy, query, self.sharing.towers)
         return images, videos
 
     @torch.no_grad()
-    def score(self, rollout: Rollout, samples: list[dict]) -> dict[str, torch.Tensor | dict]:
-        """Step 3: old-policy logprobs, reference logprobs, values (micro-batched) and the reward scores."""
+    def score(self, rollout: Rollout, samples: list[dict], rewards: tuple | None = None) -> dict[str, torch.Tensor | dict]:
+        """Step 3: old-policy logprobs, reference logprobs (with a KL term only), values (micro-batched) and the reward
+        scores (`rewards`: `RolloutRewards.score`'s result when the rewards were called already)."""
         temperature = self.args.temperature
         logprobs, ref_logprobs, values, entropy = [], [], [], []
         step = self.args.local_rollout_forward_batch_size
@@ -325,14 +364,15 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             logprobs.append(lp)
             entropy.append(ent)
             values.append(v)
-            ref_logprobs.append(self.reference_logprobs(mb))
-        completions, columns, combined = self.rewards.score(rollout, samples)
+            if self.args.uses_reference:
+                ref_logprobs.append(self.reference_logprobs(mb))
+        completions, columns, combined = rewards or self.rewards.score(rollout, samples)
         device = rollout.query_response.device
         unscored = torch.tensor([c is None for c in combined], device=device)  # (B,)
         self.rewards.check_coverage(columns, unscored)
         return {
             "logprobs": torch.cat(logprobs),  # (B, T_r)
-            "ref_logprobs": torch.cat(ref_logprobs),  # (B, T_r)
+            "ref_logprobs": torch.cat(ref_logprobs) if ref_logprobs else None,  # (B, T_r); None without a KL term
             "values": torch.cat(values),  # (B, T_r)
             "entropy": torch.cat(entropy),  # (B, T_r)
             "scores": torch.tensor([0.0 if c is None else float(c) for c in combined], device=device),  # (B,)
@@ -359,24 +399,28 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         reinforce_pp: the same rewards' discounted return (no critic), whitened over the global batch.
         grpo/rloo: the score replaced by its group-relative advantage (each prompt's num_generations samples,
         whole on this process), then the same per-token KL penalty, and the discounted return; not whitened.
+        With kl_in_loss the KL is not in the rewards (the loss carries it); without a KL term (kl_coef 0) there is
+        no reference and `kl` is None.
         Unscored samples are left out (`train_mask` is False on all their tokens): they get no reward,
-        no advantage, no share of the group or whitening statistics and no loss.
+        no advantage, no share of the group or whitening statistics and no loss. `loss_mask` is `train_mask` less
+        the truncated responses with mask_truncated_completions (which still count in their group's statistics).
         """
         args = self.args
         estimator = args.advantage_estimator
         mask = rollout.response_mask  # (B, T_r)
         scored_rows = ~scored["unscored"]  # (B,)
         train_mask = mask & scored_rows[:, None]  # (B, T_r)
-        scores = scored["scores"]
-        if args.missing_eos_penalty is not None:
-            scores = scores - args.missing_eos_penalty * (~rollout.has_eos).float()
-        kl = torch.where(mask, kl_penalty(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator), 0.0)  # (B, T_r)
+        scores = self.outcome_scores(scored["scores"], rollout.has_eos)  # (B,)
+        kl = None
+        if args.uses_reference:
+            kl = torch.where(mask, kl_penalty(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator), 0.0)  # (B, T_r)
         outcome = scores  # (B,) what lands on the last token
         if estimator == "grpo":
-            outcome = grpo_advantages(scores, scored_rows, args.num_generations, scale_rewards=args.scale_rewards)
+            outcome = grpo_advantages(scores, scored_rows, args.num_generations, args.scale_rewards, all_reduce_sum=self.sum_over_ranks)
         elif estimator == "rloo":
             outcome = rloo_advantages(scores, scored_rows, args.num_generations)
-        rewards = shape_rewards(outcome, kl, train_mask, args.kl_coef)  # (B, T_r)
+        kl_reward = torch.zeros_like(mask, dtype=scores.dtype) if kl is None else kl  # (B, T_r)
+        rewards = shape_rewards(outcome, kl_reward, train_mask, self.reward_kl_coef)  # (B, T_r)
         if estimator == "gae":
             if args.whiten_rewards:
                 rewards = whiten(rewards, train_mask, shift_mean=False, all_reduce_sum=self.sum_over_ranks)
@@ -385,7 +429,19 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             advantages = returns = discounted_returns(rewards, train_mask, args.gamma)
         if estimator in ("gae", "reinforce_pp"):
             advantages = whiten(advantages, train_mask, all_reduce_sum=self.sum_over_ranks)
-        return {"kl": kl, "scores": scores, "train_mask": train_mask, "advantages": advantages, "returns": returns}
+        loss_mask = train_mask & rollout.has_eos[:, None] if args.mask_truncated_completions else train_mask  # (B, T_r)
+        return {"kl": kl, "scores": scores, "train_mask": train_mask, "loss_mask": loss_mask, "advantages": advantages, "returns": returns}
+
+    def outcome_scores(self, scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
+        """The score each sample's advantage starts from `(B,)`: minus `missing_eos_penalty` without an eos."""
+        if self.args.missing_eos_penalty is None:
+            return scores
+        return scores - self.args.missing_eos_penalty * (~has_eos).float()
+
+    @property
+    def reward_kl_coef(self) -> float:
+        """The KL penalty's weight in the per-token reward: 0 when it is in the loss (kl_in_loss)."""
+        return 0.0 if self.args.kl_in_loss else self.args.kl_coef
 
     def training_policy(self) -> bool:
         """False during the critic warm-up (the first `critic_warmup_steps` iterations): only the value head learns."""
@@ -404,13 +460,16 @@ class PPOTrainer(CheckpointingMixin, Trainer):
 
     def optimiser_step(self, rollout: Rollout, old: dict[str, torch.Tensor], mini: torch.Tensor, stats: dict) -> None:
         """One optimiser step on the mini-batch `mini`: its micro-batches' gradients accumulated without
-        synchronising, the loss a token mean over the mini-batch's valid tokens on all ranks, then one
-        all-reduce, one clip and one step (skipped when the loss or the gradient norm is not finite)."""
+        synchronising, each micro-batch's loss its share of the mini-batch's (normalised by the mini-batch's counts on
+        all ranks, as the loss type says), then one all-reduce, one clip and one step (skipped when the loss or the
+        gradient norm is not finite)."""
         args, accelerator = self.args, self.accelerator
-        num_items = self.sum_over_ranks(old["train_mask"][mini].sum().float().to(accelerator.device))
-        if num_items == 0:  # every sample of this mini-batch is unscored, on every rank
-            return
         micro_batches = mini.split(args.per_device_train_batch_size)
+        counts = torch.stack([old["loss_mask"][mini].sum(), (~old["unscored"][mini]).sum()]).float().to(accelerator.device)
+        tokens, sequences = self.sum_over_ranks(counts)
+        if tokens == 0:  # no sample of this mini-batch takes part in the loss (unscored, or masked), on any rank
+            return
+        normaliser = LossNormaliser(tokens=tokens, sequences=sequences, local_batches=len(micro_batches) * accelerator.num_processes)
         totals = torch.zeros(2, device=accelerator.device)  # this rank's share of the mini-batch's policy and value losses
         finite = True
         # DeepSpeed accumulates and steps itself: it is told where the mini-batch ends.
@@ -420,7 +479,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             if deepspeed:
                 accelerator.gradient_state._set_sync_gradients(last)
             with nullcontext() if last or deepspeed else accelerator.no_sync(self.model_wrapped):
-                losses, loss_finite = self.micro_batch_backward(rollout, old, micro.tolist(), num_items, stats)
+                losses, loss_finite = self.micro_batch_backward(rollout, old, micro.tolist(), normaliser, stats)
             totals += losses
             finite &= loss_finite
         if not self.training_policy():  # warm-up: the policy keeps its weights (and AdamW skips parameters without a gradient)
@@ -431,30 +490,44 @@ class PPOTrainer(CheckpointingMixin, Trainer):
                     p.grad = None
         self.apply_step(totals, finite, stats)
 
-    def micro_batch_backward(self, rollout: Rollout, old: dict, idx: list[int], num_items: torch.Tensor, stats: dict) -> tuple[torch.Tensor, bool]:
-        """One training forward and backward over the micro-batch `idx`: the clipped policy loss (weight 0 during the
-        critic warm-up) plus `vf_coef` x the clipped value loss, each a share of the mini-batch's token mean.
-        Returns (this share's policy and value losses, whether the loss is finite)."""
+    def micro_batch_backward(self, rollout: Rollout, old: dict, idx: list[int], normaliser: LossNormaliser, stats: dict) -> tuple[torch.Tensor, bool]:
+        """One training forward and backward over the micro-batch `idx`: the policy loss of `args.policy_objective`
+        (weight 0 during the critic warm-up; with top_entropy_quantile < 1 on the micro-batch's highest-entropy tokens,
+        the quantile taken over all ranks' micro-batches, as TRL does) plus `vf_coef` x the clipped value loss, each
+        this micro-batch's share of the mini-batch's loss. Returns (this share's policy and value losses, whether the
+        loss is finite)."""
         args, accelerator = self.args, self.accelerator
         mb = rollout.select(idx)
-        mask = old["train_mask"][idx]  # (b, T_r)
+        mask = old["loss_mask"][idx]  # (b, T_r)
         logprobs, entropy, values = self.model_wrapped(mb, args.temperature, where="training forward")
-        pg_loss, pg_stats = policy_loss(logprobs, old["logprobs"][idx], old["advantages"][idx], mask, args.cliprange, num_items)
+        objective = args.policy_objective
+        top_entropy = None
+        if args.top_entropy_quantile < 1:
+            top_entropy = high_entropy_mask(entropy, mask, args.top_entropy_quantile, gather=self.gather_over_ranks)
+        ref_logprobs = old["ref_logprobs"][idx] if objective.kl_coef else None
+        pg_loss, pg_stats = policy_loss(
+            logprobs, old["logprobs"][idx], old["advantages"][idx], mask, objective, normaliser,
+            ref_logprobs=ref_logprobs, entropy=entropy, entropy_mask=top_entropy,
+        )  # fmt: skip
         # Critic warm-up: the policy loss stays in the graph with weight 0 (every parameter takes part, so DDP works
         # without find_unused_parameters); the policy's gradients (the value loss's, through a shared backbone) are
         # dropped before the step.
         loss = (1.0 if self.training_policy() else 0.0) * pg_loss
         vf_loss = torch.zeros((), device=accelerator.device)
         if args.uses_critic:  # critic-free estimators have no value head and no value loss
-            vf_loss, vf_stats = value_loss(values, old["values"][idx], old["returns"][idx], mask, args.cliprange_value, num_items)
+            vf_loss, vf_stats = value_loss(
+                values, old["values"][idx], old["returns"][idx], mask, args.cliprange_value, args.loss_type, normaliser, args.max_new_tokens
+            )
             loss = loss + args.vf_coef * vf_loss
-        # DDP averages gradients over ranks, DeepSpeed also divides by gradient_accumulation_steps: the token mean is
-        # already over all ranks' tokens of the whole mini-batch.
+        # DDP averages gradients over ranks, DeepSpeed also divides by gradient_accumulation_steps: the shares already
+        # add up to the whole mini-batch's loss over all ranks.
         scale = accelerator.num_processes * (args.gradient_accumulation_steps if is_deepspeed(accelerator) else 1)
         accelerator.backward(loss * scale)
         if mask.any():
             stats["policy/approxkl_avg"].append(pg_stats["approxkl"])
             stats["policy/clipfrac_avg"].append(pg_stats["clipfrac"])
+            stats["policy/clipfrac_low"].append(pg_stats["clipfrac_low"])
+            stats["policy/clipfrac_high"].append(pg_stats["clipfrac_high"])
             if args.uses_critic:
                 stats["val/clipfrac_avg"].append(vf_stats["clipfrac"])
             stats["policy/entropy_avg"].append(masked_mean(entropy.detach(), mask))
@@ -473,6 +546,12 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         grad_norm = torch.as_tensor(grad_norm or 0.0)
         not_finite = self.sum_over_ranks(torch.tensor(float(not finite), device=device)) > 0
         if not_finite or not torch.isfinite(grad_norm):
+            if is_deepspeed(accelerator) and self.model_wrapped.was_step_applied():
+                raise NonFiniteError(
+                    f"iteration {self.state.global_step + 1}: DeepSpeed applied an optimizer step whose loss or gradient "
+                    f"norm ({float(grad_norm)}) was not finite (its overflow check is off in this configuration): the "
+                    "weights are no longer usable. Resume from the last checkpoint with ZeRO stage 1-3 or bf16"
+                )
             self.optimizer.zero_grad()
             self.skip_step(grad_norm)
             stats["train/skipped_steps"].append(torch.ones((), device=device))
@@ -506,38 +585,63 @@ class PPOTrainer(CheckpointingMixin, Trainer):
                     optimizer.add_param_group({**settings, "params": params, "lr": lr, "critic": is_critic})
         return optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """transformers' schedule (`lr_scheduler_type`, its warm-up and kwargs) over the run for the critic's groups;
+        the policy's groups run the same schedule over the iterations that train the policy, from the end of the
+        critic warm-up (as OpenRLHF's freezing_actor_steps skips the actor's scheduler step)."""
+        warmup = self.args.critic_warmup_steps
+        if self.lr_scheduler is not None or not warmup:
+            return super().create_scheduler(num_training_steps, optimizer)
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        policy_steps = max(num_training_steps - warmup, 1)
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only its schedule's multiplier is used
+        policy_schedule = get_scheduler(
+            self.args.lr_scheduler_type, optimizer=probe, num_warmup_steps=self.args.get_warmup_steps(policy_steps),
+            num_training_steps=policy_steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )  # fmt: skip
+        if not hasattr(scheduler, "lr_lambdas") or not hasattr(policy_schedule, "lr_lambdas"):
+            raise ConfigError(f"critic_warmup_steps needs a schedule of step-wise multipliers; lr_scheduler_type={self.args.lr_scheduler_type} is not one")
+        multiplier = policy_schedule.lr_lambdas[0]
+
+        def policy_multiplier(step: int) -> float:  # (a plain function: the scheduler's state_dict leaves it out)
+            return multiplier(max(step - warmup, 0))
+
+        groups = self.optimizer.param_groups
+        scheduler.lr_lambdas = [f if group.get("critic") else policy_multiplier for f, group in zip(scheduler.lr_lambdas, groups)]
+        self.retarget_learning_rate()
+        return scheduler
+
+    def policy_learning_rate(self) -> float:
+        """The policy's learning rate now (its first parameter group's)."""
+        return next(group["lr"] for group in self.optimizer.param_groups if not group.get("critic"))
+
     def skip_step(self, grad_norm: torch.Tensor) -> None:
-        """Count a skipped step; after `max_skipped_steps` in a row, write a checkpoint and stop."""
+        """Count a skipped step (it changes nothing); after `max_skipped_steps` in a row the run stops at the end of
+        this iteration (`end_iteration`), where its checkpoint is the one its name says."""
         self.skipped_in_a_row += 1
+        self.too_many_skipped |= self.skipped_in_a_row >= self.args.max_skipped_steps
         logger.warning(
             f"iteration {self.state.global_step + 1}: non-finite loss or gradient norm ({float(grad_norm)}); optimiser step "
             f"skipped ({self.skipped_in_a_row} in a row, at most {self.args.max_skipped_steps})"
         )
-        if self.skipped_in_a_row < self.args.max_skipped_steps:
-            return
-        path = Path(self.args.output_dir) / f"{ckpt.PREFIX}{self.state.global_step}"
-        if not path.exists():  # the weights are still those of the last good step: skipped steps changed nothing
-            path = self.save_checkpoint()
-        raise NonFiniteError(
-            f"{self.args.max_skipped_steps} optimiser steps in a row had a non-finite loss or gradient norm; stopped. "
-            f"{path} holds the weights from before them. Lower the learning rate, check the reward for extreme values, "
-            "or try fp32/bf16 instead of fp16"
-        )
 
     def metrics(self, rollout: Rollout, old: dict, stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         """Step 7: TRL's PPO metric names over all processes (metrics.py: one collective, the same on every rank)."""
-        return iteration_metrics(rollout, old, stats, self.step_stat_names, self.args.kl_coef, self.sum_over_ranks, self.accelerator.device)
+        return iteration_metrics(rollout, old, stats, self.step_stat_names, self.reward_kl_coef, self.sum_over_ranks, self.accelerator.device)
 
     @property
     def step_stat_names(self) -> tuple[str, ...]:
         """The statistics `optimise` records, fixed by the config (the critic-free estimators have no value loss)."""
-        names = ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "val/ratio", "loss/policy_avg", "train/grad_norm", "train/skipped_steps")
+        names = (
+            "policy/approxkl_avg", "policy/clipfrac_avg", "policy/clipfrac_low", "policy/clipfrac_high", "policy/entropy_avg",
+            "val/ratio", "loss/policy_avg", "train/grad_norm", "train/skipped_steps",
+        )  # fmt: skip
         return names + (("val/clipfrac_avg", "loss/value_avg") if self.args.uses_critic else ())
 
     @torch.no_grad()
     def evaluate_policy(self) -> dict[str, float]:
         """The policy on the first `eval_num_samples` held-out prompts (split over the processes), sampled at the
-        rollout temperature and greedily: the mean reward of each and the KL to the reference per sequence.
+        rollout temperature and greedily: the mean reward of each and (with a reference) the KL to it per sequence.
 
         Runs on its own RNG stream, seeded by the step, so evaluating changes nothing in training and a resumed
         run evaluates as the uninterrupted one did."""
@@ -556,13 +660,17 @@ class PPOTrainer(CheckpointingMixin, Trainer):
                     batch = samples[start : start + args.local_rollout_forward_batch_size]
                     rollout = self.make_rollout(batch, config)
                     _, _, combined = self.rewards.score(rollout, batch)
-                    logprobs = model(rollout, args.temperature, where="eval forward")[0]
-                    kl = torch.where(rollout.response_mask, logprobs - self.reference_logprobs(rollout), 0.0).sum(1)  # (b,)
+                    kl = torch.zeros(len(batch), device=device)  # (b,)
+                    if args.uses_reference:
+                        logprobs = model(rollout, args.temperature, where="eval forward")[0]
+                        kl = torch.where(rollout.response_mask, logprobs - self.reference_logprobs(rollout), 0.0).sum(1)
                     scored = [float(c) for c in combined if c is not None]
                     totals += torch.tensor([sum(scored), len(scored), float(kl.sum()), len(batch)], dtype=torch.float64, device=device)
                 scores, n_scored, kl, n = self.sum_over_ranks(totals).tolist()
-                out[f"eval/scores{name}"] = scores / n_scored if n_scored else float("nan")
-                out[f"eval/kl{name}"] = kl / max(n, 1)
+                if n_scored:  # nothing scored: the metric is missing (as metrics.py leaves it), not nan
+                    out[f"eval/scores{name}"] = scores / n_scored
+                if args.uses_reference:
+                    out[f"eval/kl{name}"] = kl / max(n, 1)
         return out
 
     def stop_requested(self, stop: StopOnSignal) -> bool:
