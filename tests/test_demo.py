@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from vlm_rl.demo import DemoConfig, ppo_learning_rate, run_demo, sft_steps
+from vlm_rl.demo import DemoConfig, ppo_learning_rate, run_demo, task_setting
 from vlm_rl.errors import UserError
 
 
@@ -61,9 +61,11 @@ def test_the_demo_learning_rate_is_the_familys_unless_given():
     assert ppo_learning_rate(DemoConfig(family="qwen3_vl", ppo_learning_rate=2e-3)) == 2e-3
 
 
-def test_the_demo_sft_steps_are_the_tasks_unless_given():
-    assert [sft_steps(DemoConfig(tasks=t)) for t in ("colour", "motion", "colour,motion", "appear")] == [700, 1500, 1500, 700]
-    assert sft_steps(DemoConfig(tasks="motion", sft_steps=20)) == 20
+def test_the_demo_steps_and_episodes_are_the_tasks_unless_given():
+    tasks = ("colour", "motion", "colour,motion", "appear")
+    assert [task_setting(DemoConfig(tasks=t), "sft_steps") for t in tasks] == [700, 1500, 1500, 700]
+    assert [task_setting(DemoConfig(tasks=t), "ppo_episodes") for t in tasks] == [4800, 1600, 4800, 4800]
+    assert task_setting(DemoConfig(tasks="motion", sft_steps=20), "sft_steps") == 20
 
 
 @pytest.mark.slow
