@@ -352,7 +352,7 @@ class VLMRewardModel(nn.Module, Reward):
             base.rope_deltas = None  # M-RoPE positions come from this batch's own mask and grids
         source = self.image_features_source  # during PPO: every rank's forwards read the rollout's features, or none
         reads_features = source is not None and source.features.usable_by(self)
-        with tower_on_every_rank(self, has_images=bool(images or videos), reads_features=reads_features):
+        with tower_on_every_rank(self, has_images=bool(images), reads_features=reads_features, has_videos=bool(videos)):
             hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         index = last_token_index(attention_mask)  # (B,)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)

@@ -92,6 +92,10 @@ class PromptDataset(Sequence):
         for i in range(len(self)):
             yield self[i]
 
+    def has_videos(self) -> bool:
+        """Whether any row holds a video (read from the rows: nothing is opened)."""
+        return any(row.get("videos") for row in self.rows)
+
     def check_images(self) -> None:
         """Open every image and video once so that a bad file fails now, naming its row, not mid-training."""
         for i in range(len(self)):

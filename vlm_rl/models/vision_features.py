@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlm_rl.models.dummy_image import dummy_image_features, several_processes
+from vlm_rl.models.dummy_image import dummy_image_features, several_processes, videos_expected
 from vlm_rl.models.families import Images, family_of, vision_backbone, vision_encoder, vision_tower
 
 # Config entries that name or version a tower without changing what it computes.
@@ -203,12 +203,17 @@ def with_encoded_features(model: nn.Module, inputs: dict, features: dict[str, Im
 
 
 @torch.no_grad()
-def encode_videos(model: nn.Module, videos: Images, towers: Iterable[int] = ()) -> ImageFeatures:
+def encode_videos(model: nn.Module, videos: Images, towers: Iterable[int] = (), device: torch.device | None = None) -> ImageFeatures | None:
     """Run `model`'s vision encoder once over the batch's videos (`pixel_values_videos`, `video_grid_thw`; no grad, in
     the current autocast state): one entry per video, for `mm_encoder_outputs["video"]`. `towers` as for
-    `encode_images`."""
+    `encode_images`. None for a batch without video (`device`: the batch's), whose tower runs on a dummy image when
+    other ranks' may run it on videos (several processes, a run with videos: dummy_image.py)."""
     base = vision_backbone(model)
-    pixels = videos["pixel_values_videos"]
+    pixels = videos.get("pixel_values_videos")
+    if pixels is None:
+        if several_processes() and videos_expected():
+            dummy_image_features(base, device)
+        return None
     out = base.get_video_features(pixel_values_videos=pixels, video_grid_thw=videos["video_grid_thw"], return_dict=True)
     levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per video
     deepstack = None if levels is None else tuple(zip(*levels)) if levels else tuple(() for _ in out.pooler_output)

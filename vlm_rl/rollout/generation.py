@@ -139,13 +139,13 @@ def generate_responses(
     if "attention_mask" in inputs and inputs["attention_mask"][:, -1].eq(0).any():
         raise ValueError("prompts must be left-padded for batched generation (set processor.tokenizer.padding_side='left')")
     reads_features = image_features is not None and image_features.usable_by(model)  # the same on every rank
-    has_images = any(inputs.get(key) is not None for key in PIXEL_KEYS.values())  # images or videos: the tower runs
+    has_images, has_videos = (inputs.get(PIXEL_KEYS[kind]) is not None for kind in ("image", "video"))
     inputs = with_encoded_features(model, inputs, {"image": image_features, "video": video_features})
     devices = rng_devices(inputs["input_ids"].device)
     with (
         generation_config_swapped(model, generation_config),
         torch.random.fork_rng(devices=devices, enabled=seed is not None),
-        tower_on_every_rank(model, has_images, reads_features),  # (a synced generate: every rank encodes, or none)
+        tower_on_every_rank(model, has_images, reads_features, has_videos),  # (a synced generate: every rank encodes, or none)
     ):
         if seed is not None:
             torch.manual_seed(seed)

@@ -40,8 +40,8 @@ def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> to
         backbone.rope_deltas = None
     features = rollout.image_features
     reads_features = features is not None and features.usable_by(model)  # the same on every rank (vision_features)
-    has_images = bool(sum(rollout.num_images) + sum(rollout.num_videos()))  # (videos run the same tower)
-    with tower_on_every_rank(model, has_images=has_images, reads_features=reads_features):
+    has_images, has_videos = bool(sum(rollout.num_images)), bool(sum(rollout.num_videos()))
+    with tower_on_every_rank(model, has_images=has_images, reads_features=reads_features, has_videos=has_videos):
         hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T_q + T_r, H)
     c = rollout.context_length
     return hidden[:, c - 1 : -1]  # (B, T_r, H): position t predicts token t + 1

@@ -47,6 +47,7 @@ from vlm_rl.data.formats import PromptDataset
 from vlm_rl.data.prompts import drop_long_prompts, encode_prompts, model_inputs
 from vlm_rl.errors import ConfigError
 from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_requires_grad
+from vlm_rl.models.dummy_image import expect_videos
 from vlm_rl.models.families import family_of
 from vlm_rl.models.sharding import (
     cast_to_engine_dtype,
@@ -118,6 +119,8 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
             if eval_dataset is not None:
                 eval_dataset = drop_long_prompts(processing_class, eval_dataset, args.max_prompt_length, what="eval_data")
+        # A run with videos calls the tower once per kind in every forward of every rank (dummy_image.py).
+        expect_videos(train_dataset.has_videos() or (eval_dataset is not None and eval_dataset.has_videos()))
         if args.ddp_find_unused_parameters is None:  # every trainable parameter takes part in every backward, unless
             args.ddp_find_unused_parameters = tower_trains(model)  # a training tower misses text-only micro-batches
         super().__init__(
@@ -348,8 +351,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             return None, None
         device = query["input_ids"].device
         images = encode_images(policy, query.get("pixel_values"), query.get("image_grid_thw"), self.sharing.towers, device)
-        videos = None if query.get("pixel_values_videos") is None else encode_videos(policy, query, self.sharing.towers)
-        return images, videos
+        return images, encode_videos(policy, query, self.sharing.towers, device)
 
     @torch.no_grad()
     def score(self, rollout: Rollout, samples: list[dict], rewards: tuple | None = None) -> dict[str, torch.Tensor | dict]:
