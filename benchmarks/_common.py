@@ -28,6 +28,34 @@ SIZES = {"cpu": QWEN2_VL_2B_ON_CPU, "2b": QWEN2_VL_2B, "2b-slice": QWEN2_VL_2B_S
 IMAGE_SIDE = 448  # pixels: 32 x 32 patches of 14, merged 2 x 2 into 256 vision tokens
 
 
+def add_machine_arguments(parser) -> None:
+    """The flags every timing benchmark takes: --device, --bf16, --threads, --json."""
+    import torch
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights), as --bf16 in PPO")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write the headline figures to this file")
+
+
+def machine(args):
+    """The device of `add_machine_arguments`' flags, with torch's CPU threads set from them."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
+def sized_model_and_prompts(size: str, n: int, text_tokens: int) -> tuple[Path, Path, list[dict]]:
+    """(a fresh temporary folder, a random-weight model of `SIZES[size]` saved in it, `n` synthetic prompts of about
+    `text_tokens` text tokens each, one image each)."""
+    from transformers import AutoProcessor
+
+    root = Path(tempfile.mkdtemp(prefix="vlm-rl-bench-"))
+    model_dir = make_sized_model(root / "model", size)
+    return root, model_dir, synthetic_samples(root, n, text_tokens, AutoProcessor.from_pretrained(model_dir))
+
+
 def model_setup(size: str = "tiny", n: int = 64, device: str = "cpu", bf16: bool = False, image_side: int | None = None):
     """(model, processor, samples): the embedded tiny Qwen2-VL (`size` "tiny") or one of `SIZES` (random weights,
     448 x 448 images), on `device` (bf16 weights with `bf16`), and `n` synthetic prompts. `image_side`: every image
@@ -169,6 +197,18 @@ def best_of(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def timed(fn, *args, **kwargs):
+    """(fn's result, wall seconds, CPU seconds of this process) of one call. On a machine other processes load, the
+    CPU seconds of a one-thread run follow the work done; the wall seconds follow the load as well."""
+    import torch
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _status_mib(field: str) -> float:

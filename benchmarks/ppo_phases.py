@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from _common import SIZES, make_sized_model, ppo_trainer, synthetic_samples, write_json
+from _common import SIZES, add_machine_arguments, make_sized_model, ppo_trainer, synthetic_samples, write_json
 
 # (table row, is model compute, the timed calls it sums: "parent/child" paths of exclusive time)
 PHASES = [
@@ -71,10 +71,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--save-steps", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default=None)
+    add_machine_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import vlm_rl.training.trainer as trainer_module

@@ -55,12 +55,13 @@ from torch import nn
 
 from reward_models.base import Reward, completion_texts
 from vlm_rl.atomic import atomic_dir
-from vlm_rl.data.prompts import model_inputs, video_kwargs
+from vlm_rl.data.prompts import COUNT_KEYS, video_kwargs
 from vlm_rl.models.dummy_image import tower_on_every_rank
-from vlm_rl.models.families import family_of
+from vlm_rl.models.families import family_of, images_of_rows
 from vlm_rl.rollout.integrity import check_model_inputs
 from vlm_rl.models.loading import language_model_lora_config
 from vlm_rl.models.vision_features import FeatureLookup, ImageFeatures
+from vlm_rl.rollout.micro_batches import RowLengths, by_tokens
 
 REWARD_CONFIG_NAME = "reward_config.json"
 REWARD_HEAD_FILE = "reward_head.safetensors"
@@ -182,6 +183,8 @@ class VLMRewardModel(nn.Module, Reward):
         self.metadata = dict(metadata or {})
         # During PPO scoring: the rollout's encoded images, used where this model's tower may (`shared_image_features`)
         self.image_features_source: FeatureLookup | None = None
+        # During PPO scoring with max_tokens_per_micro_batch: micro-batches by tokens instead of batch_size (`scoring_by_tokens`)
+        self.max_tokens_per_micro_batch: int | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -384,23 +387,51 @@ class VLMRewardModel(nn.Module, Reward):
         names = [str(s) if s is not None else f"sample {i}" for i, s in enumerate(sources)]
         was_training = self.training
         self.eval()
-        scores: list[float] = []
         try:
+            if self.max_tokens_per_micro_batch is not None:
+                return self.score_by_tokens(prompts, completions, images, names, ended, videos)
+            scores: list[float] = []
             for start in range(0, n, self.batch_size):
                 sl = slice(start, start + self.batch_size)
-                batch = self.encode(prompts[sl], completions[sl], images[sl], names[sl], ended[sl], videos[sl])
-                counts = {k: batch[k] for k in ("num_images", "num_videos") if k in batch}
-                batch = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
-                features = self.shared_features(batch)
-                if features is not None:
-                    batch.pop("pixel_values")
-                rewards = self.forward(
-                    **batch, **counts, sample_names=names[sl], where=f"reward model {self.name!r}", image_features=features
-                )
-                scores.extend(rewards.float().cpu().tolist())
+                scores += self.score_batch(self.encode(prompts[sl], completions[sl], images[sl], names[sl], ended[sl], videos[sl]), names[sl])
+            return scores
         finally:
             self.train(was_training)
+
+    def score_by_tokens(self, prompts, completions, images, names, ended, videos) -> list[float]:
+        """`score` in micro-batches of at most `max_tokens_per_micro_batch` tokens (padding included): the samples,
+        encoded at once, sorted by length fill them (vlm_rl/rollout/micro_batches.py), each without the columns
+        that are padding in all its rows."""
+        batch = self.encode(prompts, completions, images, names, ended, videos)
+        counts = {k: batch.pop(k) for k in COUNT_KEYS if k in batch}  # num_images (and num_videos), per sample
+        n = len(counts["num_images"])
+        lengths = RowLengths(prompt=[0] * n, response=batch["attention_mask"].sum(dim=1).tolist())
+        family = family_of(self.base_backbone)
+        layouts = {"num_images": family.image_layout, "num_videos": family.video_layout}
+        scores = [0.0] * n
+        for rows in by_tokens(range(n), lengths, self.max_tokens_per_micro_batch):
+            index = torch.tensor(rows)
+            real = batch["attention_mask"][index].any(dim=0).nonzero()[:, 0]  # the columns some row of them uses
+            columns = slice(int(real[0]), int(real[-1]) + 1)
+            part = {k: batch[k][index][:, columns] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
+            for key, per_row in counts.items():  # each kind's tensors of these rows
+                layout = layouts[key]
+                part.update(images_of_rows(layout, {k: batch[k] for k in layout.keys if k in batch}, per_row, rows)[0])
+                part[key] = [per_row[r] for r in rows]
+            for r, score in zip(rows, self.score_batch(part, [names[r] for r in rows])):
+                scores[r] = score
         return scores
+
+    def score_batch(self, batch: dict, names: list[str]) -> list[float]:
+        """The rewards of one encoded batch (`encode`'s output), integrity-checked, with the rollout's image features
+        where they may be used."""
+        counts = {k: batch.pop(k) for k in COUNT_KEYS if k in batch}  # num_images (and num_videos)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        features = self.shared_features(batch)
+        if features is not None:
+            batch.pop("pixel_values")
+        rewards = self.forward(**batch, **counts, sample_names=names, where=f"reward model {self.name!r}", image_features=features)
+        return rewards.float().cpu().tolist()
 
     def shared_features(self, batch: dict) -> ImageFeatures | None:
         """The rollout's features of this batch's images, when scoring during PPO and all of them are found (and the
@@ -420,6 +451,19 @@ def learned_reward_models(reward: Any) -> list[VLMRewardModel]:
         return [reward]
     inner = getattr(reward, "rewards", None) or ([reward.reward] if hasattr(reward, "reward") else [])
     return [m for r in inner for m in learned_reward_models(r)]
+
+
+@contextmanager
+def scoring_by_tokens(reward_models: Sequence[VLMRewardModel], max_tokens: int | None) -> Iterator[None]:
+    """For the duration, `reward_models` score in micro-batches of at most `max_tokens` tokens (None: of their
+    `batch_size`)."""
+    for model in reward_models:
+        model.max_tokens_per_micro_batch = max_tokens
+    try:
+        yield
+    finally:
+        for model in reward_models:
+            model.max_tokens_per_micro_batch = None
 
 
 @contextmanager

@@ -224,7 +224,7 @@ def test_column_map_in_a_yaml_config(tmp_path):
 
 def test_every_example_row_of_the_readme_table_is_a_fixture():
     section = README.read_text().split("## Data formats", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| [^|]+ \| `(\{.*?\})` \| (`[\w.]+`)", section, flags=re.M)
+    rows = re.findall(r"^\| [^|]+ \| `(\{.*?\})` \| (`\w+\.\w+`)", section, flags=re.M)  # (a fixture: a file name)
     assert len(rows) >= 8, "the README's format table lost its rows"
     for example, name in rows:
         name = name.strip("`")

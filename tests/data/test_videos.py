@@ -13,6 +13,7 @@ from PIL import Image
 
 from vlm_rl.data.formats import DataError, load_samples
 from vlm_rl.data.images import ImageResize
+from vlm_rl.data.prompts import distinct_prompts
 from vlm_rl.data.synthetic_clips import Clip, draw_clip, write_clip
 from vlm_rl.data.videos import VideoResize, open_video, video_backend
 from vlm_rl.errors import UserError
@@ -120,3 +121,17 @@ def test_the_backend_is_decord_unless_another_is_forced(monkeypatch):
     monkeypatch.setenv("FORCE_QWENVL_VIDEO_READER", "pyav")
     with pytest.raises(UserError, match="FORCE_QWENVL_VIDEO_READER='pyav'"):
         video_backend()
+
+
+def test_samples_ask_the_same_prompt_only_with_the_same_clips(clips):
+    """A group's rows share one prompt (data/prompts.distinct_prompts): equal text is not enough, the clips must be
+    the same frames sampled alike (the same file read twice is; another clip, or the same clip at another rate, is not)."""
+    rows = [
+        {"messages": user({"type": "video", "video": "clips/right.mp4"}, QUESTION)},
+        {"messages": user({"type": "video", "video": "clips/up.mp4"}, QUESTION)},  # the same text, another clip
+        {"messages": user({"type": "video", "video": "frames/right"}, QUESTION)},  # the first clip's frames, read again
+        {"messages": user({"type": "video", "video": "clips/right.mp4", "nframes": 4}, QUESTION)},  # sampled otherwise
+    ]
+    samples = list(load_samples(write_rows(clips, "groups.jsonl", rows), resize=RESIZE_OF_PROCESSOR))
+    group = [dict(s) for s in samples for _ in range(2)]  # each prompt twice in a row, as batch_samples gives them
+    assert distinct_prompts(group) == ([0, 2, 6], [0, 0, 1, 1, 0, 0, 2, 2])

@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import test_generation as generation_tests
 import test_integrity as integrity_tests
 import test_logprobs as logprob_tests
+import test_prefix as prefix_tests
 import test_rollout as rollout_tests
 import test_vision_reuse as reuse_tests
 from trainer_helpers import completion_length, make_trainer, parameters
@@ -80,6 +81,18 @@ def test_unknown_family_is_a_user_error(family, tmp_path):
 
 def test_logprobs_match_the_sampling_distribution(family, model, processor, samples):
     logprob_tests.test_logprobs_match_the_sampling_distribution(model, processor, samples)
+
+
+def test_group_prefill_gives_the_per_row_greedy_tokens(family, model, processor, samples):
+    prefix_tests.test_greedy_group_prefill_gives_the_per_row_tokens(model, processor, samples)
+
+
+def test_group_prefill_samples_what_a_forward_recomputes(family, model, processor, samples):
+    prefix_tests.test_sampled_group_tokens_have_the_logprobs_a_forward_recomputes(model, processor, samples)
+
+
+def test_shared_prompt_forward_gives_the_full_forwards_numbers(family, model, processor, samples):
+    prefix_tests.test_shared_prompt_forward_gives_the_full_forwards_numbers_and_gradients(model, processor, samples)
 
 
 def test_sample_is_padding_invariant(family, model, processor, samples):

@@ -61,8 +61,8 @@ def main(argv: list[str]) -> None:
     first_sources = [s["_source"] for s in trainer.batch_samples(0)]
     scored, score = [], trainer.score
 
-    def recording_score(rollout, samples):
-        out = score(rollout, samples)
+    def recording_score(rollout, samples, **kwargs):
+        out = score(rollout, samples, **kwargs)
         scored.append({"scores": out["scores"].tolist(), "unscored": out["unscored"].tolist()})
         return out
 

@@ -216,3 +216,28 @@ def test_a_cut_off_response_is_shown_without_its_closing_token(tiny_model_dir, t
     assert rm(prompts, ["red", "red"], images=images, completion_ended=[True, True]) == ended
     cut = rm(prompts, ["red", "red"], images=images, completion_ended=[False, False])
     assert all(abs(a - b) > 1e-3 for a, b in zip(ended, cut))
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_micro_batches_by_tokens_give_the_batch_size_scores(tiny_model_dir, pairs, padding_side):
+    from reward_models.vlm_reward import scoring_by_tokens
+
+    rm = VLMRewardModel.from_base(str(tiny_model_dir), padding_side=padding_side, batch_size=3)
+    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    samples = pairs[:6]
+    words = "the red square is on the left of the picture and a blue circle is below it".split()
+    completions = [" ".join(words[: n]) for n in (1, 16, 2, 3, 16, 1, 5, 9)]  # a long tail of lengths
+    prompts = [s["prompt"] for s in samples[:6]] + ["What is two plus two?", "Name a colour."]  # two text-only samples
+    images = [s["images"] for s in samples[:6]] + [[], []]
+    rows = []
+    hook = rm.backbone.register_forward_pre_hook(lambda m, a, kw: rows.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    fixed = rm(prompts, completions, images=images)
+    sizes_fixed, rows[:] = list(rows), []
+    with scoring_by_tokens([rm], 200):
+        planned = rm(prompts, completions, images=images)
+    hook.remove()
+    assert rm.max_tokens_per_micro_batch is None  # only for the duration
+    assert [b for b, _ in sizes_fixed] == [3, 3, 2]
+    assert sum(b for b, _ in rows) == 8 and len({b for b, _ in rows}) > 1 and all(b * t <= 200 for b, t in rows)
+    assert planned == pytest.approx(fixed, abs=1e-5)  # to float rounding: other batches, other padding
+    assert len(set(planned)) == 8

@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText
 import test_families as family_tests
 import test_generation as generation_tests
 import test_logprobs as logprob_tests
+import test_prefix as prefix_tests
 import test_vision_reuse as reuse_tests
 from trainer_helpers import make_config
 from vlm_rl.data.errors import DataError
@@ -180,6 +181,17 @@ def test_select_keeps_each_rows_own_videos(family, processor, samples):
     for key in get_family(family).video_layout.keys:
         assert torch.equal(picked.videos.tensors[key], torch.cat([a[key] for a in alone])), key
     assert picked.num_videos() == [1, 0, 1] and rollout.select([2, 3]).videos is None
+
+
+@VIDEO_FAMILIES
+def test_a_group_of_clip_rows_shares_its_prompt_as_the_per_row_path(family, model, processor, samples):
+    """Groups of rows asking a clip, a clip and a picture, and a text-only prompt: each prompt prefilled once in
+    `generate` (greedy tokens identical to the per-row path; sampled tokens too, from one seed) and run once by a
+    forward, its cache repeated to the rows, with the video's M-RoPE positions passed explicitly: logprobs,
+    entropy, values and gradients those of the full forward to float rounding (other shapes, the same sums)."""
+    prefix_tests.test_greedy_group_prefill_gives_the_per_row_tokens(model, processor, samples)
+    prefix_tests.test_sampled_group_tokens_have_the_logprobs_a_forward_recomputes(model, processor, samples)
+    prefix_tests.test_shared_prompt_forward_gives_the_full_forwards_numbers_and_gradients(model, processor, samples)
 
 
 @VIDEO_FAMILIES

@@ -22,14 +22,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 
 from vlm_rl.data.errors import field_error
-
-if TYPE_CHECKING:
-    from vlm_rl.data.videos import VideoResize
 
 # Per-image sizing options of a Qwen part ({"type": "image", "image": ..., "max_pixels": ...}), read by fetch_image.
 RESIZE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
@@ -46,6 +43,16 @@ class ImageRef:
     source: Any
     options: dict[str, int] = field(default_factory=dict)
     field_name: str = "image"
+
+
+@dataclass(frozen=True)
+class VideoResize:
+    """A Qwen-family video processor's frame sizing: sides a multiple of `patch_size * 2`, each frame's area in
+    [min_pixels, max_pixels] (the video processor's `size`)."""
+
+    patch_size: int
+    min_pixels: int
+    max_pixels: int
 
 
 @dataclass(frozen=True)

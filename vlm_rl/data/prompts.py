@@ -87,6 +87,29 @@ def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None
     return batch
 
 
+def same_prompt(a: dict, b: dict) -> bool:
+    """Whether two normal-form samples ask the same: equal chat messages, the same images (pixel for pixel) and the
+    same videos (frame for frame, sampled alike)."""
+    videos_a, videos_b = a.get("videos") or (), b.get("videos") or ()
+    if a["prompt"] != b["prompt"] or len(a["images"]) != len(b["images"]) or len(videos_a) != len(videos_b):
+        return False
+    return all(x is y or x == y for x, y in zip(a["images"], b["images"])) and all(x.same_as(y) for x, y in zip(videos_a, videos_b))
+
+
+def distinct_prompts(samples: Sequence[dict]) -> tuple[list[int], list[int] | None]:
+    """(the first sample of each distinct prompt, in order; each sample's index into those, or None when every
+    sample asks its own): the samples of a group (`num_generations`) ask the same prompt."""
+    first: list[int] = []
+    rows = []
+    for i, sample in enumerate(samples):
+        match = next((k for k, j in enumerate(first) if same_prompt(samples[j], sample)), None)
+        if match is None:
+            first.append(i)
+            match = len(first) - 1
+        rows.append(match)
+    return first, rows if len(first) < len(samples) else None
+
+
 def prompt_lengths(processor, samples: Sequence[dict], batch_size: int = 32) -> list[int]:
     """Each sample's prompt length in tokens, image tokens included, as `encode_prompts` makes it."""
     lengths = []

@@ -21,23 +21,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from vlm_rl.atomic import atomic_dir
+from vlm_rl.data.shape_words import COLOURS, COUNT_WORDS, POSITIONS, RGB, SHAPES
 
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["square", "circle", "triangle"]
-POSITIONS = ["left", "right", "top", "bottom"]
-COUNT_WORDS = ["one", "two", "three", "four"]
 IMAGE_TASKS = ["colour", "shape", "count", "position"]
 VIDEO_TASKS = ["motion", "appear"]  # vlm_rl.data.synthetic_clips.CLIP_TASKS
 TASKS = IMAGE_TASKS + VIDEO_TASKS
-
-RGB = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 40),
-    "blue": (30, 60, 220),
-    "yellow": (235, 215, 20),
-    "purple": (140, 40, 170),
-    "orange": (245, 140, 20),
-}
 
 QUESTIONS = {
     "colour": "What colour is the {shape}? Answer with one word.",

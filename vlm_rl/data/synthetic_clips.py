@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlm_rl.data.synthetic import COLOURS, POSITIONS, RGB, SHAPES
+from vlm_rl.data.shape_words import COLOURS, POSITIONS, RGB, SHAPES
 
 CLIP_TASKS = ["motion", "appear"]
 DIRECTIONS = POSITIONS  # left, right, top, bottom: the side a moving shape moves to

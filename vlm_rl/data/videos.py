@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from vlm_rl.data.errors import field_error
-from vlm_rl.data.images import read_image, to_rgb
+from vlm_rl.data.images import VideoResize, read_image, to_rgb
 from vlm_rl.errors import UserError
 
 # Per-video options of a Qwen part ({"type": "video", "video": ..., "fps": ...}), read by fetch_video.
@@ -54,16 +54,6 @@ class VideoRef:
     source: Any
     options: dict[str, Any] = field(default_factory=dict)
     field_name: str = "video"
-
-
-@dataclass(frozen=True)
-class VideoResize:
-    """A Qwen-family video processor's frame sizing: sides a multiple of `patch_size * 2`, each frame's area in
-    [min_pixels, max_pixels] (the video processor's `size`)."""
-
-    patch_size: int
-    min_pixels: int
-    max_pixels: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +79,13 @@ class Video:
         return VideoMetadata(
             total_num_frames=self.total_frames, fps=self.fps, width=self.size[0], height=self.size[1], frames_indices=list(self.frame_indices)
         )
+
+    def same_as(self, other: Video) -> bool:
+        """The same frames, taken from the same source positions at the same rate (what the processor reads)."""
+        if self is other:
+            return True
+        same_sampling = (self.fps, self.frame_indices, self.total_frames) == (other.fps, other.frame_indices, other.total_frames)
+        return same_sampling and self.frames.shape == other.frames.shape and torch.equal(self.frames, other.frames)
 
     def frame_images(self) -> list[Image.Image]:
         """The frames as RGB PIL images (for reports and thumbnails)."""

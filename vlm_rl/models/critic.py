@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vlm_rl.errors import UserError
-from vlm_rl.rollout.logprobs import response_hidden_states, response_logprobs
+from vlm_rl.rollout.logprobs import padded_responses, response_hidden_states, response_logprobs
 from vlm_rl.rollout.batch import Rollout
 from vlm_rl.models.value_head import VALUE_HEAD_FILE, ValueHead, hidden_size_of, load_value_head, save_value_head
 
@@ -89,12 +89,14 @@ class PolicyAndValue(nn.Module):
         return sorted({name for m in models for name in (getattr(m, "_no_split_modules", None) or [])})
 
     def forward(self, rollout: Rollout, temperature: float, where: str = "policy forward") -> tuple[torch.Tensor, ...]:
-        """-> logprobs, entropy, values: each `(B, T_r)`, 0 where the response mask is False."""
-        hidden = response_hidden_states(self.policy, rollout, where)  # (B, T_r, H)
+        """-> logprobs, entropy, values: each `(B, T_r)`, 0 where the response mask is False. The forwards run over
+        the rollout's columns that are not padding in every row (`Rollout.trimmed`)."""
+        width = rollout.response_mask.shape[1]
+        rollout = rollout.trimmed()
+        hidden = response_hidden_states(self.policy, rollout, where)  # (B, T_r', H)
         logprobs, entropy = response_logprobs(self.policy, rollout, temperature, hidden=hidden)
-        if self.critic is None:
-            return logprobs, entropy, torch.zeros_like(logprobs)
-        return logprobs, entropy, self.critic(self.policy, rollout, hidden, where)
+        values = torch.zeros_like(logprobs) if self.critic is None else self.critic(self.policy, rollout, hidden, where)
+        return tuple(padded_responses(x, width) for x in (logprobs, entropy, values))
 
     def critic_parameter_names(self) -> set[str]:
         """Names (as `named_parameters()` gives them) of the parameters the critic owns: its head, its backbone

@@ -33,7 +33,9 @@ Adding a family is one entry in `FAMILIES` plus its tiny model builders in `vlm_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -142,6 +144,15 @@ def join_images(per_image: list[Images], keys: tuple[str, ...]) -> Images:
     return {k: torch.cat([image[k] for image in per_image]) for k in keys} if per_image else {}
 
 
+def images_of_rows(layout: PatchGrid | FixedSizeImages, images: Images, num_images: Sequence[int], rows: Sequence[int]) -> tuple[Images, list[int]]:
+    """(the image tensors of the samples `rows`, in that order (a row may repeat); the indices of those images among
+    all the samples' images). `images`: every sample's images, `num_images[i]` of them for sample i, in order."""
+    first = list(accumulate(num_images, initial=0))  # each sample's first image
+    chosen = [j for r in rows for j in range(first[r], first[r] + num_images[r])]
+    per_image = layout.split(images) if first[-1] else []
+    return join_images([per_image[j] for j in chosen], layout.keys), chosen
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """1-D positions of the real tokens of a left- or right-padded batch, 0 on padding: what `generate` computes.
     (B, T) -> (B, T)"""
@@ -192,6 +203,21 @@ class Family:
         if videos and self.video_layout is not None:
             inputs.update({k: videos.get(k) for k in self.video_layout.position_keys})
         return {k: v for k, v in inputs.items() if v is not None}
+
+    def positions(self, backbone: nn.Module, inputs: dict) -> torch.Tensor:
+        """The positions of every token of `inputs` (a forward's or `generate`'s keyword arguments over whole,
+        left-padded sequences) as `generate` gives them: M-RoPE's `(3, B, T)` from the backbone's `get_rope_index`,
+        else `(B, T)` counted from the attention mask. For a forward that continues from a KV cache, which cannot
+        compute them itself."""
+        mask = inputs["attention_mask"]
+        if not self.mrope:
+            return positions_from_mask(mask)
+        keys = ("image_grid_thw", *(self.video_layout.position_keys if self.video_layout is not None else ()))
+        grids = {k: inputs[k] for k in keys if inputs.get(k) is not None}  # the images' and videos' position inputs
+        if not grids:  # text only: the three axes are the 1-D position
+            return positions_from_mask(mask)[None].expand(3, -1, -1)
+        positions, _ = backbone.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], attention_mask=mask, **grids)
+        return positions
 
     def lora_target_regex(self, target_modules: list[str] | tuple[str, ...] | None = None) -> str:
         """peft `target_modules`: `target_modules` (default: the family's) inside the language model only."""
@@ -308,3 +334,11 @@ def vision_tower(model: nn.Module) -> nn.Module | None:
     """The vision tower of a VLM however it is wrapped (the first module of `vision_encoder`); None without one."""
     encoder = vision_encoder(model)
     return encoder[0] if encoder else None
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(backbone returning last_hidden_state, lm_head) of a *ForConditionalGeneration, also when wrapped by peft."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "lm_head") or not hasattr(base, "model"):
+        raise TypeError(f"expected a *ForConditionalGeneration model with .model and .lm_head, got {type(base).__name__}")
+    return base.model, base.lm_head

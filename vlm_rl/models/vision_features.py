@@ -6,6 +6,11 @@ takes the vision encoder's output instead of `pixel_values` (`mm_encoder_outputs
 still go in (`Family.position_inputs`: M-RoPE's `mm_token_type_ids` and `image_grid_thw`, LLaVA's `position_ids`).
 The vision encoder is the tower, plus LLaVA's projector, which sits outside it (`vision_encoder`).
 
+Each distinct image is encoded once, whatever the number of samples that show it: a group of `num_generations`
+samples of one prompt, or two prompts about the same picture, read the same features (`distinct`: pixel-identical
+images, compared by every tensor that describes them, so another kind of media, a video's `pixel_values_videos` and
+`video_grid_thw`, keys apart from images by its tensors' names).
+
 Videos go through the same tower (`get_video_features`) once per rollout too (`encode_videos`); their features
 travel in an `ImageFeatures` of their own (one entry per video) and go in as `mm_encoder_outputs["video"]`. A
 forward takes encoded features for every kind it holds or for none (transformers refuses pixels beside encoded
@@ -31,7 +36,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlm_rl.models.dummy_image import dummy_image_features, several_processes, videos_expected
-from vlm_rl.models.families import Images, family_of, vision_backbone, vision_encoder, vision_tower
+from vlm_rl.models.families import Images, family_of, join_images, vision_backbone, vision_encoder, vision_tower
 
 # Config entries that name or version a tower without changing what it computes.
 _NOT_ARCHITECTURE = {"_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures", "_commit_hash"}
@@ -152,6 +157,20 @@ class ImageFeatures:
         return replace(self, per_image=tuple(f.to(device) for f in self.per_image), deepstack=deepstack)
 
 
+def distinct(items: Sequence[Images]) -> list[int]:
+    """For each item (one image's tensors, `Family.image_layout.split`), the index of the first item equal to it in
+    every tensor (itself when it is the first of its kind)."""
+    index: dict[tuple, list[int]] = defaultdict(list)
+    first = []
+    for i, item in enumerate(items):
+        candidates = index[_image_key(item)]
+        match = next((j for j in candidates if _equal(items[j], item)), None)
+        if match is None:
+            candidates.append(i)
+        first.append(i if match is None else match)
+    return first
+
+
 @torch.no_grad()
 def encode_images(
     model: nn.Module,
@@ -159,9 +178,11 @@ def encode_images(
     image_grid_thw: torch.Tensor | None = None,
     towers: Iterable[int] = (),
     device: torch.device | None = None,
+    deduplicate: bool = True,
 ) -> ImageFeatures:
-    """Run `model`'s vision encoder once over the batch's images (no grad, in the current autocast state).
-    `image_grid_thw`: the Qwen families' patch grids (LLaVA's fixed-size images have none).
+    """Run `model`'s vision encoder once over the batch's distinct images (no grad, in the current autocast state);
+    an image equal to an earlier one (`distinct`) gets that one's features, the same tensors. `image_grid_thw`: the
+    Qwen families' patch grids (LLaVA's fixed-size images have none). `deduplicate` False: every image encoded.
 
     `towers`: id()s of other towers known to compute the same (see `same_tower`). A batch without images
     (`pixel_values` None; `device`: the batch's) has features for no image, which stand for the same towers as any
@@ -173,12 +194,21 @@ def encode_images(
             dummy_image_features(base, device)
         deepstack = () if family_of(base).deepstack else None
         return ImageFeatures(per_image=(), towers=frozenset({id(vision_tower(base)), *towers}), autocast=autocast_state(device), deepstack=deepstack)
-    grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
-    out = base.get_image_features(pixel_values=pixel_values, **grid, return_dict=True)
-    levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per image
-    deepstack = None if levels is None else tuple(zip(*levels)) if levels else tuple(() for _ in out.pooler_output)
+    layout = family_of(base).image_layout
+    images = {"pixel_values": pixel_values, **({} if image_grid_thw is None else {"image_grid_thw": image_grid_thw})}
+    per_image = layout.split(images)
+    first = distinct(per_image) if deduplicate else list(range(len(per_image)))
+    encoded = sorted(set(first))  # the images the tower runs on, in batch order
+    inputs = join_images([per_image[i] for i in encoded], layout.keys) if len(encoded) < len(per_image) else images
+    out = base.get_image_features(**inputs, return_dict=True)
+    levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per encoded image
+    row = {image: k for k, image in enumerate(encoded)}  # encoded image -> its row of the tower's output
+    deepstack = None
+    if levels is not None:
+        per_encoded = tuple(zip(*levels)) if levels else tuple(() for _ in out.pooler_output)
+        deepstack = tuple(per_encoded[row[f]] for f in first)
     return ImageFeatures(
-        per_image=tuple(out.pooler_output),
+        per_image=tuple(out.pooler_output[row[f]] for f in first),
         towers=frozenset({id(vision_tower(base)), *towers}),
         autocast=autocast_state(pixel_values.device),
         deepstack=deepstack,

@@ -7,9 +7,10 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from vlm_rl.models.families import Family, Images, join_images
+from vlm_rl.models.families import Family, Images, images_of_rows, join_images
 from vlm_rl.rollout.generation import first_eos_mask
 from vlm_rl.models.vision_features import ImageFeatures, with_encoded_features
+from vlm_rl.rollout.micro_batches import RowLengths
 from vlm_rl.rollout.videos import VideoBatch
 
 
@@ -31,6 +32,9 @@ class Rollout:
     family: Family
     image_features: ImageFeatures | None = None  # the vision tower's output per image, encoded once (vision_features.py)
     videos: VideoBatch | None = None  # the rows' videos (rollout/videos.py); None when no row holds one
+    # per row, the index of its prompt among the rollout's distinct prompts (rows of one prompt hold the same prompt
+    # tokens, images and videos: a group of num_generations samples); None when every row has a prompt of its own
+    prompt_ids: tuple[int, ...] | None = None
 
     @classmethod
     def from_generation(
@@ -43,33 +47,50 @@ class Rollout:
         family: Family,
         image_features: ImageFeatures | None = None,
         video_features: ImageFeatures | None = None,
+        rows: torch.Tensor | None = None,
     ) -> Rollout:
         """Cut each response after its first eos (the rest becomes pad, masked out) and join it to its query
-        (`encode_prompts`' output for a model of `family`, videos included)."""
+        (`encode_prompts`' output for a model of `family`, videos included). `rows` `(B,)`: each response's prompt,
+        an index into the rows of `query` (one row per distinct prompt, see `generate_responses`); default: the
+        query's rows in order."""
         response_mask, has_eos = first_eos_mask(response_ids, eos_ids)  # (B, T_r), (B,)
         response_ids = response_ids.masked_fill(~response_mask, pad_id)
         token_types = query.get("mm_token_type_ids")
-        return cls(
-            query_response=torch.cat([query["input_ids"], response_ids], dim=1),
-            attention_mask=torch.cat([query["attention_mask"], response_mask.to(query["attention_mask"].dtype)], dim=1),
-            mm_token_type_ids=None if token_types is None else torch.cat([token_types, torch.zeros_like(response_ids)], dim=1),
-            response_mask=response_mask,
-            has_eos=has_eos,
+        n = query["input_ids"].shape[0]
+        prompts = cls(  # the distinct prompts, no response yet
+            query_response=query["input_ids"],
+            attention_mask=query["attention_mask"],
+            mm_token_type_ids=token_types,
+            response_mask=response_mask.new_zeros((n, 0)),
+            has_eos=has_eos.new_zeros(n),
             pixel_values=query.get("pixel_values"),
             image_grid_thw=query.get("image_grid_thw"),
             num_images=list(query["num_images"]),
             context_length=query["input_ids"].shape[1],
-            sources=list(sources),
+            sources=[""] * n,
             family=family,
             image_features=image_features,
             videos=VideoBatch.from_query(query, family, video_features),
+        )
+        shared = rows is not None and len(set(rows.tolist())) < len(rows)
+        if rows is not None:
+            prompts = prompts.select(rows)
+        return replace(
+            prompts,
+            query_response=torch.cat([prompts.query_response, response_ids], dim=1),
+            attention_mask=torch.cat([prompts.attention_mask, response_mask.to(prompts.attention_mask.dtype)], dim=1),
+            mm_token_type_ids=None if token_types is None else torch.cat([prompts.mm_token_type_ids, torch.zeros_like(response_ids)], dim=1),
+            response_mask=response_mask,
+            has_eos=has_eos,
+            sources=list(sources),
+            prompt_ids=tuple(rows.tolist()) if shared else None,
         )
 
     @classmethod
     def concat(cls, parts: list[Rollout], pad_id: int) -> Rollout:
         """The rows of `parts` (rollouts of one family) in order as one batch: queries left-padded and responses
-        right-padded (with `pad_id`, masked out) to the longest; images and their encoded features in row order
-        (the features only when every part with images has them, from the same towers)."""
+        right-padded (with `pad_id`, masked out) to the longest; images, videos and their encoded features in row
+        order (the features only when every part with images, or videos, has them, from the same towers)."""
         context = max(p.context_length for p in parts)
         width = max(p.response_mask.shape[1] for p in parts)
 
@@ -82,6 +103,11 @@ class Rollout:
         features = [p.image_features for p in with_images]
         images = join_images([image for p in with_images for image in p.per_image()], parts[0].family.image_layout.keys)
         response_mask = [torch.nn.functional.pad(p.response_mask, (0, width - p.response_mask.shape[1]), value=False) for p in parts]
+        prompt_ids, offset = [], 0  # each part's prompts keep sharing, numbered after the earlier parts'
+        for p in parts:
+            own = p.prompt_ids if p.prompt_ids is not None else tuple(range(len(p)))
+            prompt_ids += [offset + i for i in own]
+            offset += max(own, default=-1) + 1
         return cls(
             query_response=joined("query_response", pad_id),
             attention_mask=joined("attention_mask", 0),
@@ -95,6 +121,8 @@ class Rollout:
             sources=[s for p in parts for s in p.sources],
             family=parts[0].family,
             image_features=ImageFeatures.concat(features) if features and None not in features else None,
+            videos=VideoBatch.concat([p.videos for p in parts], [len(p) for p in parts]),
+            prompt_ids=tuple(prompt_ids) if len(set(prompt_ids)) < len(prompt_ids) else None,
         )
 
     def __len__(self) -> int:
@@ -107,6 +135,11 @@ class Rollout:
     @property
     def response_lengths(self) -> torch.Tensor:  # (B,)
         return self.response_mask.sum(dim=1)
+
+    def row_lengths(self) -> RowLengths:
+        """Each row's prompt and response tokens, and which rows share a prompt: what micro-batch planning reads."""
+        prompt = self.attention_mask[:, : self.context_length].sum(dim=1)  # (B,)
+        return RowLengths(prompt=prompt.tolist(), response=self.response_lengths.tolist(), prompt_ids=self.prompt_ids)
 
     def images(self) -> Images:
         """The image tensors that are present (`pixel_values`, and the Qwen families' `image_grid_thw`)."""
@@ -121,19 +154,22 @@ class Rollout:
         """Videos per row."""
         return list(self.videos.counts) if self.videos is not None else [0] * len(self)
 
-    def model_inputs(self, model: torch.nn.Module | None = None) -> dict:
-        """Keyword arguments for a forward over query|response: the positions `generate` used
-        (`Family.position_inputs`), and the images and videos.
+    def model_inputs(self, model: torch.nn.Module | None = None, prompts_only: bool = False) -> dict:
+        """Keyword arguments for a forward over query|response (over the queries alone with `prompts_only`): the
+        positions `generate` used (`Family.position_inputs`), and the images and videos.
 
         They go in as their encoded features when `model` may use them exactly (its vision tower is one they stand
         for, see `ImageFeatures.usable_by`; images and videos alike), else as `pixel_values` (+ `image_grid_thw`) and
         `pixel_values_videos` (+ `video_grid_thw`)."""
+        end = self.context_length if prompts_only else None
+        mask = self.attention_mask[:, :end]
+        token_types = None if self.mm_token_type_ids is None else self.mm_token_type_ids[:, :end]
         images = self.images() if sum(self.num_images) else {}
         videos = self.videos.tensors if self.videos is not None else {}
         inputs = {
-            "input_ids": self.query_response,
-            "attention_mask": self.attention_mask,
-            **self.family.position_inputs(self.attention_mask, self.mm_token_type_ids, images, videos),
+            "input_ids": self.query_response[:, :end],
+            "attention_mask": mask,
+            **self.family.position_inputs(mask, token_types, images, videos),
             **images,
             **videos,
         }
@@ -145,10 +181,7 @@ class Rollout:
     def select(self, indices: list[int] | torch.Tensor) -> Rollout:
         """The rows `indices`, with their images' tensors (and encoded features) in the same order."""
         indices = [int(i) for i in indices]
-        first = [sum(self.num_images[:i]) for i in range(len(self.num_images))]  # each sample's first image
-        chosen = [j for i in indices for j in range(first[i], first[i] + self.num_images[i])]
-        per_image = self.per_image()
-        images = join_images([per_image[j] for j in chosen], self.family.image_layout.keys)
+        images, chosen = images_of_rows(self.family.image_layout, self.images(), self.num_images, indices)
         image_features = None if self.image_features is None else self.image_features.select(chosen)  # (for no image too)
         index = torch.tensor(indices, device=self.query_response.device)
         token_types = self.mm_token_type_ids
@@ -165,6 +198,28 @@ class Rollout:
             videos=None if self.videos is None else self.videos.select(indices),
             num_images=[self.num_images[i] for i in indices],
             sources=[self.sources[i] for i in indices],
+            prompt_ids=None if self.prompt_ids is None else tuple(self.prompt_ids[i] for i in indices),
+        )
+
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in every row: the prompts' common left padding and the
+        response columns after the longest response (a forward over them would compute nothing that is used)."""
+        c = self.context_length
+        real = self.attention_mask[:, :c].any(dim=0)  # (T_q,)
+        lead = int(real.int().argmax()) if bool(real.any()) else 0
+        keep = max(int(self.response_mask.sum(dim=1).max()), 1) if len(self) else self.response_mask.shape[1]
+        keep = min(keep, self.response_mask.shape[1])
+        if lead == 0 and keep == self.response_mask.shape[1]:
+            return self
+        columns = slice(lead, c + keep)
+        token_types = self.mm_token_type_ids
+        return replace(
+            self,
+            query_response=self.query_response[:, columns],
+            attention_mask=self.attention_mask[:, columns],
+            mm_token_type_ids=None if token_types is None else token_types[:, columns],
+            response_mask=self.response_mask[:, :keep],
+            context_length=c - lead,
         )
 
     def to(self, device: torch.device | str) -> Rollout:

@@ -1,4 +1,5 @@
-"""The explicit rollout GenerationConfig and one batched, left-padded generate per rollout batch."""
+"""The explicit rollout GenerationConfig and one batched, left-padded generate per rollout batch (each distinct prompt
+prefilled once: vlm_rl/rollout/prefix.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from vlm_rl.models.dummy_image import tower_on_every_rank
-from vlm_rl.models.families import ALL_VISION_TOKENS
+from vlm_rl.models.families import ALL_VISION_TOKENS, causal_lm_parts
 from vlm_rl.models.vision_features import PIXEL_KEYS, ImageFeatures, with_encoded_features
+from vlm_rl.rollout.prefix import prefilled_generate_inputs
 
 EOS_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 PAD_TOKEN = "<|endoftext|>"
@@ -127,6 +129,7 @@ def generate_responses(
     image_features: ImageFeatures | None = None,
     seed: int | None = None,
     video_features: ImageFeatures | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One `generate` for the whole left-padded batch. Returns the new tokens `(B, T_r)`, T_r <= max_new_tokens.
 
@@ -135,7 +138,10 @@ def generate_responses(
     where `model` may use them (for every kind the batch holds, or for none).
     `seed`: sample from a generator seeded with it, leaving the global RNG streams as they were; a synced rank
     that has finished keeps drawing until all have, so without it the draws after `generate` would depend on how
-    long the other ranks decoded."""
+    long the other ranks decoded.
+    `rows`: each output row's prompt `(B,)`, an index into the rows of `inputs` (one row per distinct prompt); each
+    prompt is then prefilled once and its KV cache repeated for its rows (vlm_rl/rollout/prefix.py). Sampling draws
+    the same random numbers either way: one step over all B rows at a time."""
     if "attention_mask" in inputs and inputs["attention_mask"][:, -1].eq(0).any():
         raise ValueError("prompts must be left-padded for batched generation (set processor.tokenizer.padding_side='left')")
     reads_features = image_features is not None and image_features.usable_by(model)  # the same on every rank
@@ -147,6 +153,8 @@ def generate_responses(
         torch.random.fork_rng(devices=devices, enabled=seed is not None),
         tower_on_every_rank(model, has_images, reads_features, has_videos),  # (a synced generate: every rank encodes, or none)
     ):
+        if rows is not None:  # (the prefill is the first forward: where a rank without images runs its dummy)
+            inputs = prefilled_generate_inputs(causal_lm_parts(model)[0], inputs, rows)
         if seed is not None:
             torch.manual_seed(seed)
         out = model.generate(**inputs, generation_config=generation_config, synced_gpus=synced_gpus)  # (B, T_q + T_r)

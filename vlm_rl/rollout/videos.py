@@ -32,6 +32,19 @@ class VideoBatch:
         tensors = {k: query[k] for k in family.video_layout.keys if query.get(k) is not None}
         return cls(family.video_layout, tensors, list(counts), features)
 
+    @staticmethod
+    def concat(parts: list[VideoBatch | None], rows: list[int]) -> VideoBatch | None:
+        """The videos of batches of `rows` rows each (None: a batch without video) in order; the encoded features only
+        when every batch with videos has them (`ImageFeatures.concat`)."""
+        present = [p for p in parts if p is not None]
+        if not present:
+            return None
+        counts = [c for p, n in zip(parts, rows) for c in (p.counts if p is not None else [0] * n)]
+        layout = present[0].layout
+        tensors = join_images([video for p in present for video in p.per_video()], layout.keys)
+        features = [p.features for p in present]
+        return VideoBatch(layout, tensors, counts, None if None in features else ImageFeatures.concat(features))
+
     def per_video(self) -> list[Images]:
         """The tensors of each video, in batch order."""
         return self.layout.split(self.tensors)

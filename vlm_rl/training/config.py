@@ -68,6 +68,19 @@ class PPOConfig(DataOptions, TrainingArguments):
     max_new_tokens: int = field(default=32, metadata={"help": "Response length limit."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (logprobs use the same)."})
     local_rollout_forward_batch_size: int = field(default=16, metadata={"help": "Micro-batch for the no-grad scoring forwards."})
+    max_tokens_per_micro_batch: int | None = field(
+        default=None,
+        metadata={"help": "Micro-batches of the scoring and training forwards by tokens instead of by samples: samples "
+                  "sorted by length fill micro-batches of at most this many tokens (padding included), so padding is "
+                  "not computed. Replaces local_rollout_forward_batch_size, and per_device_train_batch_size's split "
+                  "of a mini-batch (the mini-batch stays per_device_train_batch_size x gradient_accumulation_steps)."},
+    )
+    share_prompts: bool = field(
+        default=True,
+        metadata={"help": "Each distinct prompt of a rollout (a group of num_generations samples) processed, encoded "
+                  "(each distinct image once) and prefilled once, its KV cache repeated for its samples, in generate "
+                  "and in the scoring and training forwards. false: every sample on its own."},
+    )
     total_episodes: int | None = field(
         default=None,
         metadata={"help": "Samples (prompt x generation) to roll out in total; default num_train_epochs x dataset size x "
@@ -287,6 +300,8 @@ class PPOConfig(DataOptions, TrainingArguments):
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ConfigError(f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
         if self.total_episodes is not None and self.total_episodes < 1:
             raise ConfigError(f"total_episodes must be >= 1, got {self.total_episodes}")
         for name in ("kl_coef", "vf_coef", "learning_rate"):

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from reward_models.base import CombinedReward
-from reward_models.vlm_reward import shared_image_features
+from reward_models.vlm_reward import scoring_by_tokens, shared_image_features
 from vlm_rl.data.formats import reward_kwargs
 from vlm_rl.errors import UserError
 from vlm_rl.models.dummy_image import videos_expected
@@ -37,6 +37,7 @@ class RolloutRewards:
         reward_models: list[nn.Module],
         max_unscored_fraction: float,
         sum_over_ranks: Callable[[torch.Tensor], torch.Tensor],
+        max_tokens_per_micro_batch: int | None = None,
     ):
         self.reward = reward
         self.processor = processor
@@ -45,6 +46,7 @@ class RolloutRewards:
         self.reward_models = reward_models  # every learned reward model (prepared by the engine)
         self.max_unscored_fraction = max_unscored_fraction
         self.sum_over_ranks = sum_over_ranks
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch  # the learned reward models' budget, if any
 
     def reading_features(self, rollout: Rollout):
         """A context in which the learned reward models that share the vision tower take the rollout's image
@@ -61,7 +63,8 @@ class RolloutRewards:
         Rule rewards read the text; a learned reward model also needs to know whether each response ended."""
         completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
         kwargs = {**reward_kwargs(samples), "completion_ended": rollout.has_eos.tolist()}
-        with self.reading_features(rollout), unsharded_roots(self.reward_models, self.accelerator):
+        budget = scoring_by_tokens(self.reward_models, self.max_tokens_per_micro_batch)
+        with self.reading_features(rollout), unsharded_roots(self.reward_models, self.accelerator), budget:
             columns, combined = self.reward.score([s["prompt"] for s in samples], completions, **kwargs)
         return completions, columns, combined
 

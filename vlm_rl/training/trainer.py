@@ -26,6 +26,7 @@ import time
 import warnings
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ from vlm_rl.algorithms.losses import LossNormaliser, high_entropy_mask, policy_l
 from vlm_rl.algorithms.masking import masked_mean
 from vlm_rl.atomic import atomic_file
 from vlm_rl.data.formats import PromptDataset
-from vlm_rl.data.prompts import drop_long_prompts, encode_prompts, model_inputs
+from vlm_rl.data.prompts import distinct_prompts, drop_long_prompts, encode_prompts, model_inputs
 from vlm_rl.errors import ConfigError
 from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_requires_grad
 from vlm_rl.models.dummy_image import expect_videos
@@ -66,6 +67,7 @@ from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
 from vlm_rl.rollout.integrity import check_model_inputs
 from vlm_rl.rollout.logprobs import response_logprobs
+from vlm_rl.rollout.micro_batches import by_count, by_tokens
 from vlm_rl.training import checkpoint as ckpt
 from vlm_rl.training import console
 from vlm_rl.training.checkpointing import CONFIG_FILE, CheckpointingMixin
@@ -143,7 +145,12 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             cast_to_engine_dtype(self.ref_model, self.accelerator)  # DeepSpeed bf16 casts the policy: the reference with it
             self.ref_model = prepare_frozen(self.ref_model, self.accelerator)
         self.reward_models = [prepare_frozen(m, self.accelerator) for _, m in reward_models]  # in place, inside `reward`
-        self.rewards = RolloutRewards(reward, processing_class, self.accelerator, self.sharing.reward_models, self.reward_models, args.max_unscored_fraction, self.sum_over_ranks)
+        # (sharded reward models keep their batch_size: each of their forwards gathers shards, on every rank alike)
+        reward_budget = None if self.sharded_training else args.max_tokens_per_micro_batch
+        self.rewards = RolloutRewards(
+            reward, processing_class, self.accelerator, self.sharing.reward_models, self.reward_models, args.max_unscored_fraction,
+            self.sum_over_ranks, reward_budget,
+        )  # fmt: skip
         tokenizer = processing_class.tokenizer
         self.eos_ids = eos_token_ids(tokenizer)
         self.pad_id = pad_token_id(tokenizer)
@@ -162,6 +169,17 @@ class PPOTrainer(CheckpointingMixin, Trainer):
     def rng_devices(self) -> list[int]:
         """The CUDA devices whose RNG streams this process draws from (for `torch.random.fork_rng`)."""
         return rng_devices(self.accelerator.device)
+
+    @property
+    def sharded_training(self) -> bool:
+        """Whether the trained weights stay sharded over the ranks in a training forward (ZeRO-3, FSDP2)."""
+        return is_fsdp2(self.accelerator) or zero_stage(self.accelerator) == 3
+
+    @property
+    def training_shares_prompts(self) -> bool:
+        """Whether a training forward may run a prompt its rows share once: not with activation checkpointing (which
+        drops the KV cache), nor under ZeRO-3 or FSDP2 (each sharded layer would run twice in one forward)."""
+        return not (bool(self.args.activation_checkpointing) or self.sharded_training)
 
     def models_by_name(self) -> dict[str, nn.Module]:
         """The models of the run: the policy (with its critic), the reference if separate, the learned reward models."""
@@ -319,10 +337,13 @@ class PPOTrainer(CheckpointingMixin, Trainer):
 
     @torch.no_grad()
     def make_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
-        """Steps 1-2: encode the prompts (left-padded) and generate all responses in one batched call
-        (with the rollout's sampling config unless another is given)."""
-        query = encode_prompts(self.processor, samples, self.args.max_prompt_length)
+        """Steps 1-2: encode the prompts (left-padded; each distinct prompt once) and generate all responses in one
+        batched call (with the rollout's sampling config unless another is given), each distinct prompt prefilled
+        once. Draws one number from this process's RNG stream (generate's seed), whatever the batch and decoding."""
+        first, rows = distinct_prompts(samples) if self.args.share_prompts else (range(len(samples)), None)
+        query = encode_prompts(self.processor, [samples[i] for i in first], self.args.max_prompt_length)
         query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
+        rows = None if rows is None else torch.tensor(rows, device=self.accelerator.device)
         generate_inputs = model_inputs(query)
         sources = [s["_source"] for s in samples]
         gather = self.args.ds3_gather_for_generation
@@ -330,53 +351,66 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as unwrapped, unsharded_roots([self.model_wrapped], self.accelerator), self.accelerator.autocast():
             # (autocast: sample from the distribution the bf16 forwards compute)
-            check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], sources, "rollout generate", query.get("num_videos"))
+            check_model_inputs(
+                unwrapped.policy, generate_inputs, query["num_images"], [sources[i] for i in first], "rollout generate", query.get("num_videos")
+            )
             features, video_features = self.encode_images(unwrapped.policy, query)
             # Sharded weights (FSDP2, ZeRO-3 not gathered): every rank runs every decoding step (its shards are needed).
             synced = is_fsdp2(self.accelerator) or (zero_stage(self.accelerator) == 3 and not gather)
             config = generation_config or self.generation_config
             seed = int(torch.randint(2**62, ()))  # this rank's stream moves on by one draw, however long decoding runs
             responses = generate_responses(
-                unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, video_features=video_features
+                unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, video_features=video_features, rows=rows
             )
+        family = family_of(unwrapped.policy)
         return Rollout.from_generation(
-            query, responses, self.eos_ids, self.pad_id, sources, family_of(unwrapped.policy), image_features=features, video_features=video_features
+            query, responses, self.eos_ids, self.pad_id, sources, family, image_features=features, video_features=video_features, rows=rows
         )
 
     def encode_images(self, policy: nn.Module, query: dict) -> tuple[ImageFeatures | None, ImageFeatures | None]:
-        """Each image and each video of the batch through the policy's vision tower once, for every later forward of
-        the rollout that may use the features exactly (generate, old policy, value, reference, reward model, training
-        epochs): (image features, video features; None for a batch without video)."""
+        """Each distinct image and each video of the batch through the policy's vision tower once, for every later
+        forward of the rollout that may use the features exactly (generate, old policy, value, reference, reward model,
+        training epochs): (image features, video features; None for a batch without video)."""
         if not self.sharing.enabled or tower_trains(policy):
             return None, None
         device = query["input_ids"].device
-        images = encode_images(policy, query.get("pixel_values"), query.get("image_grid_thw"), self.sharing.towers, device)
+        images = encode_images(
+            policy, query.get("pixel_values"), query.get("image_grid_thw"), self.sharing.towers, device, deduplicate=self.args.share_prompts
+        )
         return images, encode_videos(policy, query, self.sharing.towers, device)
+
+    def micro_batches(self, rollout: Rollout, rows: list[int], size: int) -> list[list[int]]:
+        """`rows` of `rollout` in micro-batches of `size` rows, or by tokens (`max_tokens_per_micro_batch`, as many on
+        every rank as the rank that needs most: one gather of the counts, issued by every rank)."""
+        lengths = rollout.row_lengths()
+        budget = self.args.max_tokens_per_micro_batch
+        if budget is None:
+            return by_count(rows, size, lengths)
+        plan = by_tokens(rows, lengths, budget)
+        most = int(self.accelerator.gather(torch.tensor([len(plan)], device=self.accelerator.device)).max())
+        return plan if most == len(plan) else by_tokens(rows, lengths, budget, at_least=most)
 
     @torch.no_grad()
     def score(self, rollout: Rollout, samples: list[dict], rewards: tuple | None = None) -> dict[str, torch.Tensor | dict]:
         """Step 3: old-policy logprobs, reference logprobs (with a KL term only), values (micro-batched) and the reward
         scores (`rewards`: `RolloutRewards.score`'s result when the rewards were called already)."""
         temperature = self.args.temperature
-        logprobs, ref_logprobs, values, entropy = [], [], [], []
-        step = self.args.local_rollout_forward_batch_size
-        for start in range(0, len(rollout), step):
-            mb = rollout.select(range(start, min(start + step, len(rollout))))
-            lp, ent, v = self.model_wrapped(mb, temperature, where="old-policy/value forward")
-            logprobs.append(lp)
-            entropy.append(ent)
-            values.append(v)
+        outputs = defaultdict(list)
+        plan = self.micro_batches(rollout, list(range(len(rollout))), self.args.local_rollout_forward_batch_size)
+        for rows in plan:
+            mb = rollout.select(rows)
+            for name, value in zip(("logprobs", "entropy", "values"), self.model_wrapped(mb, temperature, where="old-policy/value forward")):
+                outputs[name].append(value)
             if self.args.uses_reference:
-                ref_logprobs.append(self.reference_logprobs(mb))
+                outputs["ref_logprobs"].append(self.reference_logprobs(mb))
+        order = torch.tensor([r for rows in plan for r in rows]).argsort().to(rollout.query_response.device)  # back to row order
         completions, columns, combined = rewards or self.rewards.score(rollout, samples)
         device = rollout.query_response.device
         unscored = torch.tensor([c is None for c in combined], device=device)  # (B,)
         self.rewards.check_coverage(columns, unscored)
         return {
-            "logprobs": torch.cat(logprobs),  # (B, T_r)
-            "ref_logprobs": torch.cat(ref_logprobs) if ref_logprobs else None,  # (B, T_r); None without a KL term
-            "values": torch.cat(values),  # (B, T_r)
-            "entropy": torch.cat(entropy),  # (B, T_r)
+            "ref_logprobs": None,  # without a KL term; else from outputs
+            **{name: torch.cat(parts)[order] for name, parts in outputs.items()},  # each (B, T_r)
             "scores": torch.tensor([0.0 if c is None else float(c) for c in combined], device=device),  # (B,)
             "unscored": unscored,
             "reward_columns": columns,
@@ -452,6 +486,8 @@ class PPOTrainer(CheckpointingMixin, Trainer):
     def optimise(self, rollout: Rollout, old: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         """Step 6: num_ppo_epochs x mini-batches, one optimiser step per mini-batch."""
         stats = defaultdict(list)
+        if not self.training_shares_prompts:  # each training forward runs every row whole: planned so too
+            rollout = replace(rollout, prompt_ids=None)
         self.model_wrapped.train()
         for _ in range(self.args.num_ppo_epochs):
             order = torch.randperm(len(rollout))
@@ -466,7 +502,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         all ranks, as the loss type says), then one all-reduce, one clip and one step (skipped when the loss or the
         gradient norm is not finite)."""
         args, accelerator = self.args, self.accelerator
-        micro_batches = mini.split(args.per_device_train_batch_size)
+        micro_batches = self.micro_batches(rollout, mini.tolist(), args.per_device_train_batch_size)
         counts = torch.stack([old["loss_mask"][mini].sum(), (~old["unscored"][mini]).sum()]).float().to(accelerator.device)
         tokens, sequences = self.sum_over_ranks(counts)
         if tokens == 0:  # no sample of this mini-batch takes part in the loss (unscored, or masked), on any rank
@@ -481,7 +517,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             if deepspeed:
                 accelerator.gradient_state._set_sync_gradients(last)
             with nullcontext() if last or deepspeed else accelerator.no_sync(self.model_wrapped):
-                losses, loss_finite = self.micro_batch_backward(rollout, old, micro.tolist(), normaliser, stats)
+                losses, loss_finite = self.micro_batch_backward(rollout, old, micro, normaliser, stats)
             totals += losses
             finite &= loss_finite
         if not self.training_policy():  # warm-up: the policy keeps its weights (and AdamW skips parameters without a gradient)
