@@ -184,6 +184,25 @@ def test_select_keeps_each_rows_own_videos(family, processor, samples):
 
 
 @VIDEO_FAMILIES
+def test_concat_keeps_each_rows_own_videos_and_their_features(family, model, processor, samples):
+    """Dynamic sampling joins the rounds' rollouts (`Rollout.concat`): rows with and without clips, and a round without
+    any, give the rows' videos in order, with their encoded features (features only when every round has them)."""
+    batch = samples[:5]
+    query = encode_prompts(processor, batch)
+    tok = processor.tokenizer
+    features = encode_videos(model, query)
+    rollout = Rollout.from_generation(query, torch.full((5, 2), 30), eos_token_ids(tok), pad_token_id(tok), ["s"] * 5, get_family(family), video_features=features)
+    parts = [rollout.select([0, 1]), rollout.select([2, 3]), rollout.select([4])]  # the middle round holds no clip
+    joined = Rollout.concat(parts, pad_token_id(tok))
+    assert joined.num_videos() == [1, 1, 0, 0, 1]
+    for key, value in rollout.videos.tensors.items():
+        assert torch.equal(joined.videos.tensors[key], value), key
+    assert all(a is b for a, b in zip(joined.videos.features.per_image, features.per_image, strict=True))
+    without = Rollout.concat([parts[0], dataclasses.replace(parts[2], videos=dataclasses.replace(parts[2].videos, features=None))], pad_token_id(tok))
+    assert without.num_videos() == [1, 1, 1] and without.videos.features is None
+
+
+@VIDEO_FAMILIES
 def test_a_group_of_clip_rows_shares_its_prompt_as_the_per_row_path(family, model, processor, samples):
     """Groups of rows asking a clip, a clip and a picture, and a text-only prompt: each prompt prefilled once in
     `generate` (greedy tokens identical to the per-row path; sampled tokens too, from one seed) and run once by a
@@ -192,6 +211,24 @@ def test_a_group_of_clip_rows_shares_its_prompt_as_the_per_row_path(family, mode
     prefix_tests.test_greedy_group_prefill_gives_the_per_row_tokens(model, processor, samples)
     prefix_tests.test_sampled_group_tokens_have_the_logprobs_a_forward_recomputes(model, processor, samples)
     prefix_tests.test_shared_prompt_forward_gives_the_full_forwards_numbers_and_gradients(model, processor, samples)
+
+
+@VIDEO_FAMILIES
+def test_a_clip_in_two_prompts_is_encoded_once(family, model, model_dir, processor, samples, video_data_dir):
+    """The same clip asked about twice (two questions; the second reads the file again) and another clip:
+    the tower runs once over the two distinct clips, both prompts read the same features, which are the ones each
+    clip gets when every video is encoded (to float rounding: the tower's batch differs)."""
+    clip, other = samples[4], samples[5]
+    again = {**clip, "videos": [open_video(VideoRef(clip["videos"][0].name), video_data_dir, "again", image_resize(str(model_dir), processor).video)]}
+    again["prompt"] = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Say a colour."}]}]
+    query = encode_prompts(processor, [clip, other, again])
+    with reuse_tests.tower_calls(model) as calls:
+        features = encode_videos(model, query)
+    every = encode_videos(model, query, deduplicate=False)
+    per_video = features.per_image
+    assert calls == [1] and per_video[0] is per_video[2] and per_video[1] is not per_video[0]
+    for mine, theirs in zip(per_video, every.per_image, strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-5)
 
 
 @VIDEO_FAMILIES

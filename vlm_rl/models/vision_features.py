@@ -196,23 +196,27 @@ def encode_images(
         return ImageFeatures(per_image=(), towers=frozenset({id(vision_tower(base)), *towers}), autocast=autocast_state(device), deepstack=deepstack)
     layout = family_of(base).image_layout
     images = {"pixel_values": pixel_values, **({} if image_grid_thw is None else {"image_grid_thw": image_grid_thw})}
-    per_image = layout.split(images)
-    first = distinct(per_image) if deduplicate else list(range(len(per_image)))
-    encoded = sorted(set(first))  # the images the tower runs on, in batch order
-    inputs = join_images([per_image[i] for i in encoded], layout.keys) if len(encoded) < len(per_image) else images
-    out = base.get_image_features(**inputs, return_dict=True)
-    levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per encoded image
-    row = {image: k for k, image in enumerate(encoded)}  # encoded image -> its row of the tower's output
+    per_image, deepstack = _encode_distinct(layout, images, lambda inputs: base.get_image_features(**inputs, return_dict=True), deduplicate)
+    towers = frozenset({id(vision_tower(base)), *towers})
+    return ImageFeatures(per_image=per_image, towers=towers, autocast=autocast_state(pixel_values.device), deepstack=deepstack)
+
+
+def _encode_distinct(layout, tensors: Images, encode, deduplicate: bool) -> tuple[tuple, tuple | None]:
+    """(per item of `tensors` (images or videos laid out as `layout` says), its features; per item, its DeepStack
+    features or None): `encode` (the tower's `get_image_features` or `get_video_features` on a batch of items) run
+    once over the distinct items (`distinct`; every item with `deduplicate` False), an item equal to an earlier one
+    given that one's features, the same tensors."""
+    items = layout.split(tensors)
+    first = distinct(items) if deduplicate else list(range(len(items)))
+    encoded = sorted(set(first))  # the items the tower runs on, in batch order
+    out = encode(join_images([items[i] for i in encoded], layout.keys) if len(encoded) < len(items) else tensors)
+    levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per encoded item
+    row = {item: k for k, item in enumerate(encoded)}  # encoded item -> its row of the tower's output
     deepstack = None
     if levels is not None:
         per_encoded = tuple(zip(*levels)) if levels else tuple(() for _ in out.pooler_output)
         deepstack = tuple(per_encoded[row[f]] for f in first)
-    return ImageFeatures(
-        per_image=tuple(out.pooler_output[row[f]] for f in first),
-        towers=frozenset({id(vision_tower(base)), *towers}),
-        autocast=autocast_state(pixel_values.device),
-        deepstack=deepstack,
-    )
+    return tuple(out.pooler_output[row[f]] for f in first), deepstack
 
 
 PIXEL_KEYS = {"image": "pixel_values", "video": "pixel_values_videos"}  # each kind's pixels among a forward's inputs
@@ -233,22 +237,28 @@ def with_encoded_features(model: nn.Module, inputs: dict, features: dict[str, Im
 
 
 @torch.no_grad()
-def encode_videos(model: nn.Module, videos: Images, towers: Iterable[int] = (), device: torch.device | None = None) -> ImageFeatures | None:
-    """Run `model`'s vision encoder once over the batch's videos (`pixel_values_videos`, `video_grid_thw`; no grad, in
-    the current autocast state): one entry per video, for `mm_encoder_outputs["video"]`. `towers` as for
-    `encode_images`. None for a batch without video (`device`: the batch's), whose tower runs on a dummy image when
-    other ranks' may run it on videos (several processes, a run with videos: dummy_image.py)."""
+def encode_videos(
+    model: nn.Module, videos: Images, towers: Iterable[int] = (), device: torch.device | None = None, deduplicate: bool = True
+) -> ImageFeatures | None:
+    """Run `model`'s vision encoder once over the batch's distinct videos (`pixel_values_videos`, `video_grid_thw`; no
+    grad, in the current autocast state), as `encode_images` over images: one entry per video, for
+    `mm_encoder_outputs["video"]`. None for a batch without video (`device`: the batch's), whose tower runs on a dummy
+    image when other ranks' may run it on videos (several processes, a run with videos: dummy_image.py)."""
     base = vision_backbone(model)
     pixels = videos.get("pixel_values_videos")
     if pixels is None:
         if several_processes() and videos_expected():
             dummy_image_features(base, device)
         return None
-    out = base.get_video_features(pixel_values_videos=pixels, video_grid_thw=videos["video_grid_thw"], return_dict=True)
-    levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per video
-    deepstack = None if levels is None else tuple(zip(*levels)) if levels else tuple(() for _ in out.pooler_output)
+    layout = family_of(base).video_layout
+    tensors = {k: videos[k] for k in layout.keys if videos.get(k) is not None}
+
+    def encode(inputs: Images):
+        return base.get_video_features(pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"], return_dict=True)
+
+    per_video, deepstack = _encode_distinct(layout, tensors, encode, deduplicate)
     towers = frozenset({id(vision_tower(base)), *towers})
-    return ImageFeatures(per_image=tuple(out.pooler_output), towers=towers, autocast=autocast_state(pixels.device), deepstack=deepstack)
+    return ImageFeatures(per_image=per_video, towers=towers, autocast=autocast_state(pixels.device), deepstack=deepstack)
 
 
 @dataclass

@@ -368,7 +368,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         )
 
     def encode_images(self, policy: nn.Module, query: dict) -> tuple[ImageFeatures | None, ImageFeatures | None]:
-        """Each distinct image and each video of the batch through the policy's vision tower once, for every later
+        """Each distinct image and each distinct video of the batch through the policy's vision tower once, for every later
         forward of the rollout that may use the features exactly (generate, old policy, value, reference, reward model,
         training epochs): (image features, video features; None for a batch without video)."""
         if not self.sharing.enabled or tower_trains(policy):
@@ -377,7 +377,7 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         images = encode_images(
             policy, query.get("pixel_values"), query.get("image_grid_thw"), self.sharing.towers, device, deduplicate=self.args.share_prompts
         )
-        return images, encode_videos(policy, query, self.sharing.towers, device)
+        return images, encode_videos(policy, query, self.sharing.towers, device, deduplicate=self.args.share_prompts)
 
     def micro_batches(self, rollout: Rollout, rows: list[int], size: int) -> list[list[int]]:
         """`rows` of `rollout` in micro-batches of `size` rows, or by tokens (`max_tokens_per_micro_batch`, as many on
