@@ -45,9 +45,10 @@ from vlm_rl.algorithms.losses import LossNormaliser, high_entropy_mask, policy_l
 from vlm_rl.algorithms.masking import masked_mean
 from vlm_rl.atomic import atomic_file
 from vlm_rl.data.formats import PromptDataset
-from vlm_rl.data.prompts import distinct_prompts, drop_long_prompts, encode_prompts
+from vlm_rl.data.prompts import distinct_prompts, drop_long_prompts, encode_prompts, model_inputs
 from vlm_rl.errors import ConfigError
 from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_requires_grad
+from vlm_rl.models.dummy_image import expect_videos
 from vlm_rl.models.families import family_of
 from vlm_rl.models.sharding import (
     cast_to_engine_dtype,
@@ -61,7 +62,7 @@ from vlm_rl.models.sharding import (
     unsharded_roots,
     zero_stage,
 )
-from vlm_rl.models.vision_features import ImageFeatures, encode_images, plan_sharing, tower_trains
+from vlm_rl.models.vision_features import ImageFeatures, encode_images, encode_videos, plan_sharing, tower_trains
 from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
 from vlm_rl.rollout.integrity import check_model_inputs
@@ -120,6 +121,8 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
             if eval_dataset is not None:
                 eval_dataset = drop_long_prompts(processing_class, eval_dataset, args.max_prompt_length, what="eval_data")
+        # A run with videos calls the tower once per kind in every forward of every rank (dummy_image.py).
+        expect_videos(train_dataset.has_videos() or (eval_dataset is not None and eval_dataset.has_videos()))
         if args.ddp_find_unused_parameters is None:  # every trainable parameter takes part in every backward, unless
             args.ddp_find_unused_parameters = tower_trains(model)  # a training tower misses text-only micro-batches
         super().__init__(
@@ -347,32 +350,40 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         query = encode_prompts(self.processor, [samples[i] for i in first], self.args.max_prompt_length)
         query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
         rows = None if rows is None else torch.tensor(rows, device=self.accelerator.device)
-        generate_inputs = {k: v for k, v in query.items() if k != "num_images"}
+        generate_inputs = model_inputs(query)
         sources = [s["_source"] for s in samples]
         gather = self.args.ds3_gather_for_generation
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as unwrapped, unsharded_roots([self.model_wrapped], self.accelerator), self.accelerator.autocast():
             # (autocast: sample from the distribution the bf16 forwards compute)
-            check_model_inputs(unwrapped.policy, generate_inputs, query["num_images"], [sources[i] for i in first], "rollout generate")
-            features = self.encode_images(unwrapped.policy, query)
+            check_model_inputs(
+                unwrapped.policy, generate_inputs, query["num_images"], [sources[i] for i in first], "rollout generate", query.get("num_videos")
+            )
+            features, video_features = self.encode_images(unwrapped.policy, query)
             # Sharded weights (FSDP2, ZeRO-3 not gathered): every rank runs every decoding step (its shards are needed).
             synced = is_fsdp2(self.accelerator) or (zero_stage(self.accelerator) == 3 and not gather)
             config = generation_config or self.generation_config
             seed = int(torch.randint(2**62, ()))  # this rank's stream moves on by one draw, however long decoding runs
-            responses = generate_responses(unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, rows=rows)
+            responses = generate_responses(
+                unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, video_features=video_features, rows=rows
+            )
         family = family_of(unwrapped.policy)
-        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources, family, image_features=features, rows=rows)
+        return Rollout.from_generation(
+            query, responses, self.eos_ids, self.pad_id, sources, family, image_features=features, video_features=video_features, rows=rows
+        )
 
-    def encode_images(self, policy: nn.Module, query: dict) -> ImageFeatures | None:
-        """Each distinct image of the batch through the policy's vision tower once, for every later forward of the
-        rollout that may use the features exactly (generate, old policy, value, reference, reward model, training epochs)."""
+    def encode_images(self, policy: nn.Module, query: dict) -> tuple[ImageFeatures | None, ImageFeatures | None]:
+        """Each distinct image and each distinct video of the batch through the policy's vision tower once, for every later
+        forward of the rollout that may use the features exactly (generate, old policy, value, reference, reward model,
+        training epochs): (image features, video features; None for a batch without video)."""
         if not self.sharing.enabled or tower_trains(policy):
-            return None
+            return None, None
         device = query["input_ids"].device
-        return encode_images(
+        images = encode_images(
             policy, query.get("pixel_values"), query.get("image_grid_thw"), self.sharing.towers, device, deduplicate=self.args.share_prompts
         )
+        return images, encode_videos(policy, query, self.sharing.towers, device, deduplicate=self.args.share_prompts)
 
     def micro_batches(self, rollout: Rollout, rows: list[int], size: int) -> list[list[int]]:
         """`rows` of `rollout` in micro-batches of `size` rows, or by tokens (`max_tokens_per_micro_batch`, as many on
