@@ -1,4 +1,4 @@
-"""A learned reward model that sees the image: a VLM backbone (any family of ``vlm_rl.models.families``) + a scalar head.
+"""A learned reward model that sees the image (or the clip): a VLM backbone (any family of ``vlm_rl.models.families``) + a scalar head.
 
 Architecture
 ------------
@@ -20,8 +20,9 @@ real tokens' positions do not depend on the batch, also for text-only samples), 
 
 The object is a reward (``reward_models.base``) and a module at once:
 
-* ``rm(prompts, completions, images=[[PIL], ...], **columns) -> list[float]``: no grad, in batches of
-  ``batch_size``, with the multimodal integrity check before every forward (TRL's reward signature);
+* ``rm(prompts, completions, images=[[PIL], ...], videos=[[Video], ...], **columns) -> list[float]``: no grad, in
+  batches of ``batch_size``, with the multimodal integrity check before every forward (TRL's reward signature);
+  ``videos`` (``vlm_rl.data.videos.Video``, as PPO passes them) for a Qwen-family backbone;
 * ``rm(input_ids=..., attention_mask=..., ...) -> (B,) tensor``: the differentiable forward used in training
   (dispatched to ``nn.Module.__call__``, so hooks, DDP and accelerate wrappers work as usual).
 
@@ -54,6 +55,7 @@ from torch import nn
 
 from reward_models.base import Reward, completion_texts
 from vlm_rl.atomic import atomic_dir
+from vlm_rl.data.prompts import COUNT_KEYS, video_kwargs
 from vlm_rl.models.dummy_image import tower_on_every_rank
 from vlm_rl.models.families import family_of, images_of_rows
 from vlm_rl.rollout.integrity import check_model_inputs
@@ -72,10 +74,11 @@ class RewardInputError(ValueError):
     """A sample the reward model cannot encode (e.g. longer than max_length); the message names it."""
 
 
-def _as_messages(prompt: Any, n_images: int) -> list[dict]:
-    """A chat-message prompt as it is; a plain string becomes one user turn with its images first."""
+def _as_messages(prompt: Any, n_images: int, n_videos: int = 0) -> list[dict]:
+    """A chat-message prompt as it is; a plain string becomes one user turn with its images, then its videos, first."""
     if isinstance(prompt, str):
-        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
+        parts = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+        return [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
     if isinstance(prompt, list):
         return prompt
     raise TypeError(f"a prompt must be chat messages or a string, got {type(prompt).__name__}")
@@ -98,6 +101,7 @@ def encode_for_reward(
     max_length: int | None = None,
     sample_names: Sequence[str] | None = None,
     completion_ended: Sequence[bool] | None = None,
+    videos: Sequence[Any] | None = None,
 ) -> dict:
     """Chat template(prompt) + completion (+ ``<|im_end|>`` if it ended) through the processor, padded on ``padding_side``.
 
@@ -105,7 +109,9 @@ def encode_for_reward(
     limit, rendered without the closing ``<|im_end|>``.
     Returns the processor's tensors: ``input_ids, attention_mask (B, T)``, and by family the Qwen families'
     ``mm_token_type_ids (B, T)``, ``pixel_values (N_patches, D)``, ``image_grid_thw (N_images, 3)`` or LLaVA's
-    ``pixel_values (N_images, 3, H, W)``; plus ``num_images`` (list per sample).
+    ``pixel_values (N_images, 3, H, W)``; plus ``num_images`` (list per sample). With ``videos`` (one list of
+    ``Video`` per sample): ``pixel_values_videos``, ``video_grid_thw`` (Qwen2.5-VL: ``second_per_grid_ts``) and
+    ``num_videos``, as ``vlm_rl.data.prompts.encode_prompts`` makes them.
     """
     n = len(completions)
     images = [None] * n if images is None else list(images)
@@ -115,18 +121,24 @@ def encode_for_reward(
     if len(ended) != n:
         raise ValueError(f"got {len(ended)} completion_ended flags for {n} completions")
     per_sample = [_as_image_list(im) for im in images]
+    clips = [_as_image_list(v) for v in (videos if videos is not None else [None] * n)]
+    if len(clips) != n:
+        raise ValueError(f"got {len(clips)} video lists for {n} completions")
     texts = []
-    for prompt, completion, ims, end in zip(prompts, completions, per_sample, ended):
-        rendered = processor.apply_chat_template(_as_messages(prompt, len(ims)), add_generation_prompt=True, tokenize=False)
+    for prompt, completion, ims, vids, end in zip(prompts, completions, per_sample, clips, ended):
+        rendered = processor.apply_chat_template(_as_messages(prompt, len(ims), len(vids)), add_generation_prompt=True, tokenize=False)
         texts.append(rendered + completion + (IM_END if end else ""))
     flat = [im for ims in per_sample for im in ims]
+    names = list(sample_names) if sample_names is not None else [f"sample {i}" for i in range(n)]
+    video_inputs = video_kwargs(processor, [{"videos": vids, "_source": name} for vids, name in zip(clips, names)])
     batch = dict(
-        processor(text=texts, images=flat or None, return_tensors="pt", padding=True, padding_side=padding_side)
+        processor(text=texts, images=flat or None, return_tensors="pt", padding=True, padding_side=padding_side, **video_inputs)
     )
     batch["num_images"] = [len(ims) for ims in per_sample]
+    if video_inputs:
+        batch["num_videos"] = [len(vids) for vids in clips]
     if max_length is not None:
         lengths = batch["attention_mask"].sum(dim=1).tolist()
-        names = list(sample_names) if sample_names is not None else [f"sample {i}" for i in range(n)]
         too_long = [f"{name} ({k} tokens)" for name, k in zip(names, lengths) if k > max_length]
         if too_long:
             raise RewardInputError(
@@ -296,10 +308,10 @@ class VLMRewardModel(nn.Module, Reward):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def encode(self, prompts, completions, images=None, sample_names=None, completion_ended=None) -> dict:
+    def encode(self, prompts, completions, images=None, sample_names=None, completion_ended=None, videos=None) -> dict:
         """`encode_for_reward` with this model's processor, padding side and max_length."""
         return encode_for_reward(
-            self.processor, prompts, completions, images, self.padding_side, self.max_length, sample_names, completion_ended
+            self.processor, prompts, completions, images, self.padding_side, self.max_length, sample_names, completion_ended, videos
         )
 
     def forward(
@@ -313,8 +325,11 @@ class VLMRewardModel(nn.Module, Reward):
         sample_names: list[str] | None = None,
         where: str = "reward model forward",
         image_features: ImageFeatures | None = None,
+        num_videos: list[int] | None = None,
+        **videos: torch.Tensor,  # pixel_values_videos (N_patches, D), video_grid_thw (N_videos, 3)[, second_per_grid_ts]
     ) -> torch.Tensor:
-        """Rewards ``(B,)`` in fp32. With ``num_images`` given, the image tensors are checked against the tokens first.
+        """Rewards ``(B,)`` in fp32. With ``num_images`` given, the image (and video) tensors are checked against the
+        tokens first.
 
         ``image_features``: the images already encoded by a vision tower of the same weights, instead of ``pixel_values``.
         Positions come from this batch's own inputs (``Family.position_inputs``), for right or left padding."""
@@ -322,10 +337,12 @@ class VLMRewardModel(nn.Module, Reward):
         images = {} if pixel_values is None or pixel_values.shape[0] == 0 else {"pixel_values": pixel_values}
         if image_grid_thw is not None and image_grid_thw.shape[0] > 0:
             images["image_grid_thw"] = image_grid_thw
+        videos = {k: v for k, v in videos.items() if v is not None}
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            **family_of(base).position_inputs(attention_mask, mm_token_type_ids, images),
+            **family_of(base).position_inputs(attention_mask, mm_token_type_ids, images, videos),
+            **videos,
         }
         if image_features is not None:
             inputs["mm_encoder_outputs"] = image_features.encoder_outputs()
@@ -333,12 +350,12 @@ class VLMRewardModel(nn.Module, Reward):
             inputs.update(images)
         if num_images is not None:
             names = list(sample_names) if sample_names is not None else [f"sample {i}" for i in range(input_ids.shape[0])]
-            check_model_inputs(base, inputs, num_images, names, where)
+            check_model_inputs(base, inputs, num_images, names, where, num_videos)
         if hasattr(base, "rope_deltas"):
             base.rope_deltas = None  # M-RoPE positions come from this batch's own mask and grids
         source = self.image_features_source  # during PPO: every rank's forwards read the rollout's features, or none
         reads_features = source is not None and source.features.usable_by(self)
-        with tower_on_every_rank(self, has_images=bool(images), reads_features=reads_features):
+        with tower_on_every_rank(self, has_images=bool(images), reads_features=reads_features, has_videos=bool(videos)):
             hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         index = last_token_index(attention_mask)  # (B,)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
@@ -351,7 +368,7 @@ class VLMRewardModel(nn.Module, Reward):
         return self.score(*args, **kwargs)
 
     @torch.no_grad()
-    def score(self, prompts, completions, images=None, completion_ended=None, **kwargs) -> list[float]:
+    def score(self, prompts, completions, images=None, completion_ended=None, videos=None, **kwargs) -> list[float]:
         """One reward per completion (TRL's reward signature); batched, no grad, integrity-checked.
 
         ``completion_ended`` (one bool per completion; default all True): False for a response cut off at the
@@ -362,6 +379,7 @@ class VLMRewardModel(nn.Module, Reward):
         if prompts is None or len(prompts) != n:
             raise ValueError(f"{self.name}: got {0 if prompts is None else len(prompts)} prompts for {n} completions")
         images = [None] * n if images is None else list(images)
+        videos = [None] * n if videos is None else list(videos)
         ended = [True] * n if completion_ended is None else list(completion_ended)
         if len(ended) != n:
             raise ValueError(f"{self.name}: got {len(ended)} completion_ended flags for {n} completions")
@@ -371,33 +389,35 @@ class VLMRewardModel(nn.Module, Reward):
         self.eval()
         try:
             if self.max_tokens_per_micro_batch is not None:
-                return self.score_by_tokens(prompts, completions, images, names, ended)
+                return self.score_by_tokens(prompts, completions, images, names, ended, videos)
             scores: list[float] = []
             for start in range(0, n, self.batch_size):
                 sl = slice(start, start + self.batch_size)
-                scores += self.score_batch(self.encode(prompts[sl], completions[sl], images[sl], names[sl], ended[sl]), names[sl])
+                scores += self.score_batch(self.encode(prompts[sl], completions[sl], images[sl], names[sl], ended[sl], videos[sl]), names[sl])
             return scores
         finally:
             self.train(was_training)
 
-    def score_by_tokens(self, prompts, completions, images, names, ended) -> list[float]:
+    def score_by_tokens(self, prompts, completions, images, names, ended, videos) -> list[float]:
         """`score` in micro-batches of at most `max_tokens_per_micro_batch` tokens (padding included): the samples,
         encoded at once, sorted by length fill them (vlm_rl/rollout/micro_batches.py), each without the columns
         that are padding in all its rows."""
-        batch = self.encode(prompts, completions, images, names, ended)
-        num_images = batch.pop("num_images")
-        n = len(num_images)
+        batch = self.encode(prompts, completions, images, names, ended, videos)
+        counts = {k: batch.pop(k) for k in COUNT_KEYS if k in batch}  # num_images (and num_videos), per sample
+        n = len(counts["num_images"])
         lengths = RowLengths(prompt=[0] * n, response=batch["attention_mask"].sum(dim=1).tolist())
-        layout = family_of(self.base_backbone).image_layout
-        all_images = {k: batch[k] for k in layout.keys if k in batch}
+        family = family_of(self.base_backbone)
+        layouts = {"num_images": family.image_layout, "num_videos": family.video_layout}
         scores = [0.0] * n
         for rows in by_tokens(range(n), lengths, self.max_tokens_per_micro_batch):
             index = torch.tensor(rows)
             real = batch["attention_mask"][index].any(dim=0).nonzero()[:, 0]  # the columns some row of them uses
             columns = slice(int(real[0]), int(real[-1]) + 1)
             part = {k: batch[k][index][:, columns] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
-            part.update(images_of_rows(layout, all_images, num_images, rows)[0])
-            part["num_images"] = [num_images[r] for r in rows]
+            for key, per_row in counts.items():  # each kind's tensors of these rows
+                layout = layouts[key]
+                part.update(images_of_rows(layout, {k: batch[k] for k in layout.keys if k in batch}, per_row, rows)[0])
+                part[key] = [per_row[r] for r in rows]
             for r, score in zip(rows, self.score_batch(part, [names[r] for r in rows])):
                 scores[r] = score
         return scores
@@ -405,17 +425,18 @@ class VLMRewardModel(nn.Module, Reward):
     def score_batch(self, batch: dict, names: list[str]) -> list[float]:
         """The rewards of one encoded batch (`encode`'s output), integrity-checked, with the rollout's image features
         where they may be used."""
-        num_images = batch.pop("num_images")
+        counts = {k: batch.pop(k) for k in COUNT_KEYS if k in batch}  # num_images (and num_videos)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         features = self.shared_features(batch)
         if features is not None:
             batch.pop("pixel_values")
-        rewards = self.forward(**batch, num_images=num_images, sample_names=names, where=f"reward model {self.name!r}", image_features=features)
+        rewards = self.forward(**batch, **counts, sample_names=names, where=f"reward model {self.name!r}", image_features=features)
         return rewards.float().cpu().tolist()
 
     def shared_features(self, batch: dict) -> ImageFeatures | None:
-        """The rollout's features of this batch's images, when scoring during PPO and all of them are found."""
-        if self.image_features_source is None or batch.get("pixel_values") is None:
+        """The rollout's features of this batch's images, when scoring during PPO and all of them are found (and the
+        batch holds no video: a forward takes encoded features for every kind or for none)."""
+        if self.image_features_source is None or batch.get("pixel_values") is None or batch.get("pixel_values_videos") is not None:
             return None
         layout = family_of(self.base_backbone).image_layout
         return self.image_features_source.find(self, layout.split({k: batch[k] for k in layout.keys}))

@@ -24,6 +24,29 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, tiny_model_dir):
+    """Each family's tiny model, built once per session (Qwen2-VL's is `tiny_model_dir`): `family_dirs(name)`."""
+    from vlm_rl.models.tiny import make_tiny_model
+
+    built = {"qwen2_vl": tiny_model_dir}
+
+    def get(name):
+        if name not in built:
+            built[name] = make_tiny_model(tmp_path_factory.mktemp("models") / f"tiny-{name}", seed=0, family=name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def video_data_dir(tmp_path_factory) -> Path:
+    """A few rows of every video task and of colour questions (images): clips (mp4 + frame folders) and scenes."""
+    from vlm_rl.data.synthetic import make_synthetic_data
+
+    return make_synthetic_data(tmp_path_factory.mktemp("data") / "clips", n=16, seed=0, tasks=["motion", "appear", "colour"], noise=0.3)
+
+
+@pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory) -> Path:
     from vlm_rl.data.synthetic import make_synthetic_data
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from vlm_rl.demo import DemoConfig, ppo_learning_rate, run_demo
+from vlm_rl.demo import DemoConfig, ppo_learning_rate, run_demo, task_setting
 from vlm_rl.errors import UserError
 
 
@@ -59,3 +59,25 @@ def test_demo_refuses_an_unknown_variant_before_writing_anything(tmp_path):
 def test_the_demo_learning_rate_is_the_familys_unless_given():
     assert [ppo_learning_rate(DemoConfig(family=f)) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")] == [1e-3, 5e-4, 5e-4, 1e-3]
     assert ppo_learning_rate(DemoConfig(family="qwen3_vl", ppo_learning_rate=2e-3)) == 2e-3
+
+
+def test_the_demo_steps_and_episodes_are_the_tasks_unless_given():
+    tasks = ("colour", "motion", "colour,motion", "appear")
+    assert [task_setting(DemoConfig(tasks=t), "sft_steps") for t in tasks] == [700, 1500, 1500, 700]
+    assert [task_setting(DemoConfig(tasks=t), "ppo_episodes") for t in tasks] == [4800, 1600, 4800, 4800]
+    assert task_setting(DemoConfig(tasks="motion", sft_steps=20), "sft_steps") == 20
+
+
+@pytest.mark.slow
+def test_short_video_demo_end_to_end(tmp_path):
+    """`--tasks motion`: clips through make-data, SFT, PPO and compare; the report shows each clip as frames."""
+    cfg = DemoConfig(
+        out=str(tmp_path / "demo"), tasks="motion", n=24, sft_steps=4, sft_batch_size=4, ppo_episodes=16, ppo_batch_size=8,
+        ppo_mini_batches=2, ppo_epochs=1, compare_samples=4,
+    )  # fmt: skip
+    summary = run_demo(cfg)
+    out = tmp_path / "demo"
+    assert (out / "data" / "clips").is_dir() and (out / "ppo" / "model.safetensors").exists()
+    assert summary["models"]["sft"]["n"] == 4
+    html = (out / "report" / "report.html").read_text()
+    assert html.count('<img class="strip"') == 4 and "video: 8 frames" in html

@@ -20,7 +20,7 @@ COMMANDS = {
     "serve-reward": ("reward_models.server", "serve any reward over HTTP on loopback"),
     "make-tiny-model": ("vlm_rl.cli", "write an embedded tiny VLM (model + processor; --family qwen2_vl|qwen2_5_vl|qwen3_vl|llava) to a directory"),
     "generate": ("vlm_rl.evaluation.generate", "answer prompts with any checkpoint; writes JSONL that score reads"),
-    "make-data": ("vlm_rl.cli", "write the synthetic shapes VQA dataset (train/test JSONL + preference pairs)"),
+    "make-data": ("vlm_rl.cli", "write the synthetic shapes VQA dataset (train/test JSONL + preference pairs; --tasks motion,appear: clips)"),
     "validate-data": ("vlm_rl.data.validate", "check every row of a dataset for a task; list every problem by file, line and field"),
 }
 OVERWRITE_HELP = "replace a non-empty out_dir whole (default: refuse it; nothing in it is touched)"
@@ -42,7 +42,7 @@ def make_tiny_model_main(argv: list[str]) -> None:
 
 
 def make_data_main(argv: list[str]) -> None:
-    from vlm_rl.data.synthetic import TASKS
+    from vlm_rl.data.synthetic import IMAGE_TASKS, TASKS
 
     parser = argparse.ArgumentParser(prog="vlm-rl make-data", description=COMMANDS["make-data"][1])
     parser.add_argument("out_dir")
@@ -51,14 +51,21 @@ def make_data_main(argv: list[str]) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--noise", type=float, default=0.0, help="fraction of wrong demonstrations in train's 'response' (zoom: of "
                         "sft.jsonl's demonstrations that guess instead of calling the tool)")
-    parser.add_argument("--tasks", nargs="+", default=TASKS, choices=[*TASKS, "zoom"],
-                        help="zoom (alone): questions only the zoom tool answers, with tool-use demonstrations (vlm_rl/data/zoom_task.py)")
+    parser.add_argument(
+        "--tasks", type=lambda v: [t for t in v.split(",") if t], action="extend", default=None,
+        help=f"question kinds, comma- or space-separated (default: {','.join(IMAGE_TASKS)}); the video tasks motion and appear "
+        "write short clips (mp4, and frame directories in *_frames.jsonl); zoom (alone): questions only the zoom tool answers, "
+        "with tool-use demonstrations (vlm_rl/data/zoom_task.py)",
+    )
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
+    unknown = [t for t in args.tasks or () if t not in (*TASKS, "zoom")]
+    if unknown:
+        parser.error(f"argument --tasks: invalid choice: {', '.join(unknown)} (choose from {', '.join(TASKS)}, zoom)")
     from vlm_rl.data.synthetic import make_synthetic_data
     from vlm_rl.data.zoom_task import make_zoom_data
 
-    if "zoom" in args.tasks and len(args.tasks) > 1:
+    if "zoom" in (args.tasks or ()) and len(args.tasks) > 1:
         parser.error("--tasks zoom makes its own dataset (scenes, questions, tool-use demonstrations): give it alone")
     try:
         if args.tasks == ["zoom"]:

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (SFT) of a Qwen2-VL on image + question -> answer demonstrations, with TRL's `SFTTrainer`.
+"""Supervised fine-tuning (SFT) of a Qwen2-VL on image (or video) + question -> answer demonstrations, with TRL's `SFTTrainer`.
 
 The SFT stage gives PPO a policy that already answers in the right format. It is TRL's `SFTTrainer` with its
 vision-language support, nothing home-made:
@@ -16,6 +16,9 @@ vision-language support, nothing home-made:
   `mm_token_type_ids`) and, for prompt-completion data, sets `labels = -100` on every prompt token
   (`completion_only_loss`, on by default for that format): the loss is on the assistant's answer and its
   `<|im_end|>` only, never on the system/user turn or the image tokens.
+* Videos (TRL's collator reads images only): each video is stored as its frames beside the images, and
+  `vlm_rl.sft_video.VideoCollator`, TRL's collator, gives them to the processor with the prompts (prompt-completion
+  data only).
 * LoRA (optional) is a `peft.LoraConfig` on the language model's projections; the vision tower stays frozen.
 
 The output directory loads with `Qwen2VLForConditionalGeneration.from_pretrained(output_dir)` and
@@ -31,7 +34,7 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -42,6 +45,7 @@ from vlm_rl.atomic import move_aside, refuse_existing_output, remove, write_run_
 from vlm_rl.data.bad_rows import write_skipped_rows
 from vlm_rl.data.options import DataOptions
 from vlm_rl.models.families import Family, family_of
+from vlm_rl.sft_video import VideoCollator, stored_videos, video_features
 logger = logging.getLogger(__name__)
 SFT_CONFIG_FILE = "sft_config.yaml"
 
@@ -153,22 +157,22 @@ class VLMSFTConfig(DataOptions, SFTConfig):
 
 
 def _clean_content(content: Any) -> list[dict[str, Any]] | str:
-    """Message content with only the keys the chat template reads; image placeholders carry no payload.
+    """Message content with only the keys the chat template reads; image and video placeholders carry no payload.
 
     Arrow stores a list of content parts as one struct type, so keys must be uniform-ish and PIL objects must not
-    hide inside messages (they live in the `images` column).
+    hide inside messages (they live in the `images` and `videos` columns).
     """
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     parts = []
     for part in content:
-        kind = part.get("type") or ("image" if "image" in part else "text")
-        if kind == "image":
-            parts.append({"type": "image"})
+        kind = part.get("type") or ("image" if "image" in part else "video" if "video" in part else "text")
+        if kind in ("image", "video"):
+            parts.append({"type": kind})
         elif kind == "text":
             parts.append({"type": "text", "text": part.get("text") or ""})
         else:
-            raise ValueError(f"unsupported content part type {kind!r} (only 'image' and 'text' are)")
+            raise ValueError(f"unsupported content part type {kind!r} (only 'image', 'video' and 'text' are)")
     return parts
 
 
@@ -186,9 +190,10 @@ def is_multi_turn(sample: dict[str, Any]) -> bool:
     return isinstance(prompt, list) and any(m["role"] == "assistant" for m in prompt)
 
 
-def to_sft_example(sample: dict[str, Any], whole_conversation: bool = False) -> dict[str, Any]:
+def to_sft_example(sample: dict[str, Any], whole_conversation: bool = False, with_videos: bool = False) -> dict[str, Any]:
     """One normal-form sample -> TRL's conversational prompt-completion example (+ its images); with
-    `whole_conversation`, TRL's conversational language-modeling example, `messages` (for assistant_only_loss)."""
+    `whole_conversation`, TRL's conversational language-modeling example, `messages` (for assistant_only_loss);
+    `with_videos`: + its videos as frames (`vlm_rl.sft_video.stored_videos`)."""
     completion = sample.get("completion")
     if completion is None or completion == "" or completion == []:
         raise ValueError("SFT needs a demonstration: this sample has no `completion` (response) text")
@@ -199,29 +204,40 @@ def to_sft_example(sample: dict[str, Any], whole_conversation: bool = False) -> 
     if messages[-1]["role"] not in ("user", "tool"):
         raise ValueError(f"the prompt must end with a user or tool turn, not {messages[-1]['role']!r}")
     images = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in sample.get("images") or []]
-    n_placeholders = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
-    if n_placeholders != len(images):
-        raise ValueError(f"{len(images)} image(s) but {n_placeholders} image placeholder(s) in the prompt")
+    videos = list(sample.get("videos") or [])
+    for kind, items in (("image", images), ("video", videos)):
+        n_placeholders = sum(1 for m in messages for p in m["content"] if p["type"] == kind)
+        if n_placeholders != len(items):
+            raise ValueError(f"{len(items)} {kind}(s) but {n_placeholders} {kind} placeholder(s) in the prompt")
+    stored = stored_videos(videos) if with_videos else {}
     if whole_conversation:
-        return {"messages": messages + _completion_messages(completion), "images": images}
-    return {"prompt": messages, "completion": _completion_messages(completion), "images": images}
+        if videos:
+            raise ValueError("SFT on conversations with several assistant turns takes no video; give one answer per video sample")
+        return {"messages": messages + _completion_messages(completion), "images": images, **stored}
+    return {"prompt": messages, "completion": _completion_messages(completion), "images": images, **stored}
 
 
 def to_sft_dataset(samples: Iterable[dict[str, Any]], whole_conversation: bool = False):
     """Normal-form samples -> `datasets.Dataset` with columns `prompt`, `completion`, `images` (SFTTrainer's input),
     or with `whole_conversation`, `messages` and `images` (see `to_sft_example`).
 
-    Images are stored PNG-encoded in memory (datasets' Image feature) and decoded per batch by the collator.
+    Images are stored PNG-encoded in memory (datasets' Image feature) and decoded per batch by the collator; so are
+    the frames of videos, in `videos` and `video_metadata` columns when any sample has a video (for `VideoCollator`).
     """
     import datasets
 
-    rows = [to_sft_example(s, whole_conversation) for s in samples]
+    samples = list(samples)
+    with_videos = any(s.get("videos") for s in samples)
+    rows = [to_sft_example(s, whole_conversation, with_videos) for s in samples]
     if not rows:
         raise ValueError("no SFT samples")
-    return datasets.Dataset.from_list(rows)
+    if not with_videos:
+        return datasets.Dataset.from_list(rows)
+    dataset = datasets.Dataset.from_list(rows)
+    return dataset.cast(datasets.Features({**dataset.features, **video_features()}))
 
 
-def _load(config: VLMSFTConfig, spec: str, split: str, resize, limit: int | None = None) -> tuple[list[dict[str, Any]], Any]:
+def _load(config: VLMSFTConfig, spec: str, split: str, resize, limit: int | None = None, processor=None) -> tuple[list[dict[str, Any]], Any]:
     """(the demonstrations of `spec`, the bad rows skipped) after the data check: every problem at once, before
     any model loads (or, with skip_bad_rows, the bad rows left out)."""
     from accelerate import PartialState
@@ -232,7 +248,7 @@ def _load(config: VLMSFTConfig, spec: str, split: str, resize, limit: int | None
 
     with PartialState().main_process_first():  # rank 0 builds the embedded synthetic set; the others then read it
         path = resolve_data_path(spec, split)
-    report = check_data(path, "sft", split=split, column_map=config.column_map, resize=resize)
+    report = check_data(path, "sft", split=split, column_map=config.column_map, resize=resize, processor=processor)
     bad = report.rows_to_skip(config.skip_bad_rows, config.max_bad_row_fraction)
     samples = load_samples(path, split=split, column_map=config.column_map, resize=resize, skip=bad.sources)
     return (samples[:limit] if limit is not None else list(samples)), bad
@@ -340,12 +356,12 @@ def build_trainer(
     if train_samples is None:
         if not config.train_data:
             raise ValueError("train_data (or train_samples) is required")
-        train_samples, bad = _load(config, config.train_data, config.train_split, resize, config.max_train_samples)
+        train_samples, bad = _load(config, config.train_data, config.train_split, resize, config.max_train_samples, processor)
         skipped.append(bad)
     elif config.max_train_samples is not None:
         train_samples = list(train_samples)[: config.max_train_samples]
     if eval_samples is None and config.eval_data:
-        eval_samples, bad = _load(config, config.eval_data, config.eval_split, resize)
+        eval_samples, bad = _load(config, config.eval_data, config.eval_split, resize, processor=processor)
         skipped.append(bad)
 
     # Several assistant turns anywhere: every sample as a whole conversation, the loss on every assistant turn.
@@ -354,6 +370,9 @@ def build_trainer(
         config.assistant_only_loss, config.completion_only_loss = True, None
     train_dataset = to_sft_dataset(train_samples, whole)
     eval_dataset = to_sft_dataset(eval_samples, whole) if eval_samples else None
+    videos = any("videos" in d.column_names for d in (train_dataset, eval_dataset) if d is not None)
+    if videos:
+        config.remove_unused_columns = False  # TRL keeps only the columns it knows; the collator reads the videos
     model = _load_model(config)
     trainer = SFTTrainer(
         model=model,
@@ -364,6 +383,8 @@ def build_trainer(
         peft_config=lora_config_from(config, family_of(model)),
         callbacks=callbacks,
     )
+    if videos:  # TRL's own collator, as TRL configured it, with the videos passed on
+        trainer.data_collator = VideoCollator(**{f.name: getattr(trainer.data_collator, f.name) for f in fields(trainer.data_collator)})
     if tools:  # (TRL's vision collator renders conversations without a `tools` column and reads no tool images)
         trainer.data_collator.processor = ShowingTools(processor, tools)
         trainer.data_collator = ToolImagesInline(trainer.data_collator)

@@ -89,7 +89,8 @@ def test_every_format_gives_the_same_normal_form(data_dir, name, split):
     image = s["images"][0]
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (30, 20)
     assert np.array_equal(np.asarray(image), pattern(30, 20, 0))
-    assert {k: v for k, v in s.items() if k not in ("prompt", "images", "completion", "_source")} == EXTRA
+    assert s["videos"] == []
+    assert {k: v for k, v in s.items() if k not in ("prompt", "images", "videos", "completion", "_source")} == EXTRA
     assert str(data_dir / name) in s["_source"]
 
 

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from vlm_rl.data.formats import DataError, load_samples
 from vlm_rl.data.images import ImageResize
+from vlm_rl.data.videos import VideoResize
 from vlm_rl.models.loading import image_resize, load_processor
 
 SIZES = [(56, 84), (60, 90), (200, 150), (30, 20), (1000, 700), (333, 77)]
@@ -33,8 +34,9 @@ def processor_and_resize(tiny_model_dir):
 
 def test_the_resize_is_the_processors_bounds_and_patch_size(processor_and_resize):
     processor, resize = processor_and_resize
-    size = processor.image_processor.size
-    assert resize == ImageResize(processor.image_processor.patch_size, size["shortest_edge"], size["longest_edge"])
+    size, frames = processor.image_processor.size, processor.video_processor.size
+    video = VideoResize(processor.video_processor.patch_size, frames["shortest_edge"], frames["longest_edge"])
+    assert resize == ImageResize(processor.image_processor.patch_size, size["shortest_edge"], size["longest_edge"], video)
 
 
 @pytest.mark.parametrize("bounds", [None, (56 * 56, 112 * 112)])
@@ -78,5 +80,5 @@ def test_a_parts_own_sizing_options_are_honoured(tmp_path, processor_and_resize)
 def test_options_on_a_part_without_an_image_are_refused(tmp_path):
     row = {"prompt": [{"role": "user", "content": [{"type": "image", "max_pixels": 3136}, {"type": "text", "text": "Q"}]}], "images": ["a.png"]}
     (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'prompt\[0\]\.content\[0\]': sizing options \['max_pixels'\]"):
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'prompt\[0\]\.content\[0\]': options \['max_pixels'\] on a part without its own image"):
         load_samples(tmp_path / "d.jsonl", check_images=False)

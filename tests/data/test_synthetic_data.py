@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_rl.data.synthetic import COLOURS, COUNT_WORDS, POSITIONS, RGB, SHAPES, TASKS, make_synthetic_data
+from vlm_rl.data.synthetic import COLOURS, COUNT_WORDS, IMAGE_TASKS, POSITIONS, RGB, SHAPES, make_synthetic_data
 
 BACKGROUND = (250, 250, 250)
 FILES = ["train.jsonl", "test.jsonl", "preferences.jsonl", "preferences_test.jsonl"]
@@ -58,7 +58,7 @@ def test_split_sizes_and_files(synthetic_data_dir):
     for r in train + test:
         assert set(r) == {"image", "prompt", "response", "answer", "task", "wrong_answer"}
         assert (synthetic_data_dir / r["image"]).is_file() and not Path(r["image"]).is_absolute()
-        assert r["task"] in TASKS
+        assert r["task"] in IMAGE_TASKS
 
 
 @pytest.mark.parametrize("n, test_fraction, n_test", [(10, 0.2, 2), (7, 0.0, 0), (25, 0.5, 12)])
@@ -188,7 +188,7 @@ def scenes_dir(tmp_path_factory) -> Path:
 
 def test_answers_match_the_pictures(scenes_dir):
     rows = read_jsonl(scenes_dir / "train.jsonl") + read_jsonl(scenes_dir / "test.jsonl")
-    seen = {task: set() for task in TASKS}
+    seen = {task: set() for task in IMAGE_TASKS}
     for r in rows:
         with Image.open(scenes_dir / r["image"]) as image:
             assert image.mode == "RGB"

@@ -115,3 +115,23 @@ def test_inline_and_embedded_images_stay_valid_from_the_output(tmp_path, tiny_mo
     out = run_generate(str(tiny_model_dir), str(tmp_path / "a.jsonl"), data=str(data), max_new_tokens=2, skip_bad_rows=True)
     assert len(rows_of(out)) == 9
     assert [json.loads(line)["line"] for line in (tmp_path / "a.skipped_rows.jsonl").read_text().splitlines()] == [10]
+
+
+def test_clips_are_answered_and_stay_valid_from_the_output(tmp_path, tiny_model_dir, video_data_dir):
+    """Rows with a clip as a file, as a frame directory and as a list of frames in a Qwen part, answered into another
+    directory: the output loads with the same frames."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(video_data_dir, data)
+    row = next(json.loads(line) for line in (data / "test_frames.jsonl").read_text().splitlines() if "video" in json.loads(line))
+    frames = sorted(p.relative_to(data).as_posix() for p in (data / row["video"]).glob("*.png"))
+    qwen = {"messages": [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": row["prompt"]}]}]}
+    (data / "qwen.jsonl").write_text(json.dumps(qwen) + "\n")
+    for name in ("test.jsonl", "test_frames.jsonl", "qwen.jsonl"):
+        out = tmp_path / "elsewhere" / f"{name}.out.jsonl"
+        run_generate(str(tiny_model_dir), str(out), data=str(data / name), max_new_tokens=2)
+        before, after = load_samples(data / name), load_samples(out)
+        assert len(before) == len(after) and any(s["videos"] for s in after), name
+        for a, b in zip(before, after):
+            assert [v.frames.tolist() for v in a["videos"]] == [v.frames.tolist() for v in b["videos"]], name

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from vlm_rl.evaluation.statistics import summarize
-from vlm_rl.evaluation.report import write_report
+from vlm_rl.evaluation.report import filmstrip, write_report
 
 MODELS = ["sft", "rl-step<10>"]  # a name that needs escaping too
 
@@ -91,6 +91,24 @@ def test_html_content(report):
     assert "Blue &amp; green" in page
     assert "Reference" in page and "test.jsonl" in page
     assert "unscored" in page
+
+
+def test_a_prompt_video_is_shown_as_a_strip_of_its_frames(tmp_path):
+    import base64
+    import io
+
+    frames = [_image(c) for c in ("red", "green", "blue", "yellow", "purple", "orange", "black", "gray", "pink", "cyan")]
+    strip = filmstrip(frames)
+    assert strip.size == (4 * 64 + 3 * 2, 2 * 48 + 2)  # 8 frames, 4 to a row, 2 px apart
+    shown = [strip.getpixel(((i % 4) * 66 + 25, (i // 4) * 50 + 23)) for i in range(8)]
+    kept = [frames[round(i * 9 / 7)].getpixel((25, 23)) for i in range(8)]  # evenly spaced, the first and the last kept
+    assert shown == kept and kept[0] == frames[0].getpixel((25, 23)) and kept[-1] == frames[-1].getpixel((25, 23))
+    sample = {"image": None, "video": frames, "prompt": "Which colour comes last?", "answer": "cyan",
+              "responses": {name: {"text": "cyan", "reward": 1.0} for name in MODELS}}
+    html = write_report(tmp_path / "out", summarize(_generations(), MODELS), None, [sample], MODELS).read_text(encoding="utf-8")
+    assert "video: 10 frames (8 shown)" in html and "no image" not in html
+    (uri,) = re.findall(r'<img class="strip" src="data:image/png;base64,([^"]+)"', html)
+    assert Image.open(io.BytesIO(base64.b64decode(uri))).width == 256  # the strip, as a thumbnail like every picture
 
 
 def test_differences_highlighted_only_when_ci_above_zero(tmp_path):

@@ -24,7 +24,7 @@ from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_ge
 from vlm_rl.rollout.logprobs import response_logprobs
 from vlm_rl.models.loading import language_model_lora_config, load_processor
 from vlm_rl.rollout.batch import Rollout
-from vlm_rl.data.prompts import encode_prompts
+from vlm_rl.data.prompts import encode_prompts, model_inputs
 from vlm_rl.models.tiny import make_tiny_model
 from vlm_rl.models.vision_features import tower_trains
 from vlm_rl.models.critic import Critic, PolicyAndValue
@@ -38,19 +38,6 @@ CLASSES = {
     "llava": ("LlavaForConditionalGeneration", "LlavaProcessor"),
 }
 pytestmark = pytest.mark.parametrize("family", NAMES)
-
-
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory, tiny_model_dir):
-    """Each family's tiny model, built once per session (Qwen2-VL's is conftest's `tiny_model_dir`)."""
-    built = {"qwen2_vl": tiny_model_dir}
-
-    def get(name):
-        if name not in built:
-            built[name] = make_tiny_model(tmp_path_factory.mktemp("models") / f"tiny-{name}", seed=0, family=name)
-        return built[name]
-
-    return get
 
 
 @pytest.fixture()
@@ -137,7 +124,7 @@ def language_model_positions(model, run) -> list[torch.Tensor]:
 def test_forward_positions_are_the_ones_generate_used(family, model, processor, samples):
     query = encode_prompts(processor, samples[:4])
     assert (query["attention_mask"] == 0).any()  # prompts of several lengths: some rows are left-padded
-    inputs = {k: v for k, v in query.items() if k != "num_images"}
+    inputs = model_inputs(query)
     tok = processor.tokenizer
     torch.manual_seed(0)
     out = []
@@ -161,7 +148,7 @@ def test_vision_tokens_are_never_sampled(family, model, processor, samples):
     suppressed = make_generation_config(tok, max_new_tokens=1).suppress_tokens
     spec = get_family(family)
     assert {tok.convert_tokens_to_ids(t) for t in (spec.image_token, *spec.vision_tokens)} <= set(suppressed)  # its own too
-    prompts = {k: v for k, v in encode_prompts(processor, samples[:4]).items() if k != "num_images"}
+    prompts = model_inputs(encode_prompts(processor, samples[:4]))
     generation_tests.test_vision_tokens_are_never_sampled(model, processor, prompts)
 
 

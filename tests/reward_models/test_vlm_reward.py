@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from dataclasses import replace
+
 import torch
 
 from reward_models.registry import load_reward, load_rewards
@@ -90,6 +92,27 @@ def test_score_depends_on_the_image(tiny_model_dir, pairs):
     rotated = [samples[(i + 1) % len(samples)]["images"] for i in range(len(samples))]
     swapped = score(rm, samples, images=rotated)  # same prompts and responses, other images
     assert min(abs(a - b) for a, b in zip(own, swapped)) > 1e-3
+
+
+def test_score_depends_on_the_clip(tiny_model_dir, tiny_processor, video_data_dir):
+    from vlm_rl.data.formats import load_samples, reward_kwargs
+    from vlm_rl.models.loading import image_resize
+
+    rm = VLMRewardModel.from_base(str(tiny_model_dir), batch_size=3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        rm.head.weight.normal_()
+    samples = list(load_samples(video_data_dir / "train.jsonl", resize=image_resize(str(tiny_model_dir), tiny_processor)))[:6]
+    clips = [bool(s["videos"]) for s in samples]
+    assert any(clips) and not all(clips)
+
+    def scores(samples):
+        return rm([s["prompt"] for s in samples], [s["answer"] for s in samples], **reward_kwargs(samples))
+
+    own = scores(samples)
+    reversed_clips = [{**s, "videos": [replace(v, frames=v.frames.flip(0)) for v in s["videos"]]} for s in samples]  # played backwards
+    changed = [abs(a - b) > 1e-4 for a, b in zip(own, scores(reversed_clips))]
+    assert changed == clips  # every clip's score moves; the pictures' rows do not
 
 
 def test_save_load_round_trip_gives_identical_scores(tiny_model_dir, pairs, tmp_path):

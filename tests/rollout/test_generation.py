@@ -14,14 +14,14 @@ from vlm_rl.rollout.generation import (
     pad_token_id,
     vision_token_ids,
 )
-from vlm_rl.data.prompts import encode_prompts
+from vlm_rl.data.prompts import encode_prompts, model_inputs
 
 
 @pytest.fixture(scope="module")
 def prompts(synthetic_data_dir, tiny_processor):
     samples = load_samples(synthetic_data_dir / "train.jsonl")[:4]
     batch = encode_prompts(tiny_processor, samples)
-    return {k: v for k, v in batch.items() if k != "num_images"}
+    return model_inputs(batch)
 
 
 def add_logit_bias(model, token_ids, bias):

@@ -12,7 +12,7 @@ from vlm_rl.models.families import family_of
 from vlm_rl.rollout.generation import eos_token_ids, generation_config_swapped, make_generation_config, pad_token_id
 from vlm_rl.rollout.logprobs import response_logprobs
 from vlm_rl.rollout.batch import Rollout
-from vlm_rl.data.prompts import encode_prompts
+from vlm_rl.data.prompts import encode_prompts, model_inputs
 from vlm_rl.models.critic import Critic, PolicyAndValue
 from vlm_rl.models.value_head import ValueHead
 
@@ -25,7 +25,7 @@ def rollout_for(model, processor, samples, responses=None, max_new_tokens=6):
     tok = processor.tokenizer
     if responses is None:
         config = make_generation_config(tok, max_new_tokens=max_new_tokens, temperature=TEMPERATURE)
-        inputs = {k: v for k, v in query.items() if k != "num_images"}
+        inputs = model_inputs(query)
         with generation_config_swapped(model, config):
             out = model.generate(**inputs, generation_config=config)
         responses = out[:, query["input_ids"].shape[1] :]
@@ -56,7 +56,7 @@ def pick_by_prompt_length(samples, processor):
 def test_logprobs_match_the_sampling_distribution(tiny_model, tiny_processor, samples):
     query = encode_prompts(tiny_processor, samples[:4])
     config = make_generation_config(tiny_processor.tokenizer, max_new_tokens=5, temperature=TEMPERATURE)
-    inputs = {k: v for k, v in query.items() if k != "num_images"}
+    inputs = model_inputs(query)
     with generation_config_swapped(tiny_model, config):
         out = tiny_model.generate(**inputs, generation_config=config, output_logits=True, return_dict_in_generate=True)
     responses = out.sequences[:, query["input_ids"].shape[1] :]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlm_rl.data.formats import load_samples
-from vlm_rl.data.prompts import encode_prompts
+from vlm_rl.data.prompts import encode_prompts, model_inputs
 from vlm_rl.models.critic import Critic, PolicyAndValue
 from vlm_rl.models.families import family_of
 from vlm_rl.models.value_head import ValueHead
@@ -29,7 +29,7 @@ def samples(synthetic_data_dir):
 
 
 def inputs_of(query: dict) -> dict:
-    return {k: v for k, v in query.items() if k != "num_images"}
+    return model_inputs(query)
 
 
 def prompts_and_rows(processor, samples) -> tuple[dict, dict, torch.Tensor]:

@@ -98,8 +98,20 @@ GRPO = dict(
 
 
 def test_a_shared_group_iteration_is_the_per_sample_one(tmp_path, tiny_model_dir, synthetic_data_dir):
-    shared = make_trainer(tmp_path / "shared", tiny_model_dir, synthetic_data_dir, reward=[completion_length], **GRPO)
-    alone = make_trainer(tmp_path / "alone", tiny_model_dir, synthetic_data_dir, reward=[completion_length], share_prompts=False, **GRPO)
+    shared_and_per_sample_iterations_agree(tmp_path, tiny_model_dir, synthetic_data_dir)
+
+
+def test_a_shared_group_iteration_on_clips_is_the_per_sample_one(tmp_path, family_dirs, video_data_dir):
+    """The same on clips and pictures (Qwen2.5-VL: the video's positions need its `second_per_grid_ts`)."""
+    rollout = shared_and_per_sample_iterations_agree(tmp_path, family_dirs("qwen2_5_vl"), video_data_dir)
+    assert rollout.videos is not None and rollout.videos.counts == [1] * 8  # two clips of the same question, 4 rows each
+
+
+def shared_and_per_sample_iterations_agree(tmp_path, model_dir, data_dir):
+    """One GRPO iteration with groups of 4 sharing their prompt, and with every sample on its own: the same tokens,
+    the same numbers to float rounding; the shared one's rollout."""
+    shared = make_trainer(tmp_path / "shared", model_dir, data_dir, reward=[completion_length], **GRPO)
+    alone = make_trainer(tmp_path / "alone", model_dir, data_dir, reward=[completion_length], share_prompts=False, **GRPO)
     for trainer in (shared, alone):
         start(trainer)
     with language_model_rows(shared.model.policy) as rows_shared:
@@ -119,6 +131,7 @@ def test_a_shared_group_iteration_is_the_per_sample_one(tmp_path, tiny_model_dir
         assert norm > 1e-3
         for name, g in step_b.items():
             assert torch.allclose(step_a[name], g, rtol=1e-4, atol=1e-5 * float(norm)), name
+    return ra
 
 
 LONG_TAIL = [13, 1, 32, 3, 8, 2, 21, 5]  # response lengths (log-spaced 1-32; 32: no eos)

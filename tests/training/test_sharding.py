@@ -84,17 +84,22 @@ def reward_model(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uneven_images(tmp_path_factory, synthetic_data_dir) -> Path:
-    """The synthetic prompts with some made text-only, so that the ranks hold uneven images: in iteration 1 rank 1 has
-    none at all (rank 0 four), in iteration 2 one of rank 0's prompts and two of rank 1's are text-only. (The
-    prompts of each iteration and rank: the trainer's shuffle, seed 0 of configs/ppo_tiny.yaml, 4 per rank.)"""
+def uneven_images(tmp_path_factory, synthetic_data_dir, video_data_dir) -> Path:
+    """The synthetic prompts with some made text-only and two made clips, so that the ranks hold uneven images and
+    videos: in iteration 1 rank 1 has neither (rank 0 three pictures and a clip), in iteration 2 one of rank 0's
+    prompts and one of rank 1's are text-only and one of rank 1's is a clip (rank 0 has none), iteration 3 holds no
+    clip. (The prompts of each iteration and rank: the trainer's shuffle, seed 0 of configs/ppo_tiny.yaml, 4 per rank.)
+    A run whose data holds videos calls the tower once per kind in every forward of every rank (dummy_image.py)."""
     rows = [json.loads(line) for line in (synthetic_data_dir / "train.jsonl").read_text().splitlines()]
+    clip_rows = [json.loads(line) for line in (video_data_dir / "train.jsonl").read_text().splitlines()]
+    clips = [{**row, "video": str(video_data_dir / row["video"])} for row in clip_rows if "video" in row][:2]
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
-    text_only = {*order[4:8], order[8], *order[12:14]}
+    text_only = {*order[4:8], order[8], order[12]}
     for i, row in enumerate(rows):
         image = row.pop("image")
         if i not in text_only:
             row["image"] = str(synthetic_data_dir / image)
+    rows[order[0]], rows[order[13]] = clips
     out = tmp_path_factory.mktemp("uneven")
     (out / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return out
@@ -115,13 +120,16 @@ def ddp(tmp_path_factory, tiny_model_dir, uneven_images, reward_model):
     return run
 
 
-@pytest.mark.parametrize("critic", ["separate", "lora"])
-@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
+# The LoRA critic where its adapters' parameters are sharded (ZeRO-3, FSDP2); under ZeRO-2, which shards optimiser
+# states only (as ZeRO-3 does too), the separate critic alone: two launches fewer for the suite's time budget.
+@pytest.mark.parametrize(("engine", "critic"), [
+    ("zero2", "separate"), ("zero3", "separate"), ("zero3", "lora"), ("fsdp2", "separate"), ("fsdp2", "lora"),
+])
 @pytest.mark.slow
 @needs_deepspeed
 def test_sharded_ppo_trains_like_ddp_saves_full_weights_and_resumes_exactly(engine, critic, ddp, tmp_path, tiny_model_dir, uneven_images, reward_model):
-    # The ranks hold uneven images (`uneven_images`): a rank without any runs its vision towers on a dummy image
-    # wherever another rank runs them, else ZeRO-3 and FSDP2 would wait forever for its shards.
+    # The ranks hold uneven images and clips (`uneven_images`): a rank without either runs its vision towers on a dummy
+    # image wherever another rank runs them (once per kind), else ZeRO-3 and FSDP2 would wait forever for its shards.
     straight, console = ppo(ENGINES[engine], tmp_path / "straight", tiny_model_dir, uneven_images, reward_model, critic=critic)
     placement = "sharded" if SHARDED[engine] else "whole on each rank"
     reference = f"reference {placement}, " if critic == "separate" else ""  # (a LoRA policy's reference: adapters off)
@@ -129,7 +137,10 @@ def test_sharded_ppo_trains_like_ddp_saves_full_weights_and_resumes_exactly(engi
     ddp_dir, ddp_history = ddp(critic)
     for want, got in zip(ddp_history, straight, strict=True):  # the same rollouts, rewards, losses and gradient norms
         for name in ("objective/scores", "objective/scores/rm", "objective/kl", "loss/policy_avg", "loss/value_avg", "train/grad_norm"):
-            assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (engine, want["step"], name)
+            # (the KL is a mean of differences of logprobs of size 1-10, each as exact as fp32 after the engines'
+            # other summation orders, ~1e-6: an absolute tolerance; seen 1.4e-6 apart with the clips)
+            close = dict(rel=0, abs=5e-6) if name == "objective/kl" else dict(rel=1e-5, abs=1e-6)
+            assert got[name] == pytest.approx(want[name], **close), (engine, want["step"], name)
     reference, final = weights(ddp_dir), weights(tmp_path / "straight")  # full weights
     if critic == "separate":
         start = weights(tiny_model_dir)

@@ -6,6 +6,8 @@ Normal form of a sample (a dict):
                 (content parts are text or {"type": "image"} placeholders; earlier turns of a conversation,
                 assistant answers included, stay in it)
     images      one RGB PIL image per {"type": "image"} part, in order (`ImageRef`s until the sample is read)
+    videos      one `vlm_rl.data.videos.Video` (sampled, sized frames) per {"type": "video"} part, in order
+                (`VideoRef`s until the sample is read)
     completion  the reference response (the last assistant turn, `completion` or `response`), or None
     _source     "file:line" of the row, for error messages ("file:line (item i)" in a .json list, "file[i]" in a
                 table, "dir[split][i]" in a dataset directory)
@@ -13,7 +15,8 @@ Normal form of a sample (a dict):
 
 The formats (TRL, LLaVA, plain, OpenAI and Qwen messages) are `vlm_rl.data.parts`; the files and folders
 (.jsonl, .json, .csv, .parquet, .arrow, dataset directories) `vlm_rl.data.readers`; how images are read and sized
-(qwen-vl-utils for Qwen models) `vlm_rl.data.images`.
+(qwen-vl-utils for Qwen models) `vlm_rl.data.images`, and videos (decoded, sampled and sized by qwen-vl-utils)
+`vlm_rl.data.videos`.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from vlm_rl.data.errors import DataError, field_error
 from vlm_rl.data.images import ImageResize, open_image, to_rgb
 from vlm_rl.data.parts import normalise_row, text_of
 from vlm_rl.data.readers import InputRow, data_source, read_rows
+from vlm_rl.data.videos import open_video
 
 # What the commands import from here besides what is defined here: the normal form's building blocks.
 __all__ = [
-    "DataError", "ImageResize", "InputRow", "PromptDataset", "load_samples", "normalise_row", "open_image", "prompt_text",
-    "read_rows", "response_field", "response_text", "reward_columns_of", "reward_kwargs", "to_rgb",
+    "DataError", "ImageResize", "InputRow", "PromptDataset", "load_samples", "normalise_row", "open_image", "open_video",
+    "prompt_text", "read_rows", "response_field", "response_text", "reward_columns_of", "reward_kwargs", "to_rgb",
 ]
 
 
@@ -80,7 +84,8 @@ class OriginalImages(Sequence):
 
 
 class PromptDataset(Sequence):
-    """Samples in the normal form; images are opened (RGB, sized by `resize` when given) when a sample is read."""
+    """Samples in the normal form; images and videos are opened (RGB, sized by `resize` and its `video` bounds when
+    given) when a sample is read."""
 
     def __init__(self, rows: list[dict], base_dir: Path, resize: ImageResize | None = None):
         self.rows = rows
@@ -94,7 +99,12 @@ class PromptDataset(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         row = self.rows[i]
-        sample = {**row, "images": [open_image(ref, self.base_dir, row["_source"], self.resize) for ref in row["images"]]}
+        videos = self.resize.video if self.resize is not None else None
+        sample = {
+            **row,
+            "images": [open_image(ref, self.base_dir, row["_source"], self.resize) for ref in row["images"]],
+            "videos": [open_video(ref, self.base_dir, row["_source"], videos) for ref in row.get("videos", ())],
+        }
         if self.resize is not None:  # the sized images differ from the data's: a tool may want the data's (`zoom`)
             sample[ORIGINAL_IMAGES] = OriginalImages(row["images"], self.base_dir, row["_source"])
         return sample
@@ -103,8 +113,12 @@ class PromptDataset(Sequence):
         for i in range(len(self)):
             yield self[i]
 
+    def has_videos(self) -> bool:
+        """Whether any row holds a video (read from the rows: nothing is opened)."""
+        return any(row.get("videos") for row in self.rows)
+
     def check_images(self) -> None:
-        """Open every image once so that a bad file fails now, naming its row, not mid-training."""
+        """Open every image and video once so that a bad file fails now, naming its row, not mid-training."""
         for i in range(len(self)):
             self[i]
 
@@ -142,14 +156,18 @@ def prompt_text(messages: list[dict]) -> str:
     return text_of(users[-1]["content"])
 
 
+MEDIA_COLUMNS = ("prompt", "images", "videos", ORIGINAL_IMAGES)  # not dataset columns: what a reward gets apart from those, and the tools' originals
+
+
 def reward_columns_of(sample: dict) -> set[str]:
     """The columns a reward receives with this sample (`reward_kwargs`); the normal form's `completion` only when
     the row has a reference response."""
-    return {k for k, v in sample.items() if k not in ("prompt", "images") and not (k == "completion" and v is None)}
+    return {k for k, v in sample.items() if k not in MEDIA_COLUMNS and not (k == "completion" and v is None)}
 
 
 def reward_kwargs(samples: list[dict], exclude: tuple[str, ...] = ()) -> dict[str, list]:
-    """What a reward receives besides prompts and completions: `images` and every other column (TRL's convention),
-    `_source` ("file:line") included."""
-    columns = [k for k in samples[0] if k not in ("prompt", "images", ORIGINAL_IMAGES, *exclude)]
-    return {"images": [s["images"] for s in samples], **{k: [s.get(k) for s in samples] for k in columns}}
+    """What a reward receives besides prompts and completions: `images`, `videos` (one list of `Video`s per sample)
+    when a sample of the batch has one, and every other column (TRL's convention), `_source` ("file:line") included."""
+    columns = [k for k in samples[0] if k not in (*MEDIA_COLUMNS, *exclude)]
+    videos = {"videos": [s.get("videos") or [] for s in samples]} if any(s.get("videos") for s in samples) else {}
+    return {"images": [s["images"] for s in samples], **videos, **{k: [s.get(k) for s in samples] for k in columns}}

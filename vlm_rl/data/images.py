@@ -46,12 +46,24 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
-class ImageResize:
-    """A Qwen-family processor's image sizing: sides a multiple of `patch_size * 2`, area in [min_pixels, max_pixels]."""
+class VideoResize:
+    """A Qwen-family video processor's frame sizing: sides a multiple of `patch_size * 2`, each frame's area in
+    [min_pixels, max_pixels] (the video processor's `size`)."""
 
     patch_size: int
     min_pixels: int
     max_pixels: int
+
+
+@dataclass(frozen=True)
+class ImageResize:
+    """A Qwen-family processor's image sizing: sides a multiple of `patch_size * 2`, area in [min_pixels, max_pixels];
+    `video`: its video processor's frame sizing (`vlm_rl.data.videos`), which travels with it to the dataset."""
+
+    patch_size: int
+    min_pixels: int
+    max_pixels: int
+    video: VideoResize | None = None
 
     def apply(self, image: Image.Image, options: dict[str, int], where: str, field_name: str) -> Image.Image:
         """`image` resized by qwen-vl-utils' `fetch_image` with these bounds, or the part's own `options`."""

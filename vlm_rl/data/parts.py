@@ -8,29 +8,34 @@ Content parts (a `datasets` column gives every part every key, None where absent
     {"type": "image", "image": SOURCE, "max_pixels": N, ...}         Qwen (qwen-vl-utils; also without "type")
     {"type": "image", "url" | "path": SOURCE}                        transformers' chat-template parts
     {"type": "image_url", "image_url": {"url": SOURCE}}              OpenAI (or "image_url": SOURCE)
+    {"type": "video"}                                                TRL: the next entry of the `videos`/`video` column
+    {"type": "video", "video": VIDEO, "fps": 2, "max_pixels": N, ...} Qwen (qwen-vl-utils; also without "type")
 
-and, in a string content, each `<image>` is a TRL placeholder. SOURCE is any `vlm_rl.data.images.ImageRef` source.
-A part of any other type is a DataError naming the file, line, field and type: a part is loaded or named, never
-dropped. In the normal form every vision part is a bare placeholder (`{"type": "image"}`, what chat templates
-read) and `images` holds one `ImageRef` per placeholder, in order.
+and, in a string content, each `<image>` (`<video>`) is a TRL placeholder. SOURCE is any `vlm_rl.data.images.ImageRef`
+source, VIDEO any `vlm_rl.data.videos.VideoRef` source (a file, a directory of frames, a list of frames). A part of
+any other type is a DataError naming the file, line, field and type: a part is loaded or named, never dropped. In
+the normal form every vision part is a bare placeholder (`{"type": "image"}`, `{"type": "video"}`: what chat
+templates read), `images` holds one `ImageRef` per image placeholder and `videos` one `VideoRef` per video
+placeholder, in order.
 
 Vision kinds (`MEDIA`): a kind is a placeholder type, the normal form's list of them, the columns and the text
-placeholder that give them, and the keys a part carries its source under; parsing, the placeholder counts and the
-normal form's lists run over every kind. Only images are supported; a video kind (qwen-vl-utils' {"type": "video",
-"video": ...}) is one more entry here, plus its reader where `PromptDataset` opens the images.
+placeholder that give them, the keys a part carries its source under, and the options a part may carry; parsing,
+the placeholder counts and the normal form's lists run over every kind.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from vlm_rl.data.errors import DataError, field_error
 from vlm_rl.data.images import RESIZE_OPTIONS, ImageRef
+from vlm_rl.data.videos import VIDEO_OPTIONS, VideoRef
 
 ROLE_FROM_LLAVA = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # Columns the normal form consumes; every other column of a row is kept as it is (e.g. "answer").
-FORMAT_COLUMNS = ("prompt", "images", "image", "completion", "messages", "conversations", "response")
+FORMAT_COLUMNS = ("prompt", "images", "image", "videos", "video", "completion", "messages", "conversations", "response")
 
 
 @dataclass(frozen=True)
@@ -43,22 +48,26 @@ class MediaKind:
     text_placeholder: str  # the placeholder inside string content (LLaVA, plain prompts)
     part_types: tuple[str, ...]  # part types of this kind (OpenAI's "image_url" is an image)
     source_keys: tuple[str, ...]  # keys an inline part carries its source under
+    options: tuple[str, ...]  # the per-item options an inline part may carry (qwen-vl-utils' names)
+    ref: type  # the reference the normal form keeps per item until the sample is read
 
 
-IMAGE = MediaKind("image", "images", ("images", "image"), "<image>", ("image", "image_url"), ("image", "url", "path"))
-MEDIA = {IMAGE.name: IMAGE}
+IMAGE = MediaKind("image", "images", ("images", "image"), "<image>", ("image", "image_url"), ("image", "url", "path"), RESIZE_OPTIONS, ImageRef)
+VIDEO = MediaKind("video", "videos", ("videos", "video"), "<video>", ("video",), ("video", "url", "path"), VIDEO_OPTIONS, VideoRef)
+MEDIA = {IMAGE.name: IMAGE, VIDEO.name: VIDEO}
 IMAGE_PLACEHOLDER = IMAGE.text_placeholder
-_UNSUPPORTED = {"video": "video parts are not supported yet (images only)", "input_audio": "audio is not supported"}
+_PLACEHOLDERS = re.compile("|".join(re.escape(k.text_placeholder) for k in MEDIA.values()))
+_UNSUPPORTED = {"input_audio": "audio is not supported"}
 
 
 def _kind_of_part(part: dict) -> str | None:
     """A part's type; qwen-vl-utils also accepts a part without one ({"image": ...})."""
     if part.get("type") is not None:
         return str(part["type"])
-    return next((key for key in ("text", *(k.name for k in MEDIA.values()), "video") if key in part), None)
+    return next((key for key in ("text", *(k.name for k in MEDIA.values())) if key in part), None)
 
 
-def _vision_part(kind: MediaKind, part: dict, where: str, field: str) -> ImageRef | None:
+def _vision_part(kind: MediaKind, part: dict, where: str, field: str) -> ImageRef | VideoRef | None:
     """The reference an inline part carries, or None for a bare placeholder (its image is in the kind's column)."""
     if part.get("type") == "image_url" or "image_url" in part:  # OpenAI
         url = part.get("image_url")
@@ -68,16 +77,16 @@ def _vision_part(kind: MediaKind, part: dict, where: str, field: str) -> ImageRe
                               'Write {"type": "image_url", "image_url": {"url": "imgs/0.png"}}.')
         return ImageRef(url, field_name=field)
     source = next((part[key] for key in kind.source_keys if part.get(key) is not None), None)
-    options = {key: part[key] for key in RESIZE_OPTIONS if part.get(key) is not None}
+    options = {key: part[key] for key in kind.options if part.get(key) is not None}
     if source is None:
         if options:
-            raise field_error(where, field, f"sizing options {sorted(options)} on a part without its own image",
-                              f'Put the image in the part: {{"type": "{kind.name}", "{kind.name}": "imgs/0.png", ...}}.')
+            raise field_error(where, field, f"options {sorted(options)} on a part without its own {kind.name}",
+                              f'Put the {kind.name} in the part: {{"type": "{kind.name}", "{kind.name}": SOURCE, ...}}.')
         return None
-    return ImageRef(source, options, field)
+    return kind.ref(source, options, field)
 
 
-def _parts(content: list, where: str, field: str) -> list[tuple[dict, ImageRef | None]]:
+def _parts(content: list, where: str, field: str) -> list[tuple[dict, ImageRef | VideoRef | None]]:
     """Each part as (normal-form part, its inline reference or None)."""
     out = []
     for j, raw in enumerate(content):
@@ -102,18 +111,20 @@ def _parts(content: list, where: str, field: str) -> list[tuple[dict, ImageRef |
 
 
 def _split_placeholders(text: str) -> list[dict]:
-    """'<image>\\nWhat is it?' -> [{"type": "image"}, {"type": "text", "text": "\\nWhat is it?"}] (empty text dropped)."""
+    """'<image>\\nWhat is it?' -> [{"type": "image"}, {"type": "text", "text": "What is it?"}] (empty text dropped);
+    `<video>` likewise."""
     parts: list[dict] = []
-    for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if i > 0:
-            parts.append({"type": IMAGE.name})
+    kinds = [None] + [next(k.name for k in MEDIA.values() if k.text_placeholder == m.group()) for m in _PLACEHOLDERS.finditer(text)]
+    for i, (kind, chunk) in enumerate(zip(kinds, _PLACEHOLDERS.split(text))):
+        if kind is not None:
+            parts.append({"type": kind})
         chunk = chunk.strip("\n") if i > 0 or chunk.strip() == "" else chunk
         if chunk:
             parts.append({"type": "text", "text": chunk})
     return parts
 
 
-def normalise_messages(messages: Any, where: str, field: str) -> tuple[list[dict], dict[str, list[ImageRef | None]]]:
+def normalise_messages(messages: Any, where: str, field: str) -> tuple[list[dict], dict[str, list[ImageRef | VideoRef | None]]]:
     """Chat messages -> (normal-form messages, {kind: one entry per placeholder of that kind, in order: its inline
     reference, or None when the row's column gives it})."""
     if not isinstance(messages, list) or not messages:
@@ -124,7 +135,7 @@ def normalise_messages(messages: Any, where: str, field: str) -> tuple[list[dict
             raise field_error(where, f"{field}[{i}]", "a message needs 'role' and 'content'", "Fix the message.")
         content = m["content"]
         if isinstance(content, str):
-            parts = _split_placeholders(content) if IMAGE_PLACEHOLDER in content else [{"type": "text", "text": content}]
+            parts = _split_placeholders(content) if _PLACEHOLDERS.search(content) else [{"type": "text", "text": content}]
             parsed = [(p, None) for p in parts]
         elif isinstance(content, list):
             parsed = _parts(content, where, f"{field}[{i}].content")
@@ -204,10 +215,18 @@ def _data_column(kind: MediaKind, row: dict) -> str | None:
     return next((c for c in kind.data_columns if row.get(c) is not None), None)
 
 
-def _fill_placeholders(kind: MediaKind, refs: list[ImageRef | None], row: dict, where: str) -> list[ImageRef]:
-    """Bare placeholders take the kind's column entries in order; the counts must match."""
+def _column_entries(kind: MediaKind, row: dict) -> tuple[str | None, list]:
+    """(the column giving the kind's bare placeholders, its entries): `images`/`image` and `videos` hold a list or
+    one item; `video` holds one video (a path, or a list of its frames)."""
     column = _data_column(kind, row)
-    given = _as_list(row[column]) if column else []
+    if column is None:
+        return None, []
+    return column, [row[column]] if kind is VIDEO and column == "video" else _as_list(row[column])
+
+
+def _fill_placeholders(kind: MediaKind, refs: list[ImageRef | VideoRef | None], row: dict, where: str) -> list[ImageRef | VideoRef]:
+    """Bare placeholders take the kind's column entries in order; the counts must match."""
+    column, given = _column_entries(kind, row)
     bare = sum(ref is None for ref in refs)
     if len(given) != bare:
         inline = len(refs) - bare
@@ -218,7 +237,7 @@ def _fill_placeholders(kind: MediaKind, refs: list[ImageRef | None], row: dict, 
             f"Put one {kind.text_placeholder} (or one {{'type': '{kind.name}'}} part) per {kind.name} of the column.",
         )
     names = [column] if len(given) == 1 else [f"{column}[{j}]" for j in range(len(given))]
-    entries = iter(ImageRef(source, field_name=name) for source, name in zip(given, names))
+    entries = iter(kind.ref(source, field_name=name) for source, name in zip(given, names))
     return [ref if ref is not None else next(entries) for ref in refs]
 
 
@@ -243,8 +262,10 @@ def normalise_row(row: dict, where: str) -> dict:
     elif "prompt" in row:  # plain
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
             raise field_error(where, "prompt", "expected a non-empty string", "Give the question text.")
-        n_images = len(_as_list(row[_data_column(IMAGE, row)])) if _data_column(IMAGE, row) else 0
-        text = row["prompt"] if IMAGE_PLACEHOLDER in row["prompt"] else IMAGE_PLACEHOLDER * n_images + row["prompt"]
+        text = row["prompt"]
+        for kind in reversed(MEDIA.values()):  # a plain prompt without placeholders: images first, then videos
+            if kind.text_placeholder not in text:
+                text = kind.text_placeholder * len(_column_entries(kind, row)[1]) + text
         prompt, completion, field = [{"role": "user", "content": text}], row.get("response", row.get("completion")), "prompt"
     else:
         raise _no_prompt(row, where)

@@ -4,6 +4,10 @@ Each scene holds 1-4 copies of one shape in one colour, in a row through one hal
 about one attribute (colour, shape, count, position) and has a one-word `answer`. `response` is the
 demonstration an SFT stage learns from; with `noise > 0` a fraction of demonstrations is wrong (as
 human demonstrations are), while `answer` stays the truth a verifiable reward checks against.
+
+The video tasks (`motion`, `appear`: `vlm_rl.data.synthetic_clips`) ask about short clips of such scenes instead;
+their rows carry a `video` (an mp4), and `train_frames.jsonl`/`test_frames.jsonl` hold the same rows with each
+video as its directory of frames.
 """
 
 from __future__ import annotations
@@ -17,21 +21,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from vlm_rl.atomic import atomic_dir
+from vlm_rl.data.shape_words import COLOURS, COUNT_WORDS, POSITIONS, RGB, SHAPES
 
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["square", "circle", "triangle"]
-POSITIONS = ["left", "right", "top", "bottom"]
-COUNT_WORDS = ["one", "two", "three", "four"]
-TASKS = ["colour", "shape", "count", "position"]
-
-RGB = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 40),
-    "blue": (30, 60, 220),
-    "yellow": (235, 215, 20),
-    "purple": (140, 40, 170),
-    "orange": (245, 140, 20),
-}
+IMAGE_TASKS = ["colour", "shape", "count", "position"]
+VIDEO_TASKS = ["motion", "appear"]  # vlm_rl.data.synthetic_clips.CLIP_TASKS
+TASKS = IMAGE_TASKS + VIDEO_TASKS
 
 QUESTIONS = {
     "colour": "What colour is the {shape}? Answer with one word.",
@@ -101,17 +95,15 @@ def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
 
 
 def make_row(scene: Scene, task: str, image_path: str, rng: random.Random, noise: float) -> dict:
-    answer = scene.answer(task)
-    wrong = rng.choice([c for c in scene.choices(task) if c != answer])
+    question = QUESTIONS[task].format(shape=scene.shape, colour=scene.colour)
+    return {"image": image_path, **_qa(question, scene.answer(task), scene.choices(task), task, rng, noise)}
+
+
+def _qa(question: str, answer: str, choices: list[str], task: str, rng: random.Random, noise: float) -> dict:
+    """The question, a demonstration (wrong with probability `noise`), the true answer and a wrong one."""
+    wrong = rng.choice([c for c in choices if c != answer])
     response = wrong if rng.random() < noise else answer
-    return {
-        "image": image_path,
-        "prompt": QUESTIONS[task].format(shape=scene.shape, colour=scene.colour),
-        "response": response,
-        "answer": answer,
-        "task": task,
-        "wrong_answer": wrong,
-    }
+    return {"prompt": question, "response": response, "answer": answer, "task": task, "wrong_answer": wrong}
 
 
 def make_synthetic_data(
@@ -123,12 +115,14 @@ def make_synthetic_data(
     tasks: list[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `images/`, `train.jsonl`, `test.jsonl`, `preferences.jsonl`, `preferences_test.jsonl` to `out_dir`.
+    """Write `images/`, `train.jsonl`, `test.jsonl`, `preferences.jsonl`, `preferences_test.jsonl` to `out_dir`;
+    with video tasks also `clips/` (mp4), `frames/` (a directory of PNG frames per clip) and `train_frames.jsonl`,
+    `test_frames.jsonl` (the same rows, each video given as its frames).
 
     Deterministic per seed; the directory appears whole or not at all. A non-empty `out_dir` is refused (before
     anything is drawn) unless `overwrite`, which replaces it whole.
     """
-    tasks = tasks or TASKS
+    tasks = tasks or IMAGE_TASKS
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
@@ -138,29 +132,42 @@ def make_synthetic_data(
         raise ValueError(f"n must be >= 1, got {n}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    from vlm_rl.data.synthetic_clips import random_clip, write_clip
+
     rng = random.Random(seed)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         n_test = int(round(n * test_fraction))
-        rows = []
+        rows, frame_dirs = [], {}
         for i in range(n):
+            # The scene is drawn before the task is chosen (image-only data as before video tasks existed, draw for draw).
             scene = random_scene(rng)
-            image_path = f"images/{i:06d}.png"
-            draw_scene(scene, rng).save(tmp / image_path)
-            is_test = i >= n - n_test
+            image = draw_scene(scene, rng)
+            task = rng.choice(tasks)
             # Test rows keep their true answer as the response: they are for evaluation.
-            rows.append(make_row(scene, rng.choice(tasks), image_path, rng, 0.0 if is_test else noise))
-        train, test = rows[: n - n_test], rows[n - n_test :]
-        _write_jsonl(tmp / "train.jsonl", train)
-        _write_jsonl(tmp / "test.jsonl", test)
-        _write_jsonl(tmp / "preferences.jsonl", [_preference(r) for r in train])
-        _write_jsonl(tmp / "preferences_test.jsonl", [_preference(r) for r in test])
+            row_noise = 0.0 if i >= n - n_test else noise
+            if task in VIDEO_TASKS:
+                clip = random_clip(task, rng)
+                video, frame_dirs[i] = write_clip(clip, tmp, f"{i:06d}")
+                rows.append({"video": video, **_qa(clip.question(), clip.answer(), clip.choices(), task, rng, row_noise)})
+                continue
+            image_path = f"images/{i:06d}.png"
+            image.save(tmp / image_path)
+            rows.append(make_row(scene, task, image_path, rng, row_noise))
+        splits = {"train": (0, n - n_test), "test": (n - n_test, n)}
+        for split, (start, stop) in splits.items():
+            _write_jsonl(tmp / f"{split}.jsonl", rows[start:stop])
+            _write_jsonl(tmp / ("preferences.jsonl" if split == "train" else "preferences_test.jsonl"), [_preference(r) for r in rows[start:stop]])
+            if frame_dirs:
+                as_frames = [{**r, "video": frame_dirs[i]} if i in frame_dirs else r for i, r in enumerate(rows[start:stop], start)]
+                _write_jsonl(tmp / f"{split}_frames.jsonl", as_frames)
     return out_dir
 
 
 def _preference(row: dict) -> dict:
-    return {"image": row["image"], "prompt": row["prompt"], "chosen": row["answer"], "rejected": row["wrong_answer"]}
+    media = {k: row[k] for k in ("image", "video") if k in row}
+    return {**media, "prompt": row["prompt"], "chosen": row["answer"], "rejected": row["wrong_answer"]}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

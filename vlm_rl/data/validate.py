@@ -6,8 +6,10 @@
 `check_data` reads every row (the readers of `vlm_rl.data.formats`, so the same formats and the same normal form) and
 collects, instead of stopping at the first:
   * the file: missing, unsupported type, empty, or unreadable as a whole (a .json list that is not JSON);
-  * each row: not UTF-8, not JSON, not an object, no prompt, bad messages, image placeholders that do not
-    match the images (`<image>` or `{"type": "image"}` parts), images that do not exist or cannot be opened;
+  * each row: not UTF-8, not JSON, not an object, no prompt, bad messages, image (video) placeholders that do not
+    match the images (videos) (`<image>` or `{"type": "image"}` parts, `<video>` or `{"type": "video"}`), images that do
+    not exist or cannot be opened, videos that cannot be decoded, sampled or sized (qwen-vl-utils), videos for a model
+    whose processor takes none (LLaVA);
   * what the task needs: a demonstration (`response`/`completion`/final assistant turn) for sft, `chosen` and
     `rejected` for reward, the response column for score, the columns the chosen rewards read, in the sample a
     reward receives (`vlm_rl.data.formats.reward_columns_of`: `answer` for exact_match, or its `answer_column`);
@@ -16,8 +18,8 @@ collects, instead of stopping at the first:
     batches exactly as PPO encodes them (notes instead of problems when long prompts are to be skipped).
 
 It also shows the first rows as loaded (`DataReport.shown`: the normal form's messages, each image as its size and
-a digest of its pixels, the reference response, the other columns), so that the same content in two formats reads
-the same. PPO, SFT, train-reward, generate and compare run the same check at start (`vlm_rl.data.bad_rows`): every
+a digest of its pixels, each video as its frames, frame size and rate (and, with a model, the vision tokens it
+becomes), the reference response, the other columns), so that the same content in two formats reads the same. PPO, SFT, train-reward, generate and compare run the same check at start (`vlm_rl.data.bad_rows`): every
 problem listed, or with `--skip_bad_rows` the bad rows skipped and named.
 """
 
@@ -38,7 +40,8 @@ from vlm_rl.data.formats import (
 )
 from vlm_rl.data.readers import data_source
 from vlm_rl.data.images import image_digest
-from vlm_rl.data.prompts import prompt_lengths
+from vlm_rl.data.prompts import no_video_problem, prompt_lengths, takes_video
+from vlm_rl.data.videos import open_video
 
 TASKS = ("ppo", "sft", "reward", "score")
 MAX_LISTED = 50
@@ -160,9 +163,9 @@ def check_data(
     try:
         rows, base_dir = read_rows(path, split, column_map)
         pending: list[dict] = []
-        for sample in _checked_rows(rows, base_dir, task, needed, response_column, check_images, resize, report):
+        for sample in _checked_rows(rows, base_dir, task, needed, response_column, check_images, resize, report, processor):
             if len(report.shown) < show:
-                report.shown.append(f"{sample['_source']} as loaded: {describe_sample(sample, check_images)}")
+                report.shown.append(f"{sample['_source']} as loaded: {describe_sample(sample, check_images, processor)}")
             pending.append(sample)
             if len(pending) == batch_size:
                 _check_lengths(processor, max_prompt_length, skip_long_prompts, pending, report)
@@ -189,11 +192,12 @@ def _checked_rows(
     check_images: bool,
     resize: ImageResize | None,
     report: DataReport,
+    processor: Any = None,
 ) -> Iterator[dict]:
-    """Each row's problems go into `report`; the rows without any come out as samples with opened images."""
+    """Each row's problems go into `report`; the rows without any come out as samples with opened images and videos."""
     for row in rows:
         report.rows += 1
-        found = _row_problems(row, base_dir, task, needed, response_column, check_images, resize)
+        found = _row_problems(row, base_dir, task, needed, response_column, check_images, resize, processor)
         if isinstance(found, dict):
             report.multi_turn += any(m["role"] == "assistant" for m in found["prompt"])
             yield found
@@ -204,8 +208,9 @@ def _checked_rows(
 def _row_problems(
     row: InputRow, base_dir: Path, task: str, needed: dict[str, str], response_column: str, check_images: bool,
     resize: ImageResize | None,
+    processor: Any = None,
 ) -> dict | list[Problem]:
-    """The row's sample (images opened) when it has no problem, else every problem found in it."""
+    """The row's sample (images and videos opened) when it has no problem, else every problem found in it."""
 
     def problem(e: DataError) -> Problem:
         return Problem(e.source or row.source, e.field, e.detail, row.line)
@@ -232,22 +237,45 @@ def _row_problems(
             problems.append(Problem(row.source, name, "empty demonstration: SFT needs a non-empty answer to learn.", row.line))
     if task == "sft" and sample["prompt"][-1]["role"] not in ("user", "tool"):
         problems.append(Problem(row.source, "prompt", f"ends with a {sample['prompt'][-1]['role']!r} turn; SFT needs the prompt to end with a user (or tool) turn.", row.line))
-    images = []
+    if sample["videos"] and processor is not None and not takes_video(processor):
+        problems.append(Problem(row.source, sample["videos"][0].field_name, no_video_problem(processor) + ".", row.line))
+    images, videos = [], []
     if check_images:
         for ref in sample["images"]:
             try:
                 images.append(open_image(ref, base_dir, row.source, resize))
             except DataError as e:
                 problems.append(problem(e))
-    return problems or {**sample, "images": images if check_images else sample["images"], "_line": row.line}
+        for ref in sample["videos"]:
+            try:
+                videos.append(open_video(ref, base_dir, row.source, resize.video if resize is not None else None))
+            except DataError as e:
+                problems.append(problem(e))
+    if problems:
+        return problems
+    return {**sample, "images": images if check_images else sample["images"], "videos": videos if check_images else sample["videos"], "_line": row.line}
 
 
-def describe_sample(sample: dict, images_opened: bool = True) -> str:
+def video_tokens(video: Any, processor: Any) -> int:
+    """The vision tokens `processor` makes of a `Video` (its frames already sampled and sized)."""
+    frames = processor.video_processor
+    t, _, h, w = video.frames.shape
+    return frames.get_num_of_video_patches(t, h, w) // frames.merge_size**2
+
+
+def describe_sample(sample: dict, images_opened: bool = True, processor: Any = None) -> str:
     """One JSON line: the sample's messages, its images (size and pixel digest, or the reference when not opened),
+    its videos (frames, frame size, rate, source; with a processor that takes video, the vision tokens each becomes),
     its reference response and its other columns."""
     images = [image_digest(im) if images_opened else repr(im.source)[:80] for im in sample["images"]]
-    columns = {k: v for k, v in sample.items() if k not in ("prompt", "images", "completion", "_source", "_line")}
-    described = {"prompt": sample["prompt"], "images": images, "completion": sample["completion"], "columns": columns}
+    videos = [
+        (v.describe() + (f": {video_tokens(v, processor)} vision tokens" if processor is not None and takes_video(processor) else ""))
+        if images_opened else repr(v.source)[:80]
+        for v in sample.get("videos") or ()
+    ]
+    columns = {k: v for k, v in sample.items() if k not in ("prompt", "images", "videos", "completion", "_source", "_line")}
+    described = {"prompt": sample["prompt"], "images": images, **({"videos": videos} if videos else {}),
+                 "completion": sample["completion"], "columns": columns}
     return json.dumps(described, ensure_ascii=False, default=lambda v: f"<{type(v).__name__}>")
 
 

@@ -129,6 +129,7 @@ def run_compare(
     report_samples = [
         {
             "image": s["images"][0] if s["images"] else None,
+            "video": s["videos"][0].frame_images() if s.get("videos") else None,
             "prompt": prompt_text(s["prompt"]),
             "answer": s.get("answer"),
             "responses": {

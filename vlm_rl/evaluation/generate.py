@@ -2,13 +2,14 @@
 
     vlm-rl generate --model runs/ppo/checkpoint-50 --data data/test.jsonl --out answers.jsonl
     vlm-rl generate --model runs/sft --image cat.png --prompt "What colour is the cat?"
+    vlm-rl generate --model runs/sft --video clip.mp4 --prompt "Which way does the square move?"
 
 The checkpoint may be a full model, a LoRA adapter (merged into its base) or a PPO `checkpoint-N`. Decoding
 uses the same explicit generation config as PPO's rollouts. Each input row is written back with every one of
 its columns (named as after `--column_map`) plus `response`; in conversational rows the answer turn
 (`completion`, the last assistant/gpt turn) holds the new answer too, so that every reader sees it, and an answer
-the row had before is kept as `reference_response`. Image paths, in image columns and in message parts, are
-rewritten to stay valid relative to the output file; images stored inside a table or dataset directory are written
+the row had before is kept as `reference_response`. Image and video paths (video files, frame directories, frame
+lists), in image/video columns and in message parts, are rewritten to stay valid relative to the output file; images stored inside a table or dataset directory are written
 as PNG files beside it. Every row is checked first (`vlm_rl.data.validate`); with `--skip_bad_rows` the bad ones
 are left out and named in OUT's `.skipped_rows.jsonl`.
 """
@@ -34,9 +35,9 @@ from vlm_rl.models.families import family_of
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.multi_turn import MultiTurn, multi_turn_rollout
-from vlm_rl.data.prompts import encode_prompts
+from vlm_rl.data.prompts import encode_prompts, model_inputs
 
-IMAGE_FIELDS = ("image", "images")
+IMAGE_FIELDS = ("image", "images", "video", "videos")  # columns holding image or video references
 CONVERSATION_FIELDS = ("messages", "prompt", "completion")
 
 
@@ -58,21 +59,24 @@ def generate_all(model, processor, samples: list[dict], config, batch_size: int,
                 )  # fmt: skip
             )
             continue
-        responses = generate_responses(model, {k2: v for k2, v in query.items() if k2 != "num_images"}, config)
+        responses = generate_responses(model, model_inputs(query), config)
         sources = [s["_source"] for s in batch]
         rollouts.append(Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), sources, family_of(model)))
     return rollouts
 
 
 def portable_images(row: dict, base_dir: Path, out: Path, index: int) -> dict:
-    """`row` with its image references valid from `out`'s directory: relative paths re-based, embedded images
-    (PIL or bytes from a table or dataset directory) written as PNG files beside `out`; in the image columns and
-    in the image parts of its messages (Qwen's "image", OpenAI's "image_url")."""
+    """`row` with its image and video references valid from `out`'s directory: relative paths re-based, embedded
+    images (PIL or bytes from a table or dataset directory) written as PNG files beside `out`; in the image and video
+    columns and in the image and video parts of its messages (Qwen's "image" and "video", a video's list of frames
+    included, OpenAI's "image_url")."""
     from PIL import Image
 
     count = iter(range(1 << 30))
 
     def portable(ref):
+        if isinstance(ref, (list, tuple)):  # several images, or a video's frames
+            return [portable(r) for r in ref]
         if isinstance(ref, dict) and ref.get("bytes"):
             import io
 
@@ -96,7 +100,7 @@ def portable_images(row: dict, base_dir: Path, out: Path, index: int) -> dict:
         if not isinstance(part, dict):
             return part
         part = dict(part)
-        for key in ("image", "url", "path"):
+        for key in ("image", "video", "url", "path"):
             if part.get(key) is not None:
                 part[key] = portable(part[key])
         if isinstance(part.get("image_url"), dict) and part["image_url"].get("url") is not None:
@@ -108,8 +112,7 @@ def portable_images(row: dict, base_dir: Path, out: Path, index: int) -> dict:
     row = dict(row)
     for field in IMAGE_FIELDS:
         if field in row and row[field] is not None:
-            value = row[field]
-            row[field] = [portable(r) for r in value] if isinstance(value, list) else portable(value)
+            row[field] = portable(row[field])
     for field in CONVERSATION_FIELDS:
         if isinstance(row.get(field), list):
             row[field] = [
@@ -147,6 +150,7 @@ def run_generate(
     image: str | None = None,
     prompt: str | None = None,
     split: str = "test",
+    video: str | None = None,
     max_samples: int | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 64,
@@ -157,21 +161,22 @@ def run_generate(
     skip_bad_rows: bool = False,
     max_bad_row_fraction: float = 0.1,
 ) -> Path:
-    """Answer every row of `data` (or the one `image`/`prompt` pair) with the checkpoint at `model_path`."""
+    """Answer every row of `data` (or the one `prompt`, with its `image` and/or `video`) with the checkpoint at `model_path`."""
     from vlm_rl.data.bad_rows import write_skipped_rows
     from vlm_rl.data.validate import check_data
     from vlm_rl.models.loading import image_resize, load_base_model, load_processor
 
     out = Path(out)
     if (data is None) == (prompt is None):
-        raise DataError("give either --data FILE or --prompt TEXT (with --image IMAGE for a question about an image)")
+        raise DataError("give either --data FILE or --prompt TEXT (with --image IMAGE or --video VIDEO for a question about one)")
     if data is not None:
         bad = check_data(data, "ppo", split=split, column_map=column_map).rows_to_skip(skip_bad_rows, max_bad_row_fraction)
         input_rows, base_dir = read_rows(data, split, column_map)
         rows = [(row.source, row.fields) for row in input_rows if row.source not in bad.sources]
         write_skipped_rows(out.parent, [bad], name=f"{out.stem}.{SKIPPED_ROWS_FILE}")
     else:
-        single = {"prompt": prompt, **({"image": str(Path(image).resolve())} if image else {})}
+        media = {k: str(Path(v).resolve()) for k, v in (("image", image), ("video", video)) if v}
+        single = {"prompt": prompt, **media}
         rows, base_dir = [("--prompt", single)], Path.cwd()
     rows = rows[: max_samples or None]
     processor = load_processor(model_path)
@@ -193,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a full model, a LoRA adapter, or a PPO checkpoint-N directory")
     parser.add_argument("--data", help="prompts in any supported format (see the README)")
     parser.add_argument("--image", help="with --prompt: one image to ask about")
+    parser.add_argument("--video", help="with --prompt: one video (a file, or a directory of frames) to ask about")
     parser.add_argument("--prompt", help="one question instead of --data")
     parser.add_argument("--out", default=None, help="output JSONL (default: print the answer(s))")
     parser.add_argument("--split", default="test", help="split of a dataset directory")
@@ -206,13 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.image and not args.prompt:
-        parser.error("--image needs --prompt")
+    if (args.image or args.video) and not args.prompt:
+        parser.error("--image and --video need --prompt")
     if args.out is None and args.data is not None:
         parser.error("--data needs --out")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vlm-rl-generate-")) / "answer.jsonl"
     path = run_generate(
-        args.model, str(out), data=args.data, image=args.image, prompt=args.prompt, split=args.split,
+        args.model, str(out), data=args.data, image=args.image, prompt=args.prompt, split=args.split, video=args.video,
         max_samples=args.max_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, do_sample=not args.greedy, seed=args.seed, column_map=args.column_map,
         skip_bad_rows=args.skip_bad_rows, max_bad_row_fraction=args.max_bad_row_fraction,

@@ -550,6 +550,44 @@ def _turns(messages: Sequence[Mapping[str, Any]]) -> str:
     return "".join(out)
 
 
+MAX_STRIP_FRAMES = 8
+
+
+def filmstrip(frames: Sequence[Any], limit: int = MAX_STRIP_FRAMES, per_row: int = 4) -> Any:
+    """A video's frames in one RGB image, in reading order, `per_row` to a row, 2 px apart on white; at most `limit`
+    of them (evenly spaced, the first and the last kept)."""
+    from PIL import Image
+
+    if len(frames) > limit:
+        frames = [frames[round(i * (len(frames) - 1) / (limit - 1))] for i in range(limit)]
+    width, height = max(f.width for f in frames), max(f.height for f in frames)
+    columns, rows = min(per_row, len(frames)), -(-len(frames) // per_row)
+    strip = Image.new("RGB", (columns * (width + 2) - 2, rows * (height + 2) - 2), (255, 255, 255))
+    for i, frame in enumerate(frames):
+        strip.paste(frame.convert("RGB"), ((i % per_row) * (width + 2), (i // per_row) * (height + 2)))
+    return strip
+
+
+def _video_cell(frames: Sequence[Any] | None) -> str:
+    """A prompt video as a strip of its frames (the report holds no video player: everything is inline PNG)."""
+    if not frames:
+        return ""
+    try:
+        shown = min(len(frames), MAX_STRIP_FRAMES)
+        return (f'<img class="strip" src="{_png_data_uri(filmstrip(frames))}" alt="video frames">'
+                f'<div class="muted">video: {len(frames)} frames{"" if shown == len(frames) else f" ({shown} shown)"}</div>')
+    except Exception as e:  # a broken video must not lose the whole report
+        return f'<span class="noimg">video unavailable ({_esc(type(e).__name__)})</span>'
+
+
+def _media_cell(sample: Mapping[str, Any]) -> str:
+    """The prompt's image(s), or its video's frames, or both."""
+    video = _video_cell(sample.get("video"))
+    if video and sample.get("image") is None:
+        return video
+    return _image_cell(sample.get("image")) + video
+
+
 def _samples_section(samples: Sequence[Mapping[str, Any]], model_names: Sequence[str]) -> str:
     if not samples:
         return ""
@@ -585,7 +623,7 @@ def _samples_section(samples: Sequence[Mapping[str, Any]], model_names: Sequence
             else ""
         )
         rows.append(
-            f'<tr><td class="idx">{k + 1}</td><td class="img">{_image_cell(s.get("image"))}</td>'
+            f'<tr><td class="idx">{k + 1}</td><td class="img">{_media_cell(s)}</td>'
             f'<td><div class="prompt">{_esc(s.get("prompt", ""))}</div>{ref}</td>' + "".join(cells) + "</tr>"
         )
     min_width = 40 + 150 + 240 + 180 * n_models
@@ -625,7 +663,8 @@ def write_report(
       ``{run_or_model_name: {metric: [(step, value)]}}`` to overlay several runs (a run named like
       a model gets that model's colour); empty/None -> "no training logs found".
     - ``samples``: rows ``{"image": PIL.Image | list | None, "prompt": str, "answer": str | None,
-      "responses": {model_name: {"text": str, "reward": float | None, "turns": [messages] (multi-turn only)}}}``.
+      "responses": {model_name: {"text": str, "reward": float | None, "turns": [messages] (multi-turn only)}}}``, and
+      ``"video"``: a list of frames (PIL), shown as a strip of frames.
     - ``model_names``: display order; the first is the baseline.
     - ``title`` and ``meta`` (e.g. data path, reward spec, generation config) go in the header.
 

@@ -43,7 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from vlm_rl.atomic import OutputExistsError
-from vlm_rl.data.formats import DataError, InputRow, normalise_row, open_image, read_rows, response_field, response_text, reward_kwargs
+from vlm_rl.data.formats import (
+    DataError, InputRow, normalise_row, open_image, open_video, read_rows, response_field, response_text, reward_kwargs,
+)
 from vlm_rl.errors import UserError
 
 SCORE_PREFIX = "score_"
@@ -51,11 +53,13 @@ COMBINED = "score"
 
 
 def prepare(row: InputRow, base_dir: Path, response_column: str) -> dict:
-    """The normal-form sample of a row with its images opened and `completion` set; DataError if impossible."""
+    """The normal-form sample of a row with its images and videos opened (as stored; videos sampled as qwen-vl-utils
+    does by default) and `completion` set; DataError if impossible."""
     if row.error is not None:
         raise row.error
     sample = normalise_row(row.fields, row.source)
     sample["images"] = [open_image(ref, base_dir, row.source) for ref in sample["images"]]
+    sample["videos"] = [open_video(ref, base_dir, row.source) for ref in sample["videos"]]
     field, value, if_missing = response_field(row.fields, sample, response_column)
     sample["completion"] = response_text(value, row.source, field, if_missing)
     return sample

@@ -8,6 +8,10 @@ forward then encodes) runs the tower on one small black image where the forward 
 token embedding (a hook on it), before the first decoder layer, adding 0 x the features' sum to the embeddings, so
 that the tower's backward also comes where it comes on the other ranks. It changes no number (x + 0 = x). verl does
 the same for Qwen2-VL's text-only samples.
+
+Videos run the same tower (a second call in a forward that holds images too). In a run whose data holds videos
+(`expect_videos`, said by the trainer on every rank alike) every forward runs the tower once for images and once for
+videos, on a dummy image for a kind it lacks, so that every rank's forward calls the tower twice.
 """
 
 from __future__ import annotations
@@ -20,6 +24,24 @@ import torch.distributed as dist
 from torch import nn
 
 from vlm_rl.models.families import family_of, vision_backbone
+
+
+_RUN = {"videos": False}  # whether this run's data holds videos (the same on every rank)
+
+
+def expect_videos(flag: bool) -> None:
+    """Say whether this run's data holds videos: then, with several processes, every forward runs the vision tower
+    once per kind (images, videos), on a dummy for a kind it lacks."""
+    _RUN["videos"] = bool(flag)
+
+
+def videos_expected() -> bool:
+    return _RUN["videos"]
+
+
+def dummy_passes(has_images: bool, has_videos: bool = False) -> int:
+    """How many dummy tower passes a forward holding these kinds needs to call the tower as often as any other rank's."""
+    return int(not has_images) + int(_RUN["videos"] and not has_videos)
 
 
 def several_processes() -> bool:
@@ -39,11 +61,13 @@ def dummy_image_features(model: nn.Module, device: torch.device) -> torch.Tensor
 
 
 @contextmanager
-def tower_on_every_rank(model: nn.Module, has_images: bool, reads_features: bool) -> Iterator[None]:
+def tower_on_every_rank(model: nn.Module, has_images: bool, reads_features: bool, has_videos: bool = False) -> Iterator[None]:
     """Around one forward (or one `generate`, whose first forward is the one) of `model`: when this rank has no image
-    (`has_images` False) while another rank's forward may run the vision tower (several processes, and the model
-    encodes pixels: `reads_features` False), the tower on a dummy image at the forward's first embedding lookup."""
-    if has_images or reads_features or not several_processes():
+    (`has_images` False; or, in a run with videos, no video) while another rank's forward may run the vision tower
+    (several processes, and the model encodes pixels: `reads_features` False), the tower on a dummy image (one per
+    missing kind) at the forward's first embedding lookup."""
+    passes = dummy_passes(has_images, has_videos)
+    if not passes or reads_features or not several_processes():
         yield
         return
     base = vision_backbone(model)
@@ -54,7 +78,8 @@ def tower_on_every_rank(model: nn.Module, has_images: bool, reads_features: bool
         if done:
             return None
         done = True
-        return output + (0.0 * dummy_image_features(base, output.device)).to(output.dtype)
+        total = sum(dummy_image_features(base, output.device) for _ in range(passes))
+        return output + (0.0 * total).to(output.dtype)
 
     handle = base.get_input_embeddings().register_forward_hook(add_dummy)
     try:

@@ -14,11 +14,19 @@ M-RoPE positions from `mm_token_type_ids` + `image_grid_thw` (the same ones to `
 vision attention, Qwen3-VL's 16-px patches, interleaved M-RoPE and DeepStack features (the tower's intermediate
 features, which `vision_features.ImageFeatures` carries along with the merged ones).
 
+Videos (the Qwen families only) are laid out as images are, in their own tensors: `pixel_values_videos` and
+`video_grid_thw` (a video's grid has t > 1: two frames make one temporal patch), one `<|video_pad|>` per vision
+feature, and `mm_token_type_ids` 2 at video tokens. Their M-RoPE temporal ids differ by family, inside transformers'
+`get_rope_index`: Qwen2-VL counts temporal patches (one id each); Qwen2.5-VL spaces them by `second_per_grid_ts`
+(seconds per temporal patch, from the sampled frame rate) times `tokens_per_second`, so that tensor is a position
+input too (`VIDEO_PATCHES_TIMED`); Qwen3-VL writes each temporal patch's timestamp into the prompt as text
+("<0.5 seconds>", from the video metadata the processor is given) and gives every temporal patch its own grid.
+
 LLaVA (a CLIP vision tower, a 2-layer MLP projector and a Qwen2 language model) differs in kind: images resized to
 one fixed size, `pixel_values (N_images, 3, H, W)` with no grid (`FixedSizeImages`), the same number of `<image>`
 tokens for every image, 1-D positions counted from the attention mask (`position_ids`, as `generate` counts them;
-no `mm_token_type_ids`, no `rope_deltas`), and the vision encoder in two modules, `.model.vision_tower` and
-`.model.multi_modal_projector`, frozen and reused together.
+no `mm_token_type_ids`, no `rope_deltas`), the vision encoder in two modules, `.model.vision_tower` and
+`.model.multi_modal_projector`, frozen and reused together, and no video input (`Family.video_layout` None).
 
 Adding a family is one entry in `FAMILIES` plus its tiny model builders in `vlm_rl/models/tiny.py` (`TINY_BUILDERS`).
 """
@@ -48,20 +56,27 @@ Images = dict[str, torch.Tensor]  # a processor's image tensors, by keyword (`pi
 @dataclass(frozen=True)
 class PatchGrid:
     """Qwen: each image's patches flattened into `pixel_values (N_patches, D)`, its (t, h, w) patch grid a row of
-    `image_grid_thw (N_images, 3)`; `spatial_merge_size`^2 patches make one vision token."""
+    `image_grid_thw (N_images, 3)`; `spatial_merge_size`^2 patches make one vision token. Videos are laid out the
+    same way in their own tensors (`VIDEO_PATCHES`): `keys` are the pixels, the grid, then any tensor with one
+    entry per item (Qwen2.5-VL's `second_per_grid_ts`)."""
 
     keys: tuple[str, ...] = ("pixel_values", "image_grid_thw")
     counted_by: str = "image_grid_thw"  # the tensor whose rows are the images (named in integrity errors)
     resizable: bool = True  # min_pixels/max_pixels set how many vision tokens an image gets
 
+    @property
+    def position_keys(self) -> tuple[str, ...]:
+        """The tensors M-RoPE positions are computed from (with `mm_token_type_ids`): the grid and any per-item entry."""
+        return self.keys[1:]
+
     def count(self, images: Images, encoded: int | None) -> int:
         """How many images the tensors describe (`encoded`: how many came as encoded features instead of pixels)."""
-        grid = images.get("image_grid_thw")
+        grid = images.get(self.counted_by)
         return 0 if grid is None else grid.shape[0]
 
     def pixel_rows(self, images: Images) -> list[int]:
         """Rows of `pixel_values` each image should have."""
-        grid = images.get("image_grid_thw")
+        grid = images.get(self.counted_by)
         return [] if grid is None else grid.prod(-1).tolist()
 
     def tokens(self, config: Any, images: Images, n: int) -> list[int]:
@@ -71,9 +86,13 @@ class PatchGrid:
 
     def split(self, images: Images) -> list[Images]:
         """One dict of image tensors per image."""
-        grid = images["image_grid_thw"]
-        pixels = torch.split(images["pixel_values"], self.pixel_rows(images))
-        return [{"pixel_values": p, "image_grid_thw": g[None]} for p, g in zip(pixels, grid)]
+        pixels_key, grid_key, *per_item = self.keys
+        pixels = torch.split(images[pixels_key], self.pixel_rows(images))
+        extra = {k: images[k] for k in per_item if images.get(k) is not None}
+        return [
+            {pixels_key: p, grid_key: images[grid_key][i : i + 1], **{k: v[i : i + 1] for k, v in extra.items()}}
+            for i, p in enumerate(pixels)
+        ]
 
     def dummy(self, config: Any) -> Images:
         """The image tensors of one small black image, for a model with `config`: a (1, 2m, 2m) patch grid, m the
@@ -83,6 +102,11 @@ class PatchGrid:
         rows = (2 * merge) ** 2
         pixels = torch.zeros(rows, vision.in_channels * temporal * patch * patch)
         return {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, 2 * merge, 2 * merge]])}
+
+
+VIDEO_PATCHES = PatchGrid(("pixel_values_videos", "video_grid_thw"), "video_grid_thw")
+# Qwen2.5-VL: each video's seconds per temporal patch set its temporal M-RoPE ids (`get_rope_index`)
+VIDEO_PATCHES_TIMED = PatchGrid(("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"), "video_grid_thw")
 
 
 @dataclass(frozen=True)
@@ -152,6 +176,8 @@ class Family:
     mrope: bool = True  # positions from `mm_token_type_ids` + `image_grid_thw` (M-RoPE); else 1-D from the mask
     lora_target_modules: tuple[str, ...] = QWEN2_LORA_TARGETS  # the default LoRA targets (language model only)
     deepstack: bool = False  # the tower also returns per-layer features the forward adds to the language model
+    video_layout: PatchGrid | None = VIDEO_PATCHES  # how the processor lays out videos; None: the family takes no video
+    video_token: str = "<|video_pad|>"  # one per video feature in the prompt (`config.video_token_id`)
     # the chat template that shows tools where the processor's own cannot (models/tool_template.py); None: refused
     tool_template: str | None = None
 
@@ -168,12 +194,17 @@ class Family:
         self.vision_tower(model)  # a clear error without one
         return vision_encoder(model)
 
-    def position_inputs(self, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor | None, images: Images) -> dict:
+    def position_inputs(
+        self, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor | None, images: Images, videos: Images | None = None
+    ) -> dict:
         """What a forward over a whole sequence (no KV cache) computes its positions from, so that they are the
-        ones `generate` used: M-RoPE's `mm_token_type_ids` + `image_grid_thw`, or LLaVA's `position_ids`."""
+        ones `generate` used: M-RoPE's `mm_token_type_ids` + `image_grid_thw` (+ the videos' `video_grid_thw`, and
+        Qwen2.5-VL's `second_per_grid_ts`), or LLaVA's `position_ids`."""
         if not self.mrope:
             return {"position_ids": positions_from_mask(attention_mask)}
         inputs = {"mm_token_type_ids": mm_token_type_ids, "image_grid_thw": images.get("image_grid_thw")}
+        if videos and self.video_layout is not None:
+            inputs.update({k: videos.get(k) for k in self.video_layout.position_keys})
         return {k: v for k, v in inputs.items() if v is not None}
 
     def positions(self, backbone: nn.Module, inputs: dict) -> torch.Tensor:
@@ -184,11 +215,11 @@ class Family:
         mask = inputs["attention_mask"]
         if not self.mrope:
             return positions_from_mask(mask)
-        if inputs.get("image_grid_thw") is None:  # text only: the three axes are the 1-D position
+        keys = ("image_grid_thw", *(self.video_layout.position_keys if self.video_layout is not None else ()))
+        grids = {k: inputs[k] for k in keys if inputs.get(k) is not None}  # the images' and videos' position inputs
+        if not grids:  # text only: the three axes are the 1-D position
             return positions_from_mask(mask)[None].expand(3, -1, -1)
-        positions, _ = backbone.get_rope_index(
-            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=mask
-        )
+        positions, _ = backbone.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], attention_mask=mask, **grids)
         return positions
 
     def lora_target_regex(self, target_modules: list[str] | tuple[str, ...] | None = None) -> str:
@@ -201,7 +232,7 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("qwen2_vl", "Qwen2-VL", "qwen2_vl", tool_template=QWEN_VL_TOOLS_TEMPLATE),
-        Family("qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl", tool_template=QWEN_VL_TOOLS_TEMPLATE),
+        Family("qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl", video_layout=VIDEO_PATCHES_TIMED, tool_template=QWEN_VL_TOOLS_TEMPLATE),
         Family("qwen3_vl", "Qwen3-VL", "qwen3_vl", deepstack=True, tool_template=QWEN_VL_TOOLS_TEMPLATE),
         Family(
             "llava",
@@ -214,6 +245,7 @@ FAMILIES: dict[str, Family] = {
             vision_tokens=("<image>",),
             image_layout=FixedSizeImages(),
             mrope=False,
+            video_layout=None,
         ),
     )
 }

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlm_rl.data.images import ImageResize
+from vlm_rl.data.videos import VideoResize
 from vlm_rl.errors import UserError
 from vlm_rl.models.families import Family, family_of
 from vlm_rl.models.tiny import resolve_model_path
@@ -123,16 +124,19 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
 
 
 def image_resize(path: str, processor) -> ImageResize | None:
-    """How images are sized for the model at `path` before its `processor` sees them: for the Qwen families, the
-    processor's own bounds and patch size, applied by qwen-vl-utils (`vlm_rl.data.images`); None for a family whose
-    processor resizes every image to one fixed size (LLaVA), which then does it alone."""
+    """How images (and videos) are sized for the model at `path` before its `processor` sees them: for the Qwen
+    families, the processor's own bounds and patch size, applied by qwen-vl-utils (`vlm_rl.data.images`; the video
+    processor's per-frame bounds in `.video`, `vlm_rl.data.videos`); None for a family whose processor resizes every
+    image to one fixed size (LLaVA), which then does it alone."""
     from qwen_vl_utils.vision_process import SPATIAL_MERGE_SIZE
 
     model_dir = adapter_base_path(path) if is_adapter_dir(path) else path
     images = processor.image_processor
     if not family_of(AutoConfig.from_pretrained(model_dir)).image_layout.resizable or images.merge_size != SPATIAL_MERGE_SIZE:
         return None
-    return ImageResize(images.patch_size, images.size["shortest_edge"], images.size["longest_edge"])
+    videos = getattr(processor, "video_processor", None)
+    video = None if videos is None else VideoResize(videos.patch_size, videos.size["shortest_edge"], videos.size["longest_edge"])
+    return ImageResize(images.patch_size, images.size["shortest_edge"], images.size["longest_edge"], video)
 
 
 def load_reference(path: str, dtype: torch.dtype) -> nn.Module:

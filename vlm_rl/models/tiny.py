@@ -7,7 +7,8 @@ class, same tokenizer class, the same special tokens and chat template, a real `
 and processors; the same tokenizer). `llava` is a `LlavaForConditionalGeneration` (a CLIP vision tower, the MLP
 projector, a Qwen2 language model) with a real `LlavaProcessor`: a `CLIPImageProcessor` and the same tokenizer plus
 LLaVA's `<image>` token, in a ChatML template that writes `<image>` for each image. Every directory loads with
-`AutoModelForImageTextToText` too.
+`AutoModelForImageTextToText` too. The Qwen processors hold a video processor with the same per-frame pixel bounds
+as their image processor, so the tiny Qwen models take videos (LLaVA takes none).
 Only the sizes are small, so the demo, the tests and the benchmarks run on 2 CPU cores.
 """
 
@@ -232,7 +233,8 @@ def build_processor_qwen3_vl() -> Qwen3VLProcessor:
     return Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=16, min_pixels=QWEN3_MIN_PIXELS, max_pixels=QWEN3_MAX_PIXELS),
         tokenizer=build_tokenizer(),
-        video_processor=Qwen3VLVideoProcessor(),
+        # each frame sized as an image is (Qwen3-VL's default would make every frame at least 128 vision tokens)
+        video_processor=Qwen3VLVideoProcessor(size={"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": QWEN3_MAX_PIXELS}),
         chat_template=qwen2_5_vl_chat_template,
     )
 
@@ -285,6 +287,9 @@ def tiny_config_llava(tokenizer: Qwen2Tokenizer) -> LlavaConfig:
     )
 
 
+# The version in each family's cache name, where it is not 1 (see resolve_model_path).
+TINY_VERSIONS = {"qwen3_vl": 2}
+
 # family -> (tokenizer -> the tiny model's config, () -> its processor with its tokenizer)
 TINY_BUILDERS = {
     "qwen2_vl": (tiny_config, build_processor),
@@ -325,8 +330,8 @@ def resolve_model_path(name_or_path: str) -> str:
     else:
         return name
     # The name carries a version: bump it whenever the files change, so that no stale cache is reused
-    # (v2: the tokenizer's eos is <|im_end|>).
-    path = cache_dir() / ("tiny-qwen2-vl-v2-seed0" if family == "qwen2_vl" else f"tiny-{family}-v1-seed0")
+    # (v2: the tokenizer's eos is <|im_end|>; qwen3_vl v2: its video processor sizes frames as its images).
+    path = cache_dir() / ("tiny-qwen2-vl-v2-seed0" if family == "qwen2_vl" else f"tiny-{family}-v{TINY_VERSIONS.get(family, 1)}-seed0")
     if not (path / "config.json").exists():
         make_tiny_model(path, seed=0, family=family, overwrite=True)  # the cache is vlm-rl's own: a broken one is rebuilt
     return str(path)

@@ -11,6 +11,11 @@ samples of one prompt, or two prompts about the same picture, read the same feat
 images, compared by every tensor that describes them, so another kind of media, a video's `pixel_values_videos` and
 `video_grid_thw`, keys apart from images by its tensors' names).
 
+Videos go through the same tower (`get_video_features`) once per rollout too (`encode_videos`); their features
+travel in an `ImageFeatures` of their own (one entry per video) and go in as `mm_encoder_outputs["video"]`. A
+forward takes encoded features for every kind it holds or for none (transformers refuses pixels beside encoded
+features).
+
 Reuse is exact or off. `ImageFeatures` records which towers they stand for (the one that encoded them and
 those proven to hold the same weights), and the autocast state they were computed in; a forward uses them
 only when its model's tower is one of those and it runs in the same autocast state, else it encodes its own
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlm_rl.models.dummy_image import dummy_image_features, several_processes
+from vlm_rl.models.dummy_image import dummy_image_features, several_processes, videos_expected
 from vlm_rl.models.families import Images, family_of, join_images, vision_backbone, vision_encoder, vision_tower
 
 # Config entries that name or version a tower without changing what it computes.
@@ -122,16 +127,16 @@ class ImageFeatures:
             return False  # a forward that wants the encoder's gradients must run it
         return not self.per_image or autocast_state(self.per_image[0].device) == self.autocast
 
-    def encoder_outputs(self) -> dict[str, BaseModelOutputWithPooling]:
+    def encoder_outputs(self, modality: str = "image") -> dict[str, BaseModelOutputWithPooling]:
         """`mm_encoder_outputs` for a forward or `generate` of any family: a new dict per call (the forward fills
-        the dict it is given)."""
+        the dict it is given). `modality`: "image", or "video" for the features of videos."""
         if self.deepstack is None:
-            return {"image": BaseModelOutputWithPooling(pooler_output=self.per_image)}
+            return {modality: BaseModelOutputWithPooling(pooler_output=self.per_image)}
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
         levels = len(self.deepstack[0]) if self.deepstack else 0
         deepstack = [tuple(image[level] for image in self.deepstack) for level in range(levels)]
-        return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=self.per_image, deepstack_features=deepstack)}
+        return {modality: BaseModelOutputWithDeepstackFeatures(pooler_output=self.per_image, deepstack_features=deepstack)}
 
     @staticmethod
     def concat(parts: list[ImageFeatures]) -> ImageFeatures | None:
@@ -191,23 +196,69 @@ def encode_images(
         return ImageFeatures(per_image=(), towers=frozenset({id(vision_tower(base)), *towers}), autocast=autocast_state(device), deepstack=deepstack)
     layout = family_of(base).image_layout
     images = {"pixel_values": pixel_values, **({} if image_grid_thw is None else {"image_grid_thw": image_grid_thw})}
-    per_image = layout.split(images)
-    first = distinct(per_image) if deduplicate else list(range(len(per_image)))
-    encoded = sorted(set(first))  # the images the tower runs on, in batch order
-    inputs = join_images([per_image[i] for i in encoded], layout.keys) if len(encoded) < len(per_image) else images
-    out = base.get_image_features(**inputs, return_dict=True)
-    levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per encoded image
-    row = {image: k for k, image in enumerate(encoded)}  # encoded image -> its row of the tower's output
+    per_image, deepstack = _encode_distinct(layout, images, lambda inputs: base.get_image_features(**inputs, return_dict=True), deduplicate)
+    towers = frozenset({id(vision_tower(base)), *towers})
+    return ImageFeatures(per_image=per_image, towers=towers, autocast=autocast_state(pixel_values.device), deepstack=deepstack)
+
+
+def _encode_distinct(layout, tensors: Images, encode, deduplicate: bool) -> tuple[tuple, tuple | None]:
+    """(per item of `tensors` (images or videos laid out as `layout` says), its features; per item, its DeepStack
+    features or None): `encode` (the tower's `get_image_features` or `get_video_features` on a batch of items) run
+    once over the distinct items (`distinct`; every item with `deduplicate` False), an item equal to an earlier one
+    given that one's features, the same tensors."""
+    items = layout.split(tensors)
+    first = distinct(items) if deduplicate else list(range(len(items)))
+    encoded = sorted(set(first))  # the items the tower runs on, in batch order
+    out = encode(join_images([items[i] for i in encoded], layout.keys) if len(encoded) < len(items) else tensors)
+    levels = getattr(out, "deepstack_features", None)  # per DeepStack layer, one tensor per encoded item
+    row = {item: k for k, item in enumerate(encoded)}  # encoded item -> its row of the tower's output
     deepstack = None
     if levels is not None:
         per_encoded = tuple(zip(*levels)) if levels else tuple(() for _ in out.pooler_output)
         deepstack = tuple(per_encoded[row[f]] for f in first)
-    return ImageFeatures(
-        per_image=tuple(out.pooler_output[row[f]] for f in first),
-        towers=frozenset({id(vision_tower(base)), *towers}),
-        autocast=autocast_state(pixel_values.device),
-        deepstack=deepstack,
-    )
+    return tuple(out.pooler_output[row[f]] for f in first), deepstack
+
+
+PIXEL_KEYS = {"image": "pixel_values", "video": "pixel_values_videos"}  # each kind's pixels among a forward's inputs
+
+
+def with_encoded_features(model: nn.Module, inputs: dict, features: dict[str, ImageFeatures | None]) -> dict:
+    """`inputs` (a forward's or `generate`'s keyword arguments) with the pixels of each kind they hold ("image",
+    "video") replaced by that kind's encoded `features` (`mm_encoder_outputs`), when `model` may use the features of
+    every kind present (`ImageFeatures.usable_by`); else `inputs` as they are (transformers takes pixels or encoded
+    features, never both)."""
+    present = [kind for kind, key in PIXEL_KEYS.items() if inputs.get(key) is not None]
+    if not present or any(features.get(kind) is None or not features[kind].usable_by(model) for kind in present):
+        return inputs
+    encoded = {PIXEL_KEYS[kind] for kind in present}
+    out = {k: v for k, v in inputs.items() if k not in encoded}
+    out["mm_encoder_outputs"] = {kind: features[kind].encoder_outputs(kind)[kind] for kind in present}
+    return out
+
+
+@torch.no_grad()
+def encode_videos(
+    model: nn.Module, videos: Images, towers: Iterable[int] = (), device: torch.device | None = None, deduplicate: bool = True
+) -> ImageFeatures | None:
+    """Run `model`'s vision encoder once over the batch's distinct videos (`pixel_values_videos`, `video_grid_thw`; no
+    grad, in the current autocast state), as `encode_images` over images: one entry per video, for
+    `mm_encoder_outputs["video"]`. None for a batch without video (`device`: the batch's), whose tower runs on a dummy
+    image when other ranks' may run it on videos (several processes, a run with videos: dummy_image.py)."""
+    base = vision_backbone(model)
+    pixels = videos.get("pixel_values_videos")
+    if pixels is None:
+        if several_processes() and videos_expected():
+            dummy_image_features(base, device)
+        return None
+    layout = family_of(base).video_layout
+    tensors = {k: videos[k] for k in layout.keys if videos.get(k) is not None}
+
+    def encode(inputs: Images):
+        return base.get_video_features(pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"], return_dict=True)
+
+    per_video, deepstack = _encode_distinct(layout, tensors, encode, deduplicate)
+    towers = frozenset({id(vision_tower(base)), *towers})
+    return ImageFeatures(per_image=per_video, towers=towers, autocast=autocast_state(pixels.device), deepstack=deepstack)
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The rollout batch: padded query|response, masks, image tensors (and their encoded features), and selection
-into micro-batches."""
+"""The rollout batch: padded query|response, masks, image and video tensors (and their encoded features), and
+selection into micro-batches."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 
 from vlm_rl.models.families import Family, Images, images_of_rows, join_images
 from vlm_rl.rollout.generation import first_eos_mask
+from vlm_rl.models.vision_features import ImageFeatures, with_encoded_features
 from vlm_rl.rollout.micro_batches import RowLengths
-from vlm_rl.models.vision_features import ImageFeatures
+from vlm_rl.rollout.videos import VideoBatch
 
 
 @dataclass
@@ -30,9 +31,10 @@ class Rollout:
     sources: list[str]
     family: Family
     image_features: ImageFeatures | None = None  # the vision tower's output per image, encoded once (vision_features.py)
+    videos: VideoBatch | None = None  # the rows' videos (rollout/videos.py); None when no row holds one
     # per row, the index of its prompt among the rollout's distinct prompts (rows of one prompt hold the same prompt
-    # tokens and images: a group of num_generations samples), whose forwards then run each prompt once; None: every
-    # forward runs each row whole (sharing off, or no prompt repeats on any rank)
+    # tokens, images and videos: a group of num_generations samples), whose forwards then run each prompt once; None:
+    # every forward runs each row whole (sharing off, or no prompt repeats on any rank)
     prompt_ids: tuple[int, ...] | None = None
     # per row, what a multi-turn rollout did after the prompt (rollout/multi_turn.py: turns, their rewards and last
     # tokens, tool calls); None for single-turn rollouts. Its response region also holds the observations' tokens,
@@ -49,11 +51,13 @@ class Rollout:
         sources: list[str],
         family: Family,
         image_features: ImageFeatures | None = None,
+        video_features: ImageFeatures | None = None,
         rows: torch.Tensor | None = None,
     ) -> Rollout:
         """Cut each response after its first eos (the rest becomes pad, masked out) and join it to its query
-        (`encode_prompts`' output for a model of `family`). `rows` `(B,)`: each response's prompt, an index into the
-        rows of `query` (one row per distinct prompt, see `generate_responses`); default: the query's rows in order."""
+        (`encode_prompts`' output for a model of `family`, videos included). `rows` `(B,)`: each response's prompt,
+        an index into the rows of `query` (one row per distinct prompt, see `generate_responses`); default: the
+        query's rows in order."""
         response_mask, has_eos = first_eos_mask(response_ids, eos_ids)  # (B, T_r), (B,)
         response_ids = response_ids.masked_fill(~response_mask, pad_id)
         token_types = query.get("mm_token_type_ids")
@@ -71,6 +75,7 @@ class Rollout:
             sources=[""] * n,
             family=family,
             image_features=image_features,
+            videos=VideoBatch.from_query(query, family, video_features),
         )
         if rows is not None:
             prompts = prompts.select(rows)
@@ -88,8 +93,8 @@ class Rollout:
     @classmethod
     def concat(cls, parts: list[Rollout], pad_id: int) -> Rollout:
         """The rows of `parts` (rollouts of one family) in order as one batch: queries left-padded and responses
-        right-padded (with `pad_id`, masked out) to the longest; images and their encoded features in row order
-        (the features only when every part with images has them, from the same towers)."""
+        right-padded (with `pad_id`, masked out) to the longest; images, videos and their encoded features in row
+        order (the features only when every part with images, or videos, has them, from the same towers)."""
         context = max(p.context_length for p in parts)
         width = max(p.response_mask.shape[1] for p in parts)
 
@@ -120,6 +125,7 @@ class Rollout:
             sources=[s for p in parts for s in p.sources],
             family=parts[0].family,
             image_features=ImageFeatures.concat(features) if features and None not in features else None,
+            videos=VideoBatch.concat([p.videos for p in parts], [len(p) for p in parts]),
             prompt_ids=None if all(p.prompt_ids is None for p in parts) else tuple(prompt_ids),
             trajectories=None if any(p.trajectories is None for p in parts) else tuple(t for p in parts for t in p.trajectories),
         )
@@ -160,28 +166,33 @@ class Rollout:
         """The image tensors of each image, in batch order."""
         return self.family.image_layout.split(self.images()) if sum(self.num_images) else []
 
+    def num_videos(self) -> list[int]:
+        """Videos per row."""
+        return list(self.videos.counts) if self.videos is not None else [0] * len(self)
+
     def model_inputs(self, model: torch.nn.Module | None = None, prompts_only: bool = False) -> dict:
         """Keyword arguments for a forward over query|response (over the queries alone with `prompts_only`): the
-        positions `generate` used (`Family.position_inputs`), and the images.
+        positions `generate` used (`Family.position_inputs`), and the images and videos.
 
-        The images go in as the encoded `image_features` when `model` may use them exactly (its vision tower is
-        one they stand for, see `ImageFeatures.usable_by`), else as `pixel_values` (+ `image_grid_thw`)."""
+        They go in as their encoded features when `model` may use them exactly (its vision tower is one they stand
+        for, see `ImageFeatures.usable_by`; images and videos alike), else as `pixel_values` (+ `image_grid_thw`) and
+        `pixel_values_videos` (+ `video_grid_thw`)."""
         end = self.context_length if prompts_only else None
         mask = self.attention_mask[:, :end]
         token_types = None if self.mm_token_type_ids is None else self.mm_token_type_ids[:, :end]
         images = self.images() if sum(self.num_images) else {}
+        videos = self.videos.tensors if self.videos is not None else {}
         inputs = {
             "input_ids": self.query_response[:, :end],
             "attention_mask": mask,
-            **self.family.position_inputs(mask, token_types, images),
+            **self.family.position_inputs(mask, token_types, images, videos),
+            **images,
+            **videos,
         }
-        if not sum(self.num_images):
+        if model is None:
             return inputs
-        if model is not None and self.image_features is not None and self.image_features.usable_by(model):
-            inputs["mm_encoder_outputs"] = self.image_features.encoder_outputs()
-        else:
-            inputs.update(images)
-        return inputs
+        features = {"image": self.image_features, "video": self.videos.features if self.videos is not None else None}
+        return with_encoded_features(model, inputs, features)
 
     def select(self, indices: list[int] | torch.Tensor) -> Rollout:
         """The rows `indices`, with their images' tensors (and encoded features) in the same order."""
@@ -200,6 +211,7 @@ class Rollout:
             pixel_values=images.get("pixel_values"),
             image_grid_thw=images.get("image_grid_thw"),
             image_features=image_features,
+            videos=None if self.videos is None else self.videos.select(indices),
             num_images=[self.num_images[i] for i in indices],
             sources=[self.sources[i] for i in indices],
             prompt_ids=None if self.prompt_ids is None else tuple(self.prompt_ids[i] for i in indices),
@@ -229,7 +241,7 @@ class Rollout:
 
     def to(self, device: torch.device | str) -> Rollout:
         moved = {
-            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), (torch.Tensor, ImageFeatures)) else getattr(self, f.name)
+            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), (torch.Tensor, ImageFeatures, VideoBatch)) else getattr(self, f.name)
             for f in fields(self)
         }
         return Rollout(**moved)

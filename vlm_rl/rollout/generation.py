@@ -11,7 +11,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from vlm_rl.models.dummy_image import tower_on_every_rank
 from vlm_rl.models.families import ALL_VISION_TOKENS, causal_lm_parts
-from vlm_rl.models.vision_features import ImageFeatures
+from vlm_rl.models.vision_features import PIXEL_KEYS, ImageFeatures, with_encoded_features
 from vlm_rl.rollout.prefix import prefilled_generate_inputs
 
 EOS_TOKENS = ["<|im_end|>", "<|endoftext|>"]
@@ -128,12 +128,14 @@ def generate_responses(
     synced_gpus: bool = False,
     image_features: ImageFeatures | None = None,
     seed: int | None = None,
+    video_features: ImageFeatures | None = None,
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One `generate` for the whole left-padded batch. Returns the new tokens `(B, T_r)`, T_r <= max_new_tokens.
 
     `synced_gpus`: every rank keeps stepping until all have finished (needed when the weights stay sharded).
-    `image_features`: the batch's images already encoded; used instead of `pixel_values` where `model` may use them.
+    `image_features`, `video_features`: the batch's images and videos already encoded; used instead of the pixels
+    where `model` may use them (for every kind the batch holds, or for none).
     `seed`: sample from a generator seeded with it, leaving the global RNG streams as they were; a synced rank
     that has finished keeps drawing until all have, so without it the draws after `generate` would depend on how
     long the other ranks decoded.
@@ -142,16 +144,14 @@ def generate_responses(
     the same random numbers either way: one step over all B rows at a time."""
     if "attention_mask" in inputs and inputs["attention_mask"][:, -1].eq(0).any():
         raise ValueError("prompts must be left-padded for batched generation (set processor.tokenizer.padding_side='left')")
-    reads_features = image_features is not None and image_features.usable_by(model)
-    has_images = "pixel_values" in inputs
-    if reads_features and has_images:
-        inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
-        inputs["mm_encoder_outputs"] = image_features.encoder_outputs()
+    reads_features = image_features is not None and image_features.usable_by(model)  # the same on every rank
+    has_images, has_videos = (inputs.get(PIXEL_KEYS[kind]) is not None for kind in ("image", "video"))
+    inputs = with_encoded_features(model, inputs, {"image": image_features, "video": video_features})
     devices = rng_devices(inputs["input_ids"].device)
     with (
         generation_config_swapped(model, generation_config),
         torch.random.fork_rng(devices=devices, enabled=seed is not None),
-        tower_on_every_rank(model, has_images, reads_features),  # (a synced generate: every rank encodes, or none)
+        tower_on_every_rank(model, has_images, reads_features, has_videos),  # (a synced generate: every rank encodes, or none)
     ):
         if rows is not None:  # (the prefill is the first forward: where a rank without images runs its dummy)
             inputs = prefilled_generate_inputs(causal_lm_parts(model)[0], inputs, rows)

@@ -24,10 +24,11 @@ from vlm_rl.rollout.prefix import caches_in_forward, groups, shared_prompt_hidde
 def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> torch.Tensor:
     """Last hidden states at the positions that predict response tokens. (B, T_r, H)
 
-    M-RoPE positions are recomputed from this batch's own attention_mask, mm_token_type_ids and
-    image_grid_thw (no past_key_values), so a `rope_deltas` cached by an earlier `generate` never leaks in.
-    The images go in as the rollout's encoded features where `model` may use them exactly, else as pixels.
-    Rows that share a prompt (`Rollout.prompt_ids`) share one pass over it where the forward can keep a KV cache.
+    M-RoPE positions are recomputed from this batch's own attention_mask, mm_token_type_ids, image_grid_thw and
+    video_grid_thw (+ Qwen2.5-VL's second_per_grid_ts) (no past_key_values), so a `rope_deltas` cached by an earlier
+    `generate` never leaks in. The images and videos go in as the rollout's encoded features where `model` may use
+    them exactly, else as pixels. Rows that share a prompt (`Rollout.prompt_ids`) share one pass over it (its images
+    and videos included) where the forward can keep a KV cache.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = base if not hasattr(base, "lm_head") else causal_lm_parts(model)[0]  # a separate critic is a backbone
@@ -35,15 +36,16 @@ def response_hidden_states(model: nn.Module, rollout: Rollout, where: str) -> to
         backbone.rope_deltas = None
     features = rollout.image_features
     reads_features = features is not None and features.usable_by(model)  # the same on every rank (vision_features)
-    with tower_on_every_rank(model, has_images=bool(sum(rollout.num_images)), reads_features=reads_features):
+    has_images, has_videos = bool(sum(rollout.num_images)), bool(sum(rollout.num_videos()))
+    with tower_on_every_rank(model, has_images=has_images, reads_features=reads_features, has_videos=has_videos):
         if rollout.prompt_ids is not None and caches_in_forward(backbone):
             first, rows = groups(rollout.prompt_ids)
             prompts = rollout.select(first)
             inputs = prompts.model_inputs(model, prompts_only=True)
-            check_model_inputs(model, inputs, prompts.num_images, prompts.sources, where)
+            check_model_inputs(model, inputs, prompts.num_images, prompts.sources, where, prompts.num_videos())
             return shared_prompt_hidden_states(backbone, inputs, rollout.responses, rollout.attention_mask, rows)
         inputs = rollout.model_inputs(model)
-        check_model_inputs(model, inputs, rollout.num_images, rollout.sources, where)
+        check_model_inputs(model, inputs, rollout.num_images, rollout.sources, where, rollout.num_videos())
         hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T_q + T_r, H)
     c = rollout.context_length
     return hidden[:, c - 1 : -1]  # (B, T_r, H): position t predicts token t + 1

@@ -15,6 +15,7 @@ from reward_models.base import CombinedReward
 from reward_models.vlm_reward import scoring_by_tokens, shared_image_features
 from vlm_rl.data.formats import reward_kwargs
 from vlm_rl.errors import UserError
+from vlm_rl.models.dummy_image import videos_expected
 from vlm_rl.models.sharding import unsharded_roots
 from vlm_rl.models.vision_features import FeatureLookup
 from vlm_rl.rollout.batch import Rollout
@@ -49,9 +50,10 @@ class RolloutRewards:
 
     def reading_features(self, rollout: Rollout):
         """A context in which the learned reward models that share the vision tower take the rollout's image
-        features for the images they find in it (pixel for pixel) instead of encoding them again."""
+        features for the images they find in it (pixel for pixel) instead of encoding them again. Not in a run with
+        videos: a reward model encodes its own clips (and then its pictures), the same on every rank."""
         features = rollout.image_features
-        if features is None or not self.sharing_models:
+        if features is None or not self.sharing_models or videos_expected():
             return nullcontext()
         return shared_image_features(self.sharing_models, FeatureLookup(rollout.per_image(), features))
 

@@ -45,9 +45,10 @@ from vlm_rl.algorithms.losses import LossNormaliser, high_entropy_mask, policy_l
 from vlm_rl.algorithms.masking import masked_mean
 from vlm_rl.atomic import atomic_file
 from vlm_rl.data.formats import PromptDataset
-from vlm_rl.data.prompts import distinct_prompts, drop_long_prompts, encode_prompts
+from vlm_rl.data.prompts import distinct_prompts, drop_long_prompts, encode_prompts, model_inputs
 from vlm_rl.errors import ConfigError
 from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_requires_grad
+from vlm_rl.models.dummy_image import expect_videos
 from vlm_rl.models.families import family_of
 from vlm_rl.models.sharding import (
     cast_to_engine_dtype,
@@ -61,7 +62,7 @@ from vlm_rl.models.sharding import (
     unsharded_roots,
     zero_stage,
 )
-from vlm_rl.models.vision_features import ImageFeatures, encode_images, plan_sharing, tower_trains
+from vlm_rl.models.vision_features import ImageFeatures, encode_images, encode_videos, plan_sharing, tower_trains
 from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
 from vlm_rl.rollout.integrity import check_model_inputs
@@ -121,6 +122,8 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             train_dataset = drop_long_prompts(processing_class, train_dataset, args.max_prompt_length)
             if eval_dataset is not None:
                 eval_dataset = drop_long_prompts(processing_class, eval_dataset, args.max_prompt_length, what="eval_data")
+        # A run with videos calls the tower once per kind in every forward of every rank (dummy_image.py).
+        expect_videos(train_dataset.has_videos() or (eval_dataset is not None and eval_dataset.has_videos()))
         if args.ddp_find_unused_parameters is None:  # every trainable parameter takes part in every backward, unless
             args.ddp_find_unused_parameters = tower_trains(model)  # a training tower misses text-only micro-batches
         super().__init__(
@@ -364,21 +367,27 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         query = encode_prompts(self.processor, [samples[i] for i in first], self.args.max_prompt_length)
         query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
         rows = None if rows is None else torch.tensor(rows, device=self.accelerator.device)
-        generate_inputs = {k: v for k, v in query.items() if k != "num_images"}
+        generate_inputs = model_inputs(query)
         sources = [s["_source"] for s in samples]
         with self.generating() as (policy, synced):
-            check_model_inputs(policy, generate_inputs, query["num_images"], [sources[i] for i in first], "rollout generate")
-            features = self.encode_images(policy, query)
+            check_model_inputs(policy, generate_inputs, query["num_images"], [sources[i] for i in first], "rollout generate", query.get("num_videos"))
+            features, video_features = self.encode_images(policy, query)
             config = generation_config or self.generation_config
             seed = int(torch.randint(2**62, ()))  # this rank's stream moves on by one draw, however long decoding runs
-            responses = generate_responses(policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, rows=rows)
+            responses = generate_responses(
+                policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, video_features=video_features, rows=rows
+            )
         family = family_of(policy)
-        return Rollout.from_generation(query, responses, self.eos_ids, self.pad_id, sources, family, image_features=features, rows=rows)
+        return Rollout.from_generation(
+            query, responses, self.eos_ids, self.pad_id, sources, family, image_features=features, video_features=video_features, rows=rows
+        )
 
     def make_multi_turn_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
         """Up to max_turns turns per sample (rollout/multi_turn.py), each a batched generate over the samples still
         running, on every rank as many as the rank that needs most. Draws one number from this process's RNG stream."""
         setting, device = self.multi_turn, self.accelerator.device
+        if any(s.get("videos") for s in samples):
+            raise ConfigError("tools/environment: multi-turn rollouts take prompts with images, not videos (yet); drop the video rows or the tools")
         query = encode_prompts(self.processor, samples, self.args.max_prompt_length, tools=setting.tools)
         query = {k: v.to(device) if torch.is_tensor(v) else v for k, v in query.items()}
         any_over_ranks = lambda flag: bool(self.sum_over_ranks(torch.tensor(float(flag), device=device)) > 0)  # noqa: E731
@@ -387,19 +396,21 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             return multi_turn_rollout(
                 policy, self.processor, samples, query, setting.make_environment, generation_config or self.generation_config,
                 setting.limits, family=family_of(policy), eos_ids=self.eos_ids, pad_id=self.pad_id, tools=setting.tools,
-                encode=lambda images: self.encode_images(policy, {"input_ids": query["input_ids"], **images}),
+                encode=lambda images: self.encode_images(policy, {"input_ids": query["input_ids"], **images})[0],
                 synced_gpus=synced, seed=seed, any_over_ranks=any_over_ranks,
             )  # fmt: skip
 
-    def encode_images(self, policy: nn.Module, query: dict) -> ImageFeatures | None:
-        """Each distinct image of the batch through the policy's vision tower once, for every later forward of the
-        rollout that may use the features exactly (generate, old policy, value, reference, reward model, training epochs)."""
+    def encode_images(self, policy: nn.Module, query: dict) -> tuple[ImageFeatures | None, ImageFeatures | None]:
+        """Each distinct image and each distinct video of the batch through the policy's vision tower once, for every later
+        forward of the rollout that may use the features exactly (generate, old policy, value, reference, reward model,
+        training epochs): (image features, video features; None for a batch without video)."""
         if not self.sharing.enabled or tower_trains(policy):
-            return None
+            return None, None
         device = query["input_ids"].device
-        return encode_images(
+        images = encode_images(
             policy, query.get("pixel_values"), query.get("image_grid_thw"), self.sharing.towers, device, deduplicate=self.args.share_prompts
         )
+        return images, encode_videos(policy, query, self.sharing.towers, device, deduplicate=self.args.share_prompts)
 
     def micro_batches(self, rollout: Rollout, rows: list[int], size: int) -> list[list[int]]:
         """`rows` of `rollout` in micro-batches of `size` rows, or by tokens (`max_tokens_per_micro_batch`, as many on
