@@ -220,3 +220,11 @@ def test_observation_images_are_encoded_once_and_their_reuse_is_exact(tmp_path, 
     assert calls_on == [1 + 2, 0]  # the prompts, then turn 1's and turn 2's zooms; turn 3 brought none
     assert calls_off[0] > 3 and calls_off[1] > 0
     assert_same_iteration(reused, encoded)
+
+
+def test_prompts_with_videos_are_refused_in_one_line(tmp_path, tiny_model_dir, video_data_dir):
+    trainer = make_trainer(tmp_path, tiny_model_dir, video_data_dir, tools="zoom")
+    start(trainer)
+    clips = [s for s in trainer.train_dataset if s.get("videos")][:2]
+    with pytest.raises(ConfigError, match="multi-turn rollouts take prompts with images, not videos"):
+        trainer.make_rollout(clips)
