@@ -108,6 +108,20 @@ def test_a_nonsense_train_reward_flag_is_a_user_error(capsys):
 
 
 @pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--tools", "crop"], "tools: unknown tool 'crop'; use a built-in (zoom) or module:function"),
+        (["--tools", "zoom", "--environment", "multi_turn_helpers:ZoomEveryTurn"], "tools and environment are exclusive"),
+        (["--environment", "no_such_module:Env"], "environment: cannot import module 'no_such_module'"),
+        (["--tools", "zoom", "--max_turns", "0"], "max_turns must be >= 1, got 0"),
+    ],
+)
+def test_multi_turn_flags_that_cannot_work_are_one_line_before_any_model_loads(capsys, flags, says):
+    err = user_error(capsys, ["ppo", "--model_name_or_path", "/nonexistent/model", *flags])
+    assert says in err
+
+
+@pytest.mark.parametrize(
     "body, says",
     [
         ("[float('nan')] + [1.0] * (len(completions) - 1)", "reward 'shaky' returned nan for sample 0; return None for samples it cannot score"),

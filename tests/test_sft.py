@@ -241,3 +241,23 @@ def test_every_assistant_turn_of_a_conversation_is_a_target(tiny_model_dir, samp
     # The single-turn sample beside it keeps its one answer supervised, as a prompt-completion pair would.
     single = batch["labels"][1][batch["labels"][1] != -100].tolist()
     assert tokenizer.decode(single) == samples[0]["completion"] + "<|im_end|>\n"
+
+
+def test_tool_use_demonstrations_train_on_the_models_turns_with_the_tools_shown(tiny_model_dir, tmp_path):
+    """`--tools zoom` on make-data --tasks zoom's sft.jsonl: the template shows the zoom schema as the PPO rollouts do,
+    the tool's zoomed image is an image of the conversation (after the prompt's), and only the model's turns (the tool
+    call, the answer) carry labels; the tool response and its image tokens do not."""
+    from vlm_rl.data.formats import load_samples
+    from vlm_rl.data.zoom_task import make_zoom_data
+
+    data = make_zoom_data(tmp_path / "zoom", n=10, seed=0)
+    traces = list(load_samples(data / "sft.jsonl"))
+    trainer = build_trainer(tiny_config(tiny_model_dir, tmp_path / "out", tools="zoom"), traces[:2])
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    tokenizer = trainer.processing_class.tokenizer
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    text = tokenizer.decode(ids)
+    assert '"name": "zoom"' in text.split("<|im_end|>")[0]  # the schema, in the system turn
+    assert batch["image_grid_thw"].shape[0] == 2 and "<tool_response>\n<|vision_start|><|image_pad|>" in text
+    call, answer = traces[0]["prompt"][1]["content"][0]["text"], traces[0]["completion"]
+    assert tokenizer.decode(ids[labels != -100]) == f"{call}<|im_end|>\n{answer}<|im_end|>\n"

@@ -49,24 +49,32 @@ def make_data_main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=400, help="rows in all (train + test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--noise", type=float, default=0.0, help="fraction of wrong demonstrations in train's 'response'")
+    parser.add_argument("--noise", type=float, default=0.0, help="fraction of wrong demonstrations in train's 'response' (zoom: of "
+                        "sft.jsonl's demonstrations that guess instead of calling the tool)")
     parser.add_argument(
         "--tasks", type=lambda v: [t for t in v.split(",") if t], action="extend", default=None,
         help=f"question kinds, comma- or space-separated (default: {','.join(IMAGE_TASKS)}); the video tasks motion and appear "
-        "write short clips (mp4, and frame directories in *_frames.jsonl)",
+        "write short clips (mp4, and frame directories in *_frames.jsonl); zoom (alone): questions only the zoom tool answers, "
+        "with tool-use demonstrations (vlm_rl/data/zoom_task.py)",
     )
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
-    unknown = [t for t in args.tasks or () if t not in TASKS]
+    unknown = [t for t in args.tasks or () if t not in (*TASKS, "zoom")]
     if unknown:
-        parser.error(f"argument --tasks: invalid choice: {', '.join(unknown)} (choose from {', '.join(TASKS)})")
+        parser.error(f"argument --tasks: invalid choice: {', '.join(unknown)} (choose from {', '.join(TASKS)}, zoom)")
     from vlm_rl.data.synthetic import make_synthetic_data
+    from vlm_rl.data.zoom_task import make_zoom_data
 
+    if "zoom" in (args.tasks or ()) and len(args.tasks) > 1:
+        parser.error("--tasks zoom makes its own dataset (scenes, questions, tool-use demonstrations): give it alone")
     try:
-        path = make_synthetic_data(
-            args.out_dir, n=args.n, seed=args.seed, test_fraction=args.test_fraction, noise=args.noise, tasks=args.tasks,
-            overwrite=args.overwrite,
-        )
+        if args.tasks == ["zoom"]:
+            path = make_zoom_data(args.out_dir, n=args.n, seed=args.seed, test_fraction=args.test_fraction, noise=args.noise, overwrite=args.overwrite)
+        else:
+            path = make_synthetic_data(
+                args.out_dir, n=args.n, seed=args.seed, test_fraction=args.test_fraction, noise=args.noise, tasks=args.tasks,
+                overwrite=args.overwrite,
+            )
     except ValueError as e:  # a bad --n/--noise/--test-fraction: a usage error, not a traceback
         parser.error(str(e))
     print(f"synthetic data written to {path}")

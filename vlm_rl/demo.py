@@ -61,6 +61,9 @@ class DemoConfig:
     num_generations: int = 4  # samples per prompt for grpo, rloo and the recipes (the others: 1); the episode budget is the same
     temperature: float = 1.0
     max_new_tokens: int = 4
+    # multi-turn (--tasks zoom only)
+    max_turns: int = 3
+    max_total_tokens: int = 256
     # compare
     compare_samples: int | None = None
 
@@ -83,6 +86,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     from vlm_rl.models.families import get_family
 
     get_family(cfg.family)  # an unknown family or variant is refused before anything is written
+    if cfg.tasks == "zoom":
+        from vlm_rl.zoom_demo import run_zoom_demo
+
+        return run_zoom_demo(cfg)
     variants = parse_variants(cfg.estimators)
     out = Path(cfg.out)
     if not cfg.overwrite:
@@ -236,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.pop("torch_num_threads"))
     started = time.time()
     summary = run_demo(DemoConfig(**args))
+    if args["tasks"] == "zoom":
+        print_zoom_summary(summary, started, args["out"])
+        return
     timings = json.loads((Path(args["out"]) / "demo.json").read_text())["timings_s"]
     sft = summary["models"]["sft"]
     print(f"\nheld-out exact match (sampled, T={args['temperature']}), {sft['n']} prompts:")
@@ -247,6 +257,19 @@ def main(argv: list[str] | None = None) -> None:
         seconds = timings.get("ppo" if name == "rl" else f"ppo-{name}", float("nan"))
         print(f"  {name:<14} {model['mean_reward']:>7.3f} {ci:>24} {model['kl_to_first']:>10.3f} {seconds:>8.0f}s")
     print(f"demo finished in {time.time() - started:.0f} s; report: {Path(args['out']) / 'report' / 'report.html'}")
+
+
+def print_zoom_summary(summary: dict, started: float, out: str) -> None:
+    single = summary["single_turn"]["models"]["single-turn"]
+    models, diff = summary["tools"]["models"], summary["tools"]["differences"]["rl"]
+    print(f"\nheld-out exact match, {single['n']} prompts: single-turn {single['mean_reward']:.3f} "
+          f"[{single['ci95'][0]:.3f}, {single['ci95'][1]:.3f}]")
+    for name in ("sft", "rl"):
+        m = models[name]
+        print(f"  {name:<4} with zoom: {m['mean_reward']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  "
+              f"tool calls/answer {m['tool_calls_per_answer']:.2f}  turns {m['turns_mean']:.2f}")
+    print(f"  rl - sft: {diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]")
+    print(f"demo finished in {time.time() - started:.0f} s; reports: {Path(out) / 'report' / 'report.html'}, {Path(out) / 'report-single-turn'}")
 
 
 if __name__ == "__main__":

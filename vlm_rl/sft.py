@@ -79,6 +79,11 @@ class VLMSFTConfig(DataOptions, SFTConfig):
     freeze_vision_tower: bool = field(
         default=False, metadata={"help": "Full fine-tuning only: keep the vision encoder and its merger frozen."}
     )
+    tools: str | None = field(
+        default=None,
+        metadata={"help": "Tool-use demonstrations: the tools ('zoom' or 'module:function,...', as PPO's --tools) whose "
+                  "schemas the chat template shows, as in the PPO rollouts; conversations may hold tool messages."},
+    )
     # LoRA (names as in TRL's ModelConfig).
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full model."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -196,8 +201,8 @@ def to_sft_example(sample: dict[str, Any], whole_conversation: bool = False, wit
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     messages = [{"role": m["role"], "content": _clean_content(m["content"])} for m in prompt]
-    if messages[-1]["role"] != "user":
-        raise ValueError(f"the prompt must end with a user turn, not {messages[-1]['role']!r}")
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise ValueError(f"the prompt must end with a user or tool turn, not {messages[-1]['role']!r}")
     images = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in sample.get("images") or []]
     videos = list(sample.get("videos") or [])
     for kind, items in (("image", images), ("video", videos)):
@@ -337,6 +342,15 @@ def build_trainer(
         refuse_existing_output(config.output_dir, "--overwrite_output_dir", also=" (--resume_from_checkpoint to continue it)")
     config.model_name_or_path = _resolve_model_path(config.model_name_or_path)
     processor = AutoProcessor.from_pretrained(config.model_name_or_path)
+    tools = None
+    if config.tools:  # the template that shows them, saved with the model (PPO then renders the same)
+        from transformers import AutoConfig
+
+        from vlm_rl.models.tool_template import use_tool_template
+        from vlm_rl.rollout.tools import load_tools, tool_schema
+
+        tools = [tool_schema(t) for t in load_tools(config.tools)]
+        use_tool_template(processor, family_of(AutoConfig.from_pretrained(config.model_name_or_path)))
     resize = image_resize(config.model_name_or_path, processor)  # images sized as PPO sizes them
     skipped = []
     if train_samples is None:
@@ -371,8 +385,51 @@ def build_trainer(
     )
     if videos:  # TRL's own collator, as TRL configured it, with the videos passed on
         trainer.data_collator = VideoCollator(**{f.name: getattr(trainer.data_collator, f.name) for f in fields(trainer.data_collator)})
+    if tools:  # (TRL's vision collator renders conversations without a `tools` column and reads no tool images)
+        trainer.data_collator.processor = ShowingTools(processor, tools)
+        trainer.data_collator = ToolImagesInline(trainer.data_collator)
     trainer.skipped_rows = skipped
     return trainer
+
+
+class ShowingTools:
+    """A processor whose chat template is always given `tools`: the schemas the PPO rollouts show."""
+
+    def __init__(self, processor, tools: list[dict]):
+        self.processor, self.tools = processor, tools
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.processor.apply_chat_template(*args, tools=self.tools, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+
+class ToolImagesInline:
+    """A collator that puts each tool message's images into its content parts (taken from the example's `images`, in
+    placeholder order) before TRL's, which fills only the other messages' placeholders from `images`."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return self.collator([_tool_images_inline(e) for e in examples])
+
+
+def _tool_images_inline(example: dict) -> dict:
+    images, kept, messages = list(example["images"]), [], []
+    for message in example["messages"]:
+        parts = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                image = images.pop(0)
+                if message["role"] == "tool":
+                    part = {"type": "image", "image": image}
+                else:
+                    kept.append(image)
+            parts.append(part)
+        messages.append({**message, "content": parts})
+    return {**example, "messages": messages, "images": kept}
 
 
 def run_sft(

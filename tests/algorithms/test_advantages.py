@@ -183,6 +183,23 @@ def test_gae_padding_invariance():
     assert torch.equal(ret[0, 5:], torch.zeros(3))
 
 
+def test_gae_passes_over_observation_positions_of_a_multi_turn_trajectory():
+    """A trajectory's observation tokens (tool output between two model turns) are not steps: GAE over the model's
+    tokens with the observations between them equals the hand-computed GAE of the model's tokens alone (the values of
+    test_gae_hand_computed_discounted), whatever the observations' rewards and values hold; they get 0."""
+    junk = 1e3
+    # model turn 1: token 0; observation: tokens 1-3; model turn 2: tokens 4-5
+    rewards = torch.tensor([[1.0, junk, junk, junk, 0.0, 2.0]])
+    values = torch.tensor([[0.5, -junk, junk, -junk, 0.4, 0.8]])
+    mask = torch.tensor([[T_, F_, F_, F_, T_, T_]])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    torch.testing.assert_close(advantages, torch.tensor([[2.01083, 0.0, 0.0, 0.0, 1.346, 1.2]]))
+    torch.testing.assert_close(returns, torch.tensor([[2.51083, 0.0, 0.0, 0.0, 1.746, 2.0]]))
+    # a per-turn reward of 0.5 on turn 1's last token (index 0) adds to its delta only: A_0 = 2.01083 + 0.5
+    turn = torch.tensor([[0.5, 0, 0, 0, 0, 0]])
+    advantages, _ = compute_gae(shape_rewards(torch.tensor([0.0]), torch.zeros(1, 6), mask, 0.0) + rewards * mask + turn, values, mask, 0.9, 0.95)
+    torch.testing.assert_close(advantages, torch.tensor([[2.51083, 0.0, 0.0, 0.0, 1.346, 1.2]]))
+
 # ---------------------------------------------------------------- discounted_returns (REINFORCE++)
 
 

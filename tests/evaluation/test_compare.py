@@ -106,8 +106,8 @@ def test_kl_to_first_is_the_kl_of_each_model_to_the_first_on_its_own_samples(
     sharp_dir = _temperature_scaled_copy(tiny_model_dir, tmp_path / "sharp", 4.0)
     rollouts, generate_all = {}, compare.generate_all
 
-    def capture(model, processor, samples, config, batch_size, seed, desc):
-        rollouts[desc] = generate_all(model, processor, samples, config, batch_size, seed, desc)
+    def capture(model, processor, samples, config, batch_size, seed, desc, **kwargs):
+        rollouts[desc] = generate_all(model, processor, samples, config, batch_size, seed, desc, **kwargs)
         return rollouts[desc]
 
     monkeypatch.setattr(compare, "generate_all", capture)

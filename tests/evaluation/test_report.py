@@ -136,3 +136,20 @@ def test_per_run_curves_overlay_and_rewrite(tmp_path):
     path2 = write_report(tmp_path, summary, None, [], MODELS, title="Second")
     assert path2 == path and "<title>Second</title>" in path.read_text(encoding="utf-8")
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["report.html", "summary.json"]
+
+
+def test_a_multi_turn_answer_shows_each_turn_with_its_images(tmp_path):
+    """`compare --tools`: each model turn's text, and each observation's text and images, in order."""
+    samples = _samples()[:1]
+    turns = [
+        {"role": "assistant", "content": '<tool_call>{"name": "zoom"}</tool_call>'},
+        {"role": "tool", "name": "zoom", "content": [{"type": "image", "image": _image("blue")}, {"type": "text", "text": "zoomed & sharp"}]},
+        {"role": "assistant", "content": "blue"},
+    ]
+    samples[0]["responses"]["rl-step<10>"] = {"text": "blue", "reward": 1.0, "turns": turns}
+    page = write_report(tmp_path, summarize(_generations(), MODELS), {}, samples, MODELS).read_text(encoding="utf-8")
+    rl_cell = page.split("rl-step&lt;10&gt;")[-1]
+    texts = re.findall(r'<div class="turn"><b>([^<]*)</b> <span class="resp">([^<]*)</span>', rl_cell)
+    assert texts == [("model", "&lt;tool_call&gt;{&quot;name&quot;: &quot;zoom&quot;}&lt;/tool_call&gt;"), ("zoom", "zoomed &amp; sharp"), ("model", "blue")]
+    assert page.count("data:image/png;base64,") == 2  # the prompt's image and, in the answer, the zoomed one
+    assert re.search(r'<b>zoom</b> <span class="resp">[^<]*</span><div class="img"><img src="data:image/png;base64,', rl_cell)

@@ -58,6 +58,8 @@ def main(argv: list[str]) -> None:
     config = parse_args(argv)
     torch.set_num_threads(1)
     trainer = build_trainer(config)
+    if os.environ.get("EOS_BIAS"):  # multi-turn launches: the random tiny model ends each turn after a token or two
+        trainer.generation_config.sequence_bias = {(trainer.eos_ids[0],): float(os.environ["EOS_BIAS"])}
     rank = trainer.accelerator.process_index
     RUN.update(output_dir=config.output_dir, rank=rank)
     first_sources = [s["_source"] for s in trainer.batch_samples(0)]

@@ -50,7 +50,7 @@ def test_one_collective_whatever_the_data():
 
 
 def test_iteration_metrics_on_a_rank_whose_samples_are_all_unscored():
-    rollout = SimpleNamespace(has_eos=torch.tensor([True, False]), response_mask=torch.tensor([[True, True], [True, False]]))
+    rollout = SimpleNamespace(has_eos=torch.tensor([True, False]), response_mask=torch.tensor([[True, True], [True, False]]), trajectories=None)
     old = {
         "unscored": torch.tensor([True, True]), "kl": torch.tensor([[0.1, 0.2], [0.3, 0.0]]), "entropy": torch.ones(2, 2),
         "scores": torch.zeros(2), "reward_columns": {"r": [None, None]},

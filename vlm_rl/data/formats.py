@@ -65,6 +65,24 @@ def response_field(raw: dict, sample: dict, column: str) -> tuple[str, Any, str]
     return field, value, if_missing
 
 
+ORIGINAL_IMAGES = "_original_images"  # a sample's images as the data holds them, before the model's sizing
+
+
+class OriginalImages(Sequence):
+    """A sample's images at the resolution the data holds them (what a tool such as `zoom` crops), opened when read."""
+
+    def __init__(self, refs: list, base_dir: Path, source: str):
+        self.refs, self.base_dir, self.source = refs, base_dir, source
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return open_image(self.refs[i], self.base_dir, self.source)
+
+
 class PromptDataset(Sequence):
     """Samples in the normal form; images and videos are opened (RGB, sized by `resize` and its `video` bounds when
     given) when a sample is read."""
@@ -82,11 +100,14 @@ class PromptDataset(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         row = self.rows[i]
         videos = self.resize.video if self.resize is not None else None
-        return {
+        sample = {
             **row,
             "images": [open_image(ref, self.base_dir, row["_source"], self.resize) for ref in row["images"]],
             "videos": [open_video(ref, self.base_dir, row["_source"], videos) for ref in row.get("videos", ())],
         }
+        if self.resize is not None:  # the sized images differ from the data's: a tool may want the data's (`zoom`)
+            sample[ORIGINAL_IMAGES] = OriginalImages(row["images"], self.base_dir, row["_source"])
+        return sample
 
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
@@ -135,7 +156,7 @@ def prompt_text(messages: list[dict]) -> str:
     return text_of(users[-1]["content"])
 
 
-MEDIA_COLUMNS = ("prompt", "images", "videos")  # what a reward receives apart from the dataset's columns
+MEDIA_COLUMNS = ("prompt", "images", "videos", ORIGINAL_IMAGES)  # not dataset columns: what a reward gets apart from those, and the tools' originals
 
 
 def reward_columns_of(sample: dict) -> set[str]:

@@ -51,8 +51,9 @@ def video_kwargs(processor, samples: list[dict]) -> dict:
     }
 
 
-def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None = None) -> dict:
-    """Chat-template and process a batch of normal-form samples, left-padded.
+def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None = None, tools: list[dict] | None = None) -> dict:
+    """Chat-template and process a batch of normal-form samples, left-padded; `tools`: the JSON schemas of the tools
+    the template shows (multi-turn rollouts).
 
     Returns the processor's tensors, ready for `generate` (`model_inputs`): `input_ids, attention_mask (B, T_q)`, and
     by family (vlm_rl.models.families) the Qwen families' `mm_token_type_ids (B, T_q)`, `pixel_values (N_patches, D)`
@@ -61,7 +62,7 @@ def encode_prompts(processor, samples: list[dict], max_prompt_length: int | None
     (Qwen2.5-VL: `second_per_grid_ts (N_videos,)`) and `num_videos` (list, per sample).
     """
     videos = video_kwargs(processor, samples)
-    texts = [processor.apply_chat_template(s["prompt"], add_generation_prompt=True, tokenize=False) for s in samples]
+    texts = [processor.apply_chat_template(s["prompt"], tools=tools, add_generation_prompt=True, tokenize=False) for s in samples]
     images = [image for s in samples for image in s["images"]]
     batch = processor(
         text=texts,

@@ -235,8 +235,8 @@ def _row_problems(
             continue
         if task == "sft" and not text:
             problems.append(Problem(row.source, name, "empty demonstration: SFT needs a non-empty answer to learn.", row.line))
-    if task == "sft" and sample["prompt"][-1]["role"] != "user":
-        problems.append(Problem(row.source, "prompt", f"ends with a {sample['prompt'][-1]['role']!r} turn; SFT needs the prompt to end with a user turn.", row.line))
+    if task == "sft" and sample["prompt"][-1]["role"] not in ("user", "tool"):
+        problems.append(Problem(row.source, "prompt", f"ends with a {sample['prompt'][-1]['role']!r} turn; SFT needs the prompt to end with a user (or tool) turn.", row.line))
     if sample["videos"] and processor is not None and not takes_video(processor):
         problems.append(Problem(row.source, sample["videos"][0].field_name, no_video_problem(processor) + ".", row.line))
     images, videos = [], []

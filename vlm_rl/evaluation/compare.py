@@ -15,6 +15,8 @@ import torch
 from vlm_rl.evaluation.statistics import read_training_curves, summarize
 from vlm_rl.data.formats import load_samples, prompt_text, reward_kwargs
 from vlm_rl.evaluation.generate import generate_all
+from vlm_rl.models.families import family_of
+from vlm_rl.rollout.multi_turn import setup_multi_turn
 from vlm_rl.rollout.generation import make_generation_config
 from vlm_rl.rollout.logprobs import response_logprobs
 from vlm_rl.algorithms.masking import masked_mean
@@ -68,10 +70,15 @@ def run_compare(
     column_map: str | None = None,
     skip_bad_rows: bool = False,
     max_bad_row_fraction: float = 0.1,
+    tools: str | None = None,
+    environment: str | None = None,
+    max_turns: int = 4,
+    max_total_tokens: int = 512,
 ) -> dict:
     """Generate, score and write `summary.json` + `report.html` into `out_dir`; returns the summary. Every row is
     checked first (a reward server asked); with `skip_bad_rows` the bad ones are left out and named in
-    `out_dir/skipped_rows.jsonl`."""
+    `out_dir/skipped_rows.jsonl`. With `tools` or `environment`, multi-turn rollouts as in PPO: the last turn is
+    scored, each model's turns and tool calls per answer are in the summary, and the report shows every turn."""
     from reward_models.registry import load_rewards, reward_columns
 
     report = check_data(data, "ppo", split="test", column_map=column_map, required_columns=reward_columns(reward_specs))
@@ -84,16 +91,22 @@ def run_compare(
     records: dict[str, list[dict]] = {}
     texts: dict[str, list[str]] = {}
     scores: dict[str, list[float | None]] = {}
+    turns: dict[str, list] = {}  # multi-turn: each model's trajectories
     for name in names:
         processor = load_processor(models[name])
         dataset.resize = image_resize(models[name], processor)  # each model sees its images sized for its processor
         samples = list(dataset[: max_samples or len(dataset)])
         model = load_base_model(models[name], torch.float32).eval()
         config = make_generation_config(processor.tokenizer, max_new_tokens, temperature=temperature, do_sample=do_sample)
-        rollouts = generate_all(model, processor, samples, config, batch_size, seed, desc=f"generate {name}")
+        multi_turn = setup_multi_turn(processor, family_of(model), tools, environment, max_turns, max_total_tokens)
+        rollouts = generate_all(model, processor, samples, config, batch_size, seed, desc=f"generate {name}", multi_turn=multi_turn)
         completions, kls, eos, lengths = [], [], [], []
         for rollout in rollouts:
-            completions += processor.batch_decode(rollout.responses, skip_special_tokens=True)
+            if rollout.trajectories is not None:
+                turns.setdefault(name, []).extend(rollout.trajectories)
+                completions += [t.answer for t in rollout.trajectories]
+            else:
+                completions += processor.batch_decode(rollout.responses, skip_special_tokens=True)
             eos += rollout.has_eos.tolist()
             lengths += rollout.response_lengths.tolist()
             if first_model is None:
@@ -107,6 +120,10 @@ def run_compare(
         if first_model is None:
             first_model = model
     summary = summarize(records, names)
+    for name, trajectories in turns.items():
+        summary["models"][name]["turns_mean"] = sum(t.turns for t in trajectories) / len(trajectories)
+        summary["models"][name]["tool_calls_per_answer"] = sum(t.tool_calls for t in trajectories) / len(trajectories)
+        summary["models"][name]["tool_errors_per_answer"] = sum(t.tool_errors for t in trajectories) / len(trajectories)
     curves = {name: read_training_curves(path) for name, path in (runs or {}).items()}
     curves = {name: c for name, c in curves.items() if c}
     report_samples = [
@@ -115,7 +132,10 @@ def run_compare(
             "video": s["videos"][0].frame_images() if s.get("videos") else None,
             "prompt": prompt_text(s["prompt"]),
             "answer": s.get("answer"),
-            "responses": {name: {"text": texts[name][i], "reward": scores[name][i]} for name in names},
+            "responses": {
+                name: {"text": texts[name][i], "reward": scores[name][i], **({"turns": turns[name][i].messages} if name in turns else {})}
+                for name in names
+            },
         }
         for i, s in enumerate(samples[:num_report_samples])
     ]
@@ -147,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tools", default=None, help="multi-turn rollouts with tools, as PPO's --tools ('zoom' or module:function,...)")
+    parser.add_argument("--environment", default=None, help="multi-turn rollouts with an environment class module:Class, as PPO's")
+    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--max-total-tokens", type=int, default=512)
     parser.add_argument("--num-report-samples", type=int, default=12)
     parser.add_argument("--torch-num-threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -158,10 +182,13 @@ def main(argv: list[str] | None = None) -> None:
         models, args.data, args.reward or ["exact_match"], args.out, runs=runs, max_samples=args.max_samples,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         do_sample=not args.greedy, seed=args.seed, num_report_samples=args.num_report_samples, column_map=args.column_map,
-        skip_bad_rows=args.skip_bad_rows, max_bad_row_fraction=args.max_bad_row_fraction,
+        skip_bad_rows=args.skip_bad_rows, max_bad_row_fraction=args.max_bad_row_fraction, tools=args.tools,
+        environment=args.environment, max_turns=args.max_turns, max_total_tokens=args.max_total_tokens,
     )
     for name, m in summary["models"].items():
         line = f"{name:>12}: reward {m['mean_reward']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  eos {m['eos_rate']:.2f}  len {m['mean_length']:.1f}  kl {m['kl_to_first']:.3f}"
+        if "tool_calls_per_answer" in m:
+            line += f"  turns {m['turns_mean']:.2f}  tool calls/answer {m['tool_calls_per_answer']:.2f}"
         if name in summary["differences"]:
             d = summary["differences"][name]
             line += f"  diff {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"

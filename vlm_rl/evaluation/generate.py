@@ -34,6 +34,7 @@ from vlm_rl.data.formats import DataError, PromptDataset, normalise_row, read_ro
 from vlm_rl.models.families import family_of
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id
 from vlm_rl.rollout.batch import Rollout
+from vlm_rl.rollout.multi_turn import MultiTurn, multi_turn_rollout
 from vlm_rl.data.prompts import encode_prompts, model_inputs
 
 IMAGE_FIELDS = ("image", "images", "video", "videos")  # columns holding image or video references
@@ -41,14 +42,23 @@ CONVERSATION_FIELDS = ("messages", "prompt", "completion")
 
 
 @torch.no_grad()
-def generate_all(model, processor, samples: list[dict], config, batch_size: int, seed: int, desc: str) -> list[Rollout]:
-    """Rollouts for every batch of `samples`; batch k is sampled with seed `seed + k` whatever the model."""
+def generate_all(model, processor, samples: list[dict], config, batch_size: int, seed: int, desc: str, multi_turn: MultiTurn | None = None) -> list[Rollout]:
+    """Rollouts for every batch of `samples`; batch k is sampled with seed `seed + k` whatever the model. With
+    `multi_turn` (tools or an environment), each sample's turns (`Rollout.trajectories`)."""
     tok = processor.tokenizer
     rollouts = []
     for k, start in enumerate(tqdm(range(0, len(samples), batch_size), desc=desc, leave=False)):
         batch = samples[start : start + batch_size]
-        query = encode_prompts(processor, batch)
+        query = encode_prompts(processor, batch, tools=multi_turn.tools if multi_turn else None)
         torch.manual_seed(seed + k)
+        if multi_turn is not None:
+            rollouts.append(
+                multi_turn_rollout(
+                    model, processor, batch, query, multi_turn.make_environment, config, multi_turn.limits, family=family_of(model),
+                    eos_ids=eos_token_ids(tok), pad_id=pad_token_id(tok), tools=multi_turn.tools,
+                )  # fmt: skip
+            )
+            continue
         responses = generate_responses(model, model_inputs(query), config)
         sources = [s["_source"] for s in batch]
         rollouts.append(Rollout.from_generation(query, responses, eos_token_ids(tok), pad_token_id(tok), sources, family_of(model)))

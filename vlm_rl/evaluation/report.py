@@ -116,6 +116,7 @@ td.img img { display: block; max-width: 100%; max-height: 220px; width: auto; he
 .noimg { color: var(--muted); font-size: 12px; }
 .prompt, .resp { white-space: pre-wrap; overflow-wrap: anywhere; }
 .resp { max-height: 16em; overflow-y: auto; font-size: 13.5px; }
+.turn { margin-top: .35em; } .turn .img img { display: block; max-width: 96px; height: auto; image-rendering: pixelated; border: 1px solid var(--line); border-radius: 4px; }
 .ref { margin-top: 8px; font-size: 13px; }
 .ref b { color: var(--muted); font-weight: 600; font-size: 11.5px; text-transform: uppercase; letter-spacing: .03em; }
 .ref span { white-space: pre-wrap; overflow-wrap: anywhere; font-weight: 600; }
@@ -532,6 +533,23 @@ def _image_cell(image: Any) -> str:
     return "".join(out)
 
 
+def _turns(messages: Sequence[Mapping[str, Any]]) -> str:
+    """A multi-turn answer: each model turn's text, and each observation's text and images, in order."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+        text = "".join(p.get("text") or "" for p in parts if p.get("type") == "text")
+        images = [p["image"] for p in parts if p.get("type") == "image"]
+        role = "model" if m.get("role") == "assistant" else m.get("name") or m.get("role", "")
+        out.append(
+            f'<div class="turn"><b>{_esc(role)}</b> <span class="resp">{_esc(text)}</span>'
+            + (f'<div class="img">{_image_cell(images)}</div>' if images else "")
+            + "</div>"
+        )
+    return "".join(out)
+
+
 MAX_STRIP_FRAMES = 8
 
 
@@ -596,7 +614,8 @@ def _samples_section(samples: Sequence[Mapping[str, Any]], model_names: Sequence
                 badge = f'<span class="score{" best" if is_best else ""}">score {_fmt(reward)}</span>'
             else:
                 badge = '<span class="score none">unscored</span>'
-            cells.append(f'<td>{badge}<div class="resp">{_esc(r.get("text", ""))}</div></td>')
+            answer_html = _turns(r["turns"]) if r.get("turns") else f'<div class="resp">{_esc(r.get("text", ""))}</div>'
+            cells.append(f"<td>{badge}{answer_html}</td>")
         answer = s.get("answer")
         ref = (
             f'<div class="ref"><b>Reference</b><br><span>{_esc(answer)}</span></div>'
@@ -644,8 +663,8 @@ def write_report(
       ``{run_or_model_name: {metric: [(step, value)]}}`` to overlay several runs (a run named like
       a model gets that model's colour); empty/None -> "no training logs found".
     - ``samples``: rows ``{"image": PIL.Image | list | None, "prompt": str, "answer": str | None,
-      "responses": {model_name: {"text": str, "reward": float | None}}}``, and ``"video"``: a list of frames (PIL),
-      shown as a strip of frames.
+      "responses": {model_name: {"text": str, "reward": float | None, "turns": [messages] (multi-turn only)}}}``, and
+      ``"video"``: a list of frames (PIL), shown as a strip of frames.
     - ``model_names``: display order; the first is the baseline.
     - ``title`` and ``meta`` (e.g. data path, reward spec, generation config) go in the header.
 

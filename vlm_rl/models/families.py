@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from vlm_rl.errors import UserError
+from vlm_rl.models.tool_template import QWEN_VL_TOOLS_TEMPLATE
 
 QWEN_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 # Qwen2's linear layers (the language model of every family here). The vision towers name theirs qkv/proj/fc1/fc2
@@ -177,6 +178,8 @@ class Family:
     deepstack: bool = False  # the tower also returns per-layer features the forward adds to the language model
     video_layout: PatchGrid | None = VIDEO_PATCHES  # how the processor lays out videos; None: the family takes no video
     video_token: str = "<|video_pad|>"  # one per video feature in the prompt (`config.video_token_id`)
+    # the chat template that shows tools where the processor's own cannot (models/tool_template.py); None: refused
+    tool_template: str | None = None
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         """The vision tower of a model of this family, however wrapped (peft, DDP, value head, reward model)."""
@@ -228,9 +231,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("qwen2_vl", "Qwen2-VL", "qwen2_vl"),
-        Family("qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl", video_layout=VIDEO_PATCHES_TIMED),
-        Family("qwen3_vl", "Qwen3-VL", "qwen3_vl", deepstack=True),
+        Family("qwen2_vl", "Qwen2-VL", "qwen2_vl", tool_template=QWEN_VL_TOOLS_TEMPLATE),
+        Family("qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl", video_layout=VIDEO_PATCHES_TIMED, tool_template=QWEN_VL_TOOLS_TEMPLATE),
+        Family("qwen3_vl", "Qwen3-VL", "qwen3_vl", deepstack=True, tool_template=QWEN_VL_TOOLS_TEMPLATE),
         Family(
             "llava",
             "LLaVA (CLIP + Qwen2)",

@@ -36,6 +36,10 @@ class Rollout:
     # tokens, images and videos: a group of num_generations samples), whose forwards then run each prompt once; None:
     # every forward runs each row whole (sharing off, or no prompt repeats on any rank)
     prompt_ids: tuple[int, ...] | None = None
+    # per row, what a multi-turn rollout did after the prompt (rollout/multi_turn.py: turns, their rewards and last
+    # tokens, tool calls); None for single-turn rollouts. Its response region also holds the observations' tokens,
+    # which `response_mask` leaves out (they are attended to, in `attention_mask`)
+    trajectories: tuple | None = None
 
     @classmethod
     def from_generation(
@@ -123,6 +127,7 @@ class Rollout:
             image_features=ImageFeatures.concat(features) if features and None not in features else None,
             videos=VideoBatch.concat([p.videos for p in parts], [len(p) for p in parts]),
             prompt_ids=None if all(p.prompt_ids is None for p in parts) else tuple(prompt_ids),
+            trajectories=None if any(p.trajectories is None for p in parts) else tuple(t for p in parts for t in p.trajectories),
         )
 
     def __len__(self) -> int:
@@ -134,12 +139,23 @@ class Rollout:
 
     @property
     def response_lengths(self) -> torch.Tensor:  # (B,)
-        return self.response_mask.sum(dim=1)
+        """The tokens of each row's response region: the model's, and a multi-turn rollout's observations."""
+        return self.attention_mask[:, self.context_length :].sum(dim=1)
 
     def row_lengths(self) -> RowLengths:
         """Each row's prompt and response tokens, and which rows share a prompt: what micro-batch planning reads."""
         prompt = self.attention_mask[:, : self.context_length].sum(dim=1)  # (B,)
         return RowLengths(prompt=prompt.tolist(), response=self.response_lengths.tolist(), prompt_ids=self.prompt_ids)
+
+    def turn_rewards(self) -> torch.Tensor | None:
+        """The environment's reward for each model turn on that turn's last token `(B, T_r)`; None for single-turn."""
+        if self.trajectories is None:
+            return None
+        rewards = torch.zeros(self.response_mask.shape, device=self.query_response.device)
+        for row, t in enumerate(self.trajectories):
+            for end, reward in zip(t.turn_ends, t.turn_rewards):
+                rewards[row, end] += reward
+        return rewards
 
     def images(self) -> Images:
         """The image tensors that are present (`pixel_values`, and the Qwen families' `image_grid_thw`)."""
@@ -199,6 +215,7 @@ class Rollout:
             num_images=[self.num_images[i] for i in indices],
             sources=[self.sources[i] for i in indices],
             prompt_ids=None if self.prompt_ids is None else tuple(self.prompt_ids[i] for i in indices),
+            trajectories=None if self.trajectories is None else tuple(self.trajectories[i] for i in indices),
         )
 
     def trimmed(self) -> Rollout:
@@ -207,7 +224,7 @@ class Rollout:
         c = self.context_length
         real = self.attention_mask[:, :c].any(dim=0)  # (T_q,)
         lead = int(real.int().argmax()) if bool(real.any()) else 0
-        keep = max(int(self.response_mask.sum(dim=1).max()), 1) if len(self) else self.response_mask.shape[1]
+        keep = max(int(self.response_lengths.max()), 1) if len(self) else self.response_mask.shape[1]
         keep = min(keep, self.response_mask.shape[1])
         if lead == 0 and keep == self.response_mask.shape[1]:
             return self

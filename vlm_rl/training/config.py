@@ -87,7 +87,26 @@ class PPOConfig(DataOptions, TrainingArguments):
                   "num_generations (or max_steps iterations, when given)."},
     )
     missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of responses without eos (recommended with learned rewards)."}
+        default=None,
+        metadata={"help": "Subtracted from the score of responses without eos (recommended with learned rewards); in "
+                  "multi-turn rollouts, of the truncated trajectories."},
+    )
+    tools: str | None = field(
+        default=None,
+        metadata={"help": "Multi-turn rollouts with tools the model calls in <tool_call> blocks: 'zoom' (built in: a "
+                  "quarter of the image at full resolution) or 'module:function,module:function' (each function's "
+                  "name, docstring and type hints are its schema; it returns text, images or both)."},
+    )
+    environment: str | None = field(
+        default=None,
+        metadata={"help": "Multi-turn rollouts with an environment class 'module:Class': reset(sample), step(text) -> "
+                  "Step(observation, reward, done) (vlm_rl/rollout/environment.py)."},
+    )
+    max_turns: int = field(default=4, metadata={"help": "Model turns per multi-turn trajectory (tools or environment)."})
+    max_total_tokens: int = field(
+        default=512,
+        metadata={"help": "Tokens of a multi-turn trajectory after its prompt (model turns and observations, image "
+                  "tokens included); a trajectory that reaches it ends, marked truncated."},
     )
     max_unscored_fraction: float = field(
         default=0.5,
@@ -296,6 +315,7 @@ class PPOConfig(DataOptions, TrainingArguments):
         at_least_one = (
             "per_device_train_batch_size", "gradient_accumulation_steps", "num_ppo_epochs", "num_mini_batches",
             "max_new_tokens", "local_rollout_forward_batch_size", "max_prompt_length", "max_skipped_steps", "eval_num_samples",
+            "max_turns", "max_total_tokens",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
@@ -318,12 +338,21 @@ class PPOConfig(DataOptions, TrainingArguments):
         self.check_loss()
         if self.eval_steps is not None and (self.eval_steps < 1 or self.eval_steps != int(self.eval_steps)):
             raise ConfigError(f"eval_steps counts PPO iterations: a whole number >= 1, got {self.eval_steps}")
+        if self.multi_turn:  # an unknown tool or an environment that cannot load stops the run before any model loads
+            from vlm_rl.rollout.environment import environment_factory
+
+            environment_factory(self.tools, self.environment)
         if self.bf16_weights and not self.bf16:
             raise ConfigError("bf16_weights needs --bf16 (it keeps the trained weights in the bf16 compute dtype)")
         if isinstance(self.reward, str):
             self.reward = [self.reward]
         self.fold_reward_weights()
         super().__post_init__()
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether rollouts take turns with tools or an environment."""
+        return bool(self.tools or self.environment)
 
     def check_estimator(self) -> None:
         """The advantage estimator's fields, against each other and the batch geometry."""

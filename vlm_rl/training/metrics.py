@@ -79,6 +79,13 @@ def iteration_metrics(
     m.mean("objective/unscored", old["unscored"].float())
     m.total("val/num_eos_tokens", rollout.has_eos.float())
     m.mean("val/response_length", rollout.response_mask.sum(1).float())
+    if rollout.trajectories is not None:  # multi-turn (a config choice: every rank has trajectories, or none)
+        trajectories = rollout.trajectories
+        m.mean("env/turns_mean", torch.tensor([float(t.turns) for t in trajectories]))
+        m.total("env/tool_calls", torch.tensor([float(t.tool_calls) for t in trajectories]))
+        m.total("env/tool_errors", torch.tensor([float(t.tool_errors) for t in trajectories]))
+        m.mean("env/truncated", torch.tensor([float(t.truncated) for t in trajectories]))
+        m.mean("env/reward", torch.tensor([float(sum(t.turn_rewards)) for t in trajectories]))
     for name, column in old["reward_columns"].items():
         m.mean(f"objective/scores/{name}", torch.tensor([float(v) for v in column if v is not None]))
     for name in stat_names:

@@ -60,8 +60,12 @@ class RolloutRewards:
     def score(self, rollout: Rollout, samples: list[dict]) -> tuple[list[str], dict[str, list], list[float | None]]:
         """(decoded completions, each reward's scores, the combined score per sample) for the rollout's responses.
 
-        Rule rewards read the text; a learned reward model also needs to know whether each response ended."""
-        completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
+        Rule rewards read the text (of a multi-turn trajectory, its last model turn); a learned reward model also needs
+        to know whether each response ended."""
+        if rollout.trajectories is not None:
+            completions = [t.answer for t in rollout.trajectories]
+        else:
+            completions = self.processor.batch_decode(rollout.responses, skip_special_tokens=True)
         kwargs = {**reward_kwargs(samples), "completion_ended": rollout.has_eos.tolist()}
         budget = scoring_by_tokens(self.reward_models, self.max_tokens_per_micro_batch)
         with self.reading_features(rollout), unsharded_roots(self.reward_models, self.accelerator), budget:

@@ -25,7 +25,7 @@ import shutil
 import time
 import warnings
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
 from reward_models.vlm_reward import learned_reward_models
-from vlm_rl.algorithms.advantages import compute_gae, discounted_returns, grpo_advantages, kl_penalty, rloo_advantages, shape_rewards, whiten
+from vlm_rl.algorithms.advantages import GROUP_ESTIMATORS, compute_gae, discounted_returns, grpo_advantages, kl_penalty, rloo_advantages, shape_rewards, whiten
 from vlm_rl.algorithms.losses import LossNormaliser, high_entropy_mask, policy_loss, value_loss
 from vlm_rl.algorithms.masking import masked_mean
 from vlm_rl.atomic import atomic_file
@@ -67,6 +67,7 @@ from vlm_rl.rollout.batch import Rollout
 from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
 from vlm_rl.rollout.integrity import check_model_inputs
 from vlm_rl.rollout.logprobs import response_logprobs
+from vlm_rl.rollout.multi_turn import multi_turn_rollout, setup_multi_turn
 from vlm_rl.rollout.micro_batches import by_count, by_tokens
 from vlm_rl.training import checkpoint as ckpt
 from vlm_rl.training import console
@@ -156,6 +157,8 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         self.pad_id = pad_token_id(tokenizer)
         self.generation_config = make_generation_config(tokenizer, args.max_new_tokens, temperature=args.temperature)
         self.greedy_config = make_generation_config(tokenizer, args.max_new_tokens, do_sample=False)
+        # multi-turn rollouts (tools or an environment): one environment per sample and rollout
+        self.multi_turn = setup_multi_turn(processing_class, family_of(model), args.tools, args.environment, args.max_turns, args.max_total_tokens)
         plan = plan_batches(args, len(train_dataset), self.accelerator.num_processes)
         self.global_batch_size, self.prompts_per_batch = plan.global_batch_size, plan.prompts_per_batch
         self.batches_per_epoch, self.num_total_batches = plan.batches_per_epoch, plan.num_total_batches
@@ -335,11 +338,25 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         chosen = [self.train_dataset[int(i)] for i in order[start : start + prompts]]
         return [dict(sample) for sample in chosen for _ in range(generations)]
 
+    @contextmanager
+    def generating(self):
+        """The policy as `generate` runs it (gathered under ZeRO-3 unless told not to, in the forwards' autocast), and
+        whether its weights stay sharded (then every rank runs every decoding step: `synced_gpus`)."""
+        gather = self.args.ds3_gather_for_generation
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+        ) as unwrapped, unsharded_roots([self.model_wrapped], self.accelerator), self.accelerator.autocast():
+            # (autocast: sample from the distribution the bf16 forwards compute)
+            yield unwrapped.policy, is_fsdp2(self.accelerator) or (zero_stage(self.accelerator) == 3 and not gather)
+
     @torch.no_grad()
     def make_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
         """Steps 1-2: encode the prompts (left-padded; each distinct prompt once) and generate all responses in one
         batched call (with the rollout's sampling config unless another is given), each distinct prompt prefilled
-        once. Draws one number from this process's RNG stream (generate's seed), whatever the batch and decoding."""
+        once. Draws one number from this process's RNG stream (generate's seed), whatever the batch and decoding.
+        With tools or an environment, the turns of `multi_turn_rollout` instead."""
+        if self.multi_turn is not None:
+            return self.make_multi_turn_rollout(samples, generation_config)
         first, rows = distinct_prompts(samples) if self.args.share_prompts else (range(len(samples)), None)
         if self.args.share_prompts and self.accelerator.num_processes > 1:
             # Sharing runs other forwards (a prefill, a prompt pass): over sharded weights each forward is a sequence
@@ -352,26 +369,36 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         rows = None if rows is None else torch.tensor(rows, device=self.accelerator.device)
         generate_inputs = model_inputs(query)
         sources = [s["_source"] for s in samples]
-        gather = self.args.ds3_gather_for_generation
-        with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as unwrapped, unsharded_roots([self.model_wrapped], self.accelerator), self.accelerator.autocast():
-            # (autocast: sample from the distribution the bf16 forwards compute)
-            check_model_inputs(
-                unwrapped.policy, generate_inputs, query["num_images"], [sources[i] for i in first], "rollout generate", query.get("num_videos")
-            )
-            features, video_features = self.encode_images(unwrapped.policy, query)
-            # Sharded weights (FSDP2, ZeRO-3 not gathered): every rank runs every decoding step (its shards are needed).
-            synced = is_fsdp2(self.accelerator) or (zero_stage(self.accelerator) == 3 and not gather)
+        with self.generating() as (policy, synced):
+            check_model_inputs(policy, generate_inputs, query["num_images"], [sources[i] for i in first], "rollout generate", query.get("num_videos"))
+            features, video_features = self.encode_images(policy, query)
             config = generation_config or self.generation_config
             seed = int(torch.randint(2**62, ()))  # this rank's stream moves on by one draw, however long decoding runs
             responses = generate_responses(
-                unwrapped.policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, video_features=video_features, rows=rows
+                policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, video_features=video_features, rows=rows
             )
-        family = family_of(unwrapped.policy)
+        family = family_of(policy)
         return Rollout.from_generation(
             query, responses, self.eos_ids, self.pad_id, sources, family, image_features=features, video_features=video_features, rows=rows
         )
+
+    def make_multi_turn_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
+        """Up to max_turns turns per sample (rollout/multi_turn.py), each a batched generate over the samples still
+        running, on every rank as many as the rank that needs most. Draws one number from this process's RNG stream."""
+        setting, device = self.multi_turn, self.accelerator.device
+        if any(s.get("videos") for s in samples):
+            raise ConfigError("tools/environment: multi-turn rollouts take prompts with images, not videos (yet); drop the video rows or the tools")
+        query = encode_prompts(self.processor, samples, self.args.max_prompt_length, tools=setting.tools)
+        query = {k: v.to(device) if torch.is_tensor(v) else v for k, v in query.items()}
+        any_over_ranks = lambda flag: bool(self.sum_over_ranks(torch.tensor(float(flag), device=device)) > 0)  # noqa: E731
+        with self.generating() as (policy, synced):
+            seed = int(torch.randint(2**62, ()))
+            return multi_turn_rollout(
+                policy, self.processor, samples, query, setting.make_environment, generation_config or self.generation_config,
+                setting.limits, family=family_of(policy), eos_ids=self.eos_ids, pad_id=self.pad_id, tools=setting.tools,
+                encode=lambda images: self.encode_images(policy, {"input_ids": query["input_ids"], **images})[0],
+                synced_gpus=synced, seed=seed, any_over_ranks=any_over_ranks,
+            )  # fmt: skip
 
     def encode_images(self, policy: nn.Module, query: dict) -> tuple[ImageFeatures | None, ImageFeatures | None]:
         """Each distinct image and each distinct video of the batch through the policy's vision tower once, for every later
@@ -446,6 +473,9 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         Unscored samples are left out (`train_mask` is False on all their tokens): they get no reward,
         no advantage, no share of the group or whitening statistics and no loss. `loss_mask` is `train_mask` less
         the truncated responses with mask_truncated_completions (which still count in their group's statistics).
+        Multi-turn: observation tokens are outside `response_mask`, so GAE and the returns pass over them (they are
+        not steps); an environment's per-turn rewards add on each turn's last token (gae, reinforce_pp) or into the
+        score a group compares (grpo, rloo).
         """
         args = self.args
         estimator = args.advantage_estimator
@@ -457,12 +487,16 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         if args.uses_reference:
             kl = torch.where(mask, kl_penalty(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator), 0.0)  # (B, T_r)
         outcome = scores  # (B,) what lands on the last token
+        turn_rewards = rollout.turn_rewards()  # (B, T_r) a multi-turn environment's, on each turn's last token
+        group_scores = scores if turn_rewards is None else scores + turn_rewards.sum(1)  # (B,) what a group compares
         if estimator == "grpo":
-            outcome = grpo_advantages(scores, scored_rows, args.num_generations, args.scale_rewards, all_reduce_sum=self.sum_over_ranks)
+            outcome = grpo_advantages(group_scores, scored_rows, args.num_generations, args.scale_rewards, all_reduce_sum=self.sum_over_ranks)
         elif estimator == "rloo":
-            outcome = rloo_advantages(scores, scored_rows, args.num_generations)
+            outcome = rloo_advantages(group_scores, scored_rows, args.num_generations)
         kl_reward = torch.zeros_like(mask, dtype=scores.dtype) if kl is None else kl  # (B, T_r)
         rewards = shape_rewards(outcome, kl_reward, train_mask, self.reward_kl_coef)  # (B, T_r)
+        if turn_rewards is not None and estimator not in GROUP_ESTIMATORS:  # (the group estimators' outcome holds them)
+            rewards = rewards + torch.where(train_mask, turn_rewards, 0.0)
         if estimator == "gae":
             if args.whiten_rewards:
                 rewards = whiten(rewards, train_mask, shift_mean=False, all_reduce_sum=self.sum_over_ranks)
