@@ -49,6 +49,7 @@ from vlm_rl.data.bad_rows import SKIPPED_ROWS_FILE, announce_skipped, skipped_ro
 from vlm_rl.data.options import DataOptions
 from vlm_rl.errors import ConfigError
 from vlm_rl.data.formats import DataError
+from vlm_rl.models.dummy_image import expect_videos
 from vlm_rl.models.families import Family, family_of, join_images
 from vlm_rl.models.loading import image_resize, require_model
 
@@ -160,19 +161,20 @@ def load_pairs(path: str, split: str, config: RewardTrainingConfig | None = None
 
 
 class PairCollator:
-    """Samples -> one batch of 2B sequences: the B chosen, then the B rejected (images repeated).
+    """Samples -> one batch of 2B sequences: the B chosen, then the B rejected (images and videos repeated).
 
     With ``cache=True`` each pair is run through the processor once (keyed by its ``_source``) and later batches
     only pad and concatenate the stored tensors: for small models the image processor costs about as much as
     the forward. It keeps every pair's ``pixel_values`` in memory, so it is meant for small data sets.
-    ``family`` (vlm_rl.models.families) says how the processor lays out the images, so that they can be split per image.
+    ``family`` (vlm_rl.models.families) says how the processor lays out the images and videos, so that they can be
+    split per image and per video.
     """
 
     TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # per-token tensors, padded per batch
 
     def __init__(self, processor, family: Family, padding_side: str, max_length: int | None, cache: bool = False):
         self.processor = processor
-        self.layout = family.image_layout
+        self.layouts = {"num_images": family.image_layout, "num_videos": family.video_layout}  # each kind's tensors
         self.padding_side = padding_side
         self.max_length = max_length
         self.cache: dict[str, dict] | None = {} if cache else None
@@ -183,8 +185,9 @@ class PairCollator:
         prompts = [s["prompt"] for s in samples] * 2
         completions = [s["chosen"] for s in samples] + [s["rejected"] for s in samples]
         images = [s["images"] for s in samples] * 2
+        videos = [s.get("videos") or [] for s in samples] * 2
         names = [f"{s['_source']} (chosen)" for s in samples] + [f"{s['_source']} (rejected)" for s in samples]
-        batch = encode_for_reward(self.processor, prompts, completions, images, self.padding_side, self.max_length, names)
+        batch = encode_for_reward(self.processor, prompts, completions, images, self.padding_side, self.max_length, names, videos=videos)
         batch["sample_names"] = names
         return batch
 
@@ -193,12 +196,14 @@ class PairCollator:
         if key not in self.cache:
             batch = self._encode([sample])
             mask = batch["attention_mask"].bool()  # (2, T)
-            n = batch["num_images"][0]
-            per_image = self.layout.split({k: batch[k] for k in self.layout.keys}) if n else []
+            media = {}  # per kind ("num_images", "num_videos"): (how many the pair's prompt holds, chosen's copy, rejected's)
+            for kind, layout in self.layouts.items():
+                n = batch[kind][0] if kind in batch else 0
+                items = layout.split({k: batch[k] for k in layout.keys if k in batch}) if n else []
+                media[kind] = (n, items[:n], items[n:])
             self.cache[key] = {
                 "sequences": [{k: batch[k][i][mask[i]] for k in self.TOKEN_KEYS if k in batch} for i in range(2)],
-                "images": [per_image[:n], per_image[n:]],  # chosen's copy of the images, then rejected's
-                "num_images": n,
+                "media": media,
                 "sample_names": batch["sample_names"],
             }
         return self.cache[key]
@@ -217,9 +222,11 @@ class PairCollator:
                 pad = s[key].new_full((length - s[key].shape[0],), fills[key])
                 rows.append(torch.cat([s[key], pad] if self.padding_side == "right" else [pad, s[key]]))
             batch[key] = torch.stack(rows)
-        images = [image for half in (0, 1) for p in pairs for image in p["images"][half]]
-        batch.update(join_images(images, self.layout.keys))
-        batch["num_images"] = [p["num_images"] for p in pairs] * 2
+        for kind, layout in self.layouts.items():
+            counts = [p["media"][kind][0] for p in pairs] * 2
+            if kind == "num_images" or sum(counts):  # (num_videos only for batches with videos, as encode_for_reward)
+                batch.update(join_images([item for half in (1, 2) for p in pairs for item in p["media"][kind][half]], layout.keys))
+                batch[kind] = counts
         batch["sample_names"] = [p["sample_names"][0] for p in pairs] + [p["sample_names"][1] for p in pairs]
         return batch
 
@@ -289,6 +296,8 @@ def train(config: RewardTrainingConfig) -> dict:
     train_set, train_bad = load_pairs(train_path, config.train_split, config)  # every row checked before the model loads
     eval_set, eval_bad = load_pairs(eval_path, config.eval_split, config) if eval_path is not None else (None, None)
     skipped = [b for b in (train_bad, eval_bad) if b is not None]
+    # With several processes and videos in the data, every forward calls the tower once per kind (dummy_image.py).
+    expect_videos(any(d is not None and d.has_videos() for d in (train_set, eval_set)))
 
     model = VLMRewardModel.from_base(
         model_path,

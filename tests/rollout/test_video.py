@@ -282,3 +282,40 @@ def test_llava_refuses_video_rows_by_name_before_any_model_loads(family_dirs, vi
     for n in video_rows:
         assert f"{video_data_dir / 'train.jsonl'}:{n}: field 'video': a video, but the model's processor (LlavaProcessor) takes no video" in message
     assert f"{len(video_rows)} problem(s) in {len(video_rows)} of {len(lines)} row(s)" in message
+
+
+@VIDEO_FAMILIES
+def test_reward_pairs_of_clips_collate_the_same_from_the_cache(family, processor, video_data_dir):
+    """`train-reward` on clip pairs: the cached collator (each pair through the processor once) gives the batch the
+    processor gives, videos included (each pair's clip for its chosen and its rejected row)."""
+    from reward_models.train_reward import PairCollator, load_pairs
+
+    dataset = load_pairs(video_data_dir / "preferences.jsonl", "train")[0]
+    pairs = [dataset[i] for i in range(4)]
+    fresh, cached = (PairCollator(processor, get_family(family), "right", None, cache=c) for c in (False, True))
+    cached(pairs[1:])  # fills the cache in another batch
+    a, b = fresh(pairs), cached(pairs)
+    videos = [len(p["videos"]) for p in pairs]
+    assert sum(videos) and a["num_videos"] == b["num_videos"] == videos * 2 and a.keys() == b.keys()
+    for key in a:  # exact: token ids, masks and pixels the processor prepares per image and video (no GEMM)
+        assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
+
+
+def test_train_reward_on_clip_pairs(family_dirs, video_data_dir, tmp_path):
+    """`vlm-rl train-reward` on the synthetic clip and picture pairs: trains, evaluates and saves a reward model
+    whose score depends on the clip."""
+    from reward_models.train_reward import main
+    from reward_models.vlm_reward import VLMRewardModel
+
+    data = str(video_data_dir / "preferences.jsonl")
+    results = main([
+        "--model_name_or_path", str(family_dirs("qwen2_vl")), "--train_data", data, "--eval_data", data, "--output_dir", str(tmp_path / "rm"),
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--cache_encodings", "--use_cpu", "--seed", "0",
+    ])  # fmt: skip
+    assert results["eval_pairs"] == 13 and results["global_step"] == 2
+    rm = VLMRewardModel.from_pretrained(tmp_path / "rm")
+    clip = next(p for p in load_samples(video_data_dir / "preferences.jsonl") if p["videos"])
+    video = clip["videos"][0]
+    backwards = dataclasses.replace(video, frames=video.frames.flip(0))
+    forwards, reversed_ = (rm([clip["prompt"]], [clip["chosen"]], videos=[[v]])[0] for v in (video, backwards))
+    assert forwards != reversed_
