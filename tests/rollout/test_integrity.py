@@ -78,12 +78,12 @@ def drop_first_image_token(processor, inputs: dict, row: int) -> dict:
 def test_rollout_generate_runs_the_check(tmp_path, tiny_model_dir, synthetic_data_dir, tiny_processor, monkeypatch):
     from trainer_helpers import make_trainer
 
-    from vlm_rl.training import trainer as trainer_module
+    from vlm_rl.training import rollout_stage
 
     trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir)
     samples = trainer.batch_samples(0)
-    real_encode = trainer_module.encode_prompts
-    monkeypatch.setattr(trainer_module, "encode_prompts", lambda *a, **k: drop_first_image_token(tiny_processor, real_encode(*a, **k), 1))
+    real_encode = rollout_stage.encode_prompts
+    monkeypatch.setattr(rollout_stage, "encode_prompts", lambda *a, **k: drop_first_image_token(tiny_processor, real_encode(*a, **k), 1))
     with pytest.raises(MultimodalIntegrityError, match=f"rollout generate.*sample {samples[1]['_source']}|sample {samples[1]['_source']}.*rollout generate"):
         trainer.make_rollout(samples)
 

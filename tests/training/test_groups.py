@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from test_vision_reuse import iteration
 
-import vlm_rl.training.trainer as trainer_module
+import vlm_rl.training.rollout_stage as rollout_stage
 from trainer_helpers import completion_length, make_trainer, record_gradients, rollout_and_old, start
 from vlm_rl.data.formats import load_samples
 from vlm_rl.models.families import family_of
@@ -140,7 +140,7 @@ LONG_TAIL = [13, 1, 32, 3, 8, 2, 21, 5]  # response lengths (log-spaced 1-32; 32
 def with_response_lengths(monkeypatch, eos_ids: list[int], token: int) -> None:
     """Every rollout's responses end (with an eos) at LONG_TAIL's lengths, whatever the model samples (an eos it
     sampled earlier becomes `token`)."""
-    generate = trainer_module.generate_responses
+    generate = rollout_stage.generate_responses
 
     def cut(*args, **kwargs):
         responses = generate(*args, **kwargs)
@@ -151,7 +151,7 @@ def with_response_lengths(monkeypatch, eos_ids: list[int], token: int) -> None:
                 responses[row, length - 1] = eos_ids[0]
         return responses
 
-    monkeypatch.setattr(trainer_module, "generate_responses", cut)
+    monkeypatch.setattr(rollout_stage, "generate_responses", cut)
 
 
 @pytest.mark.parametrize("estimator, generations", [("gae", 1), ("grpo", 4)])

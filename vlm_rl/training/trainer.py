@@ -1,12 +1,13 @@
 """PPOTrainer: the PPO loop for vision-language models, orchestrated with accelerate.
 
-One iteration is seven steps, each a method below, in order: the prompts of the batch (`batch_samples`), the
+One iteration is seven steps, each a method of PPOTrainer, in order (the first two from rollout_stage.py): the prompts of the batch (`batch_samples`), the
 rollout (`make_rollout`: one batched `generate`), scoring (`score`: old-policy logprobs, reference logprobs, values,
 rewards), advantages (`advantages`), optimisation (`optimise`), metrics (`metrics`), then logging and a checkpoint
 (`end_iteration`). The math is in vlm_rl/algorithms/, the models in vlm_rl/models/, the rollout's pieces in
-vlm_rl/rollout/; checkpoints (checkpointing.py), the output directory (output_dir.py) and metrics (metrics.py) have
-their own modules (at ~550 lines this file is over the project's 450-line mark on purpose: one iteration reads top
-to bottom here). Built on transformers' Trainer for what users expect of a TRL trainer (report_to, callbacks, the
+vlm_rl/rollout/; the rollout's steps (rollout_stage.py), the optimiser and schedule (optimisers.py), checkpoints
+(checkpointing.py), the output directory (output_dir.py) and metrics (metrics.py) have their own modules (at ~620
+lines this file is over the project's 450-line mark on purpose: scoring, advantages and the optimisation of one
+iteration read top to bottom here). Built on transformers' Trainer for what users expect of a TRL trainer (report_to, callbacks, the
 progress bar, TrainerState and trainer_state.json, checkpoint rotation).
 
 What stays right at scale: one optimiser step (and one gradient clip) per mini-batch, whatever its split
@@ -25,7 +26,7 @@ import shutil
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,9 +35,8 @@ import yaml
 from peft import PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import Trainer, TrainerState, get_scheduler
+from transformers import Trainer, TrainerState
 from transformers.trainer_callback import ExportableState
-from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
 from reward_models.vlm_reward import learned_reward_models
@@ -45,7 +45,7 @@ from vlm_rl.algorithms.losses import LossNormaliser, high_entropy_mask, policy_l
 from vlm_rl.algorithms.masking import masked_mean
 from vlm_rl.atomic import atomic_file
 from vlm_rl.data.formats import PromptDataset
-from vlm_rl.data.prompts import distinct_prompts, drop_long_prompts, encode_prompts, model_inputs
+from vlm_rl.data.prompts import drop_long_prompts
 from vlm_rl.errors import ConfigError
 from vlm_rl.models.critic import Critic, PolicyAndValue, critic_for, keeping_requires_grad
 from vlm_rl.models.dummy_image import expect_videos
@@ -62,16 +62,16 @@ from vlm_rl.models.sharding import (
     unsharded_roots,
     zero_stage,
 )
-from vlm_rl.models.vision_features import ImageFeatures, encode_images, encode_videos, plan_sharing, tower_trains
+from vlm_rl.models.vision_features import plan_sharing, tower_trains
 from vlm_rl.rollout.batch import Rollout
-from vlm_rl.rollout.generation import eos_token_ids, generate_responses, make_generation_config, pad_token_id, rng_devices
-from vlm_rl.rollout.integrity import check_model_inputs
+from vlm_rl.rollout.generation import eos_token_ids, make_generation_config, pad_token_id, rng_devices
 from vlm_rl.rollout.logprobs import response_logprobs
-from vlm_rl.rollout.multi_turn import multi_turn_rollout, setup_multi_turn
+from vlm_rl.rollout.multi_turn import setup_multi_turn
 from vlm_rl.rollout.micro_batches import by_count, by_tokens
 from vlm_rl.training import checkpoint as ckpt
 from vlm_rl.training import console
 from vlm_rl.training.checkpointing import CONFIG_FILE, CheckpointingMixin
+from vlm_rl.training.optimisers import OptimisersMixin
 from vlm_rl.training.config import PPOConfig, plan_batches
 from vlm_rl.training.console import use_metrics_line
 from vlm_rl.training.dynamic_sampling import sample_with_signal
@@ -79,6 +79,7 @@ from vlm_rl.training.integrations import show_samples
 from vlm_rl.training.metrics import iteration_metrics
 from vlm_rl.training.output_dir import claim_output_dir
 from vlm_rl.training.preemption import Preempted, StopOnSignal, resume_command
+from vlm_rl.training.rollout_stage import RolloutMixin
 from vlm_rl.training.scoring import RolloutRewards
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class NonFiniteError(RuntimeError):
     """`max_skipped_steps` optimiser steps in a row had a non-finite loss or gradient norm."""
 
 
-class PPOTrainer(CheckpointingMixin, Trainer):
+class PPOTrainer(RolloutMixin, OptimisersMixin, CheckpointingMixin, Trainer):
     """PPO for Qwen2-VL-style VLMs with a critic (shared value head, separate value model or LoRA critic; see
     vlm_rl/models/critic.py), or critic-free (GRPO, RLOO, REINFORCE++); `accelerate launch` it like any TRL trainer."""
 
@@ -324,94 +325,6 @@ class PPOTrainer(CheckpointingMixin, Trainer):
         rollout = self.make_rollout(samples)
         return samples, rollout, self.score(rollout, samples)
 
-    def batch_samples(self, iteration: int, round: int = 0) -> list[dict]:
-        """This process's samples for PPO iteration `iteration`: local_batch_size / num_generations prompts, each
-        repeated num_generations times in a row (a group, whole on this process), taken from a fixed shuffle per
-        epoch, so resuming replays it. Dynamic sampling's further rounds take the prompts of the epoch's next
-        batches (`round` batches on, wrapping round)."""
-        generations = self.args.num_generations
-        prompts = self.args.local_batch_size // generations
-        epoch, k = divmod(iteration, self.batches_per_epoch)
-        k = (k + round) % self.batches_per_epoch
-        order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed + epoch))
-        start = k * self.prompts_per_batch + self.accelerator.process_index * prompts
-        chosen = [self.train_dataset[int(i)] for i in order[start : start + prompts]]
-        return [dict(sample) for sample in chosen for _ in range(generations)]
-
-    @contextmanager
-    def generating(self):
-        """The policy as `generate` runs it (gathered under ZeRO-3 unless told not to, in the forwards' autocast), and
-        whether its weights stay sharded (then every rank runs every decoding step: `synced_gpus`)."""
-        gather = self.args.ds3_gather_for_generation
-        with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as unwrapped, unsharded_roots([self.model_wrapped], self.accelerator), self.accelerator.autocast():
-            # (autocast: sample from the distribution the bf16 forwards compute)
-            yield unwrapped.policy, is_fsdp2(self.accelerator) or (zero_stage(self.accelerator) == 3 and not gather)
-
-    @torch.no_grad()
-    def make_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
-        """Steps 1-2: encode the prompts (left-padded; each distinct prompt once) and generate all responses in one
-        batched call (with the rollout's sampling config unless another is given), each distinct prompt prefilled
-        once. Draws one number from this process's RNG stream (generate's seed), whatever the batch and decoding.
-        With tools or an environment, the turns of `multi_turn_rollout` instead."""
-        if self.multi_turn is not None:
-            return self.make_multi_turn_rollout(samples, generation_config)
-        first, rows = distinct_prompts(samples) if self.args.share_prompts else (range(len(samples)), None)
-        if self.args.share_prompts and self.accelerator.num_processes > 1:
-            # Sharing runs other forwards (a prefill, a prompt pass): over sharded weights each forward is a sequence
-            # of collectives, so every rank shares (rows of its own prompts where none repeat) or none does.
-            anywhere = self.sum_over_ranks(torch.tensor(float(rows is not None), device=self.accelerator.device))
-            if anywhere.item() > 0 and rows is None:
-                rows = list(range(len(samples)))
-        query = encode_prompts(self.processor, [samples[i] for i in first], self.args.max_prompt_length)
-        query = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in query.items()}
-        rows = None if rows is None else torch.tensor(rows, device=self.accelerator.device)
-        generate_inputs = model_inputs(query)
-        sources = [s["_source"] for s in samples]
-        with self.generating() as (policy, synced):
-            check_model_inputs(policy, generate_inputs, query["num_images"], [sources[i] for i in first], "rollout generate", query.get("num_videos"))
-            features, video_features = self.encode_images(policy, query)
-            config = generation_config or self.generation_config
-            seed = int(torch.randint(2**62, ()))  # this rank's stream moves on by one draw, however long decoding runs
-            responses = generate_responses(
-                policy, generate_inputs, config, synced_gpus=synced, image_features=features, seed=seed, video_features=video_features, rows=rows
-            )
-        family = family_of(policy)
-        return Rollout.from_generation(
-            query, responses, self.eos_ids, self.pad_id, sources, family, image_features=features, video_features=video_features, rows=rows
-        )
-
-    def make_multi_turn_rollout(self, samples: list[dict], generation_config=None) -> Rollout:
-        """Up to max_turns turns per sample (rollout/multi_turn.py), each a batched generate over the samples still
-        running, on every rank as many as the rank that needs most. Draws one number from this process's RNG stream."""
-        setting, device = self.multi_turn, self.accelerator.device
-        if any(s.get("videos") for s in samples):
-            raise ConfigError("tools/environment: multi-turn rollouts take prompts with images, not videos (yet); drop the video rows or the tools")
-        query = encode_prompts(self.processor, samples, self.args.max_prompt_length, tools=setting.tools)
-        query = {k: v.to(device) if torch.is_tensor(v) else v for k, v in query.items()}
-        any_over_ranks = lambda flag: bool(self.sum_over_ranks(torch.tensor(float(flag), device=device)) > 0)  # noqa: E731
-        with self.generating() as (policy, synced):
-            seed = int(torch.randint(2**62, ()))
-            return multi_turn_rollout(
-                policy, self.processor, samples, query, setting.make_environment, generation_config or self.generation_config,
-                setting.limits, family=family_of(policy), eos_ids=self.eos_ids, pad_id=self.pad_id, tools=setting.tools,
-                encode=lambda images: self.encode_images(policy, {"input_ids": query["input_ids"], **images})[0],
-                synced_gpus=synced, seed=seed, any_over_ranks=any_over_ranks,
-            )  # fmt: skip
-
-    def encode_images(self, policy: nn.Module, query: dict) -> tuple[ImageFeatures | None, ImageFeatures | None]:
-        """Each distinct image and each distinct video of the batch through the policy's vision tower once, for every later
-        forward of the rollout that may use the features exactly (generate, old policy, value, reference, reward model,
-        training epochs): (image features, video features; None for a batch without video)."""
-        if not self.sharing.enabled or tower_trains(policy):
-            return None, None
-        device = query["input_ids"].device
-        images = encode_images(
-            policy, query.get("pixel_values"), query.get("image_grid_thw"), self.sharing.towers, device, deduplicate=self.args.share_prompts
-        )
-        return images, encode_videos(policy, query, self.sharing.towers, device, deduplicate=self.args.share_prompts)
-
     def micro_batches(self, rollout: Rollout, rows: list[int], size: int) -> list[list[int]]:
         """`rows` of `rollout` in micro-batches of `size` rows, or by tokens (`max_tokens_per_micro_batch`, as many on
         every rank as the rank that needs most: one gather of the counts, issued by every rank)."""
@@ -643,55 +556,6 @@ class PPOTrainer(CheckpointingMixin, Trainer):
             stats["loss/value_avg"].append(totals[1] * accelerator.num_processes)
         stats["train/grad_norm"].append(grad_norm.detach().float())
         stats["train/skipped_steps"].append(torch.zeros((), device=device))
-
-    @property
-    def critic_learning_rate(self) -> float:
-        return self.args.critic_learning_rate or self.args.learning_rate
-
-    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """transformers' optimizer (its weight-decay groups), each group split into the policy's parameters and the
-        critic's (marked `critic: True`), which train at `critic_learning_rate`."""
-        optimizer = super().create_optimizer(model)
-        critic = {id(p) for n, p in self.model.named_parameters() if n in self.model.critic_parameter_names()}
-        groups, optimizer.param_groups = optimizer.param_groups, []
-        for group in groups:
-            settings = {k: v for k, v in group.items() if k != "params"}
-            for is_critic in (False, True):
-                params = [p for p in group["params"] if (id(p) in critic) == is_critic]
-                if params:
-                    lr = self.critic_learning_rate if is_critic else group["lr"]
-                    optimizer.add_param_group({**settings, "params": params, "lr": lr, "critic": is_critic})
-        return optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """transformers' schedule (`lr_scheduler_type`, its warm-up and kwargs) over the run for the critic's groups;
-        the policy's groups run the same schedule over the iterations that train the policy, from the end of the
-        critic warm-up (as OpenRLHF's freezing_actor_steps skips the actor's scheduler step)."""
-        warmup = self.args.critic_warmup_steps
-        if self.lr_scheduler is not None or not warmup:
-            return super().create_scheduler(num_training_steps, optimizer)
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        policy_steps = max(num_training_steps - warmup, 1)
-        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only its schedule's multiplier is used
-        policy_schedule = get_scheduler(
-            self.args.lr_scheduler_type, optimizer=probe, num_warmup_steps=self.args.get_warmup_steps(policy_steps),
-            num_training_steps=policy_steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
-        )  # fmt: skip
-        if not hasattr(scheduler, "lr_lambdas") or not hasattr(policy_schedule, "lr_lambdas"):
-            raise ConfigError(f"critic_warmup_steps needs a schedule of step-wise multipliers; lr_scheduler_type={self.args.lr_scheduler_type} is not one")
-        multiplier = policy_schedule.lr_lambdas[0]
-
-        def policy_multiplier(step: int) -> float:  # (a plain function: the scheduler's state_dict leaves it out)
-            return multiplier(max(step - warmup, 0))
-
-        groups = self.optimizer.param_groups
-        scheduler.lr_lambdas = [f if group.get("critic") else policy_multiplier for f, group in zip(scheduler.lr_lambdas, groups)]
-        self.retarget_learning_rate()
-        return scheduler
-
-    def policy_learning_rate(self) -> float:
-        """The policy's learning rate now (its first parameter group's)."""
-        return next(group["lr"] for group in self.optimizer.param_groups if not group.get("critic"))
 
     def skip_step(self, grad_norm: torch.Tensor) -> None:
         """Count a skipped step (it changes nothing); after `max_skipped_steps` in a row the run stops at the end of
