@@ -90,6 +90,12 @@ def test_whiten_fewer_than_two_valid_entries():
     assert torch.equal(whiten(X, empty, shift_mean=False), torch.zeros_like(X))
 
 
+def test_whiten_of_equal_values_is_zero_not_nan():
+    # variance 0: the 1e-8 in the inverse standard deviation keeps (x - mean) * inv_std at 0 instead of 0 * inf
+    w = whiten(torch.full((2, 3), 0.7), torch.ones(2, 3, dtype=torch.bool))
+    assert torch.equal(w, torch.zeros(2, 3))
+
+
 # ---------------------------------------------------------------- shape_rewards
 
 

@@ -34,6 +34,10 @@ def test_masked_var():
     # unbiased 26.8 / 4 = 6.7; biased 26.8 / 5 = 5.36
     assert masked_var(X, MASK).item() == pytest.approx(6.7)
     assert masked_var(X, MASK, unbiased=False).item() == pytest.approx(5.36)
+    # two valid entries (1, 2): mean 1.5, squares 0.25 + 0.25; unbiased 0.5 / 1, biased 0.5 / 2
+    two = torch.tensor([[True, True, False, False], [False] * 4])
+    assert masked_var(X, two).item() == pytest.approx(0.5)
+    assert masked_var(X, two, unbiased=False).item() == pytest.approx(0.25)
 
 
 def test_row_without_valid_entry_is_zero():

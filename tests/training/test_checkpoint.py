@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers.trainer_utils import rotate_checkpoints
 
+from trainer_helpers import make_trainer
 from vlm_rl.errors import UserError
 from vlm_rl.training import checkpoint as ckpt
 from vlm_rl.training.output_dir import previous_run, refuse_previous_run
@@ -138,3 +139,14 @@ def test_an_earlier_run_is_named_and_refused_and_other_files_are_not_a_run(tmp_p
     assert [p.name for p in previous_run(tmp_path)] == ["checkpoint-2", "checkpoint-12", "trainer_state.json"]
     with pytest.raises(UserError, match=r"already holds a PPO run \(checkpoint-2, checkpoint-12, trainer_state.json\).*--resume_from_checkpoint latest"):
         refuse_previous_run(tmp_path)
+
+
+def test_the_final_save_replaces_the_leftover_of_an_interrupted_one(tmp_path, tiny_model_dir, synthetic_data_dir):
+    trainer = make_trainer(tmp_path, tiny_model_dir, synthetic_data_dir)
+    out = Path(trainer.args.output_dir)
+    leftover = out / ".final.staging"  # a save_final that died half-way
+    leftover.mkdir(parents=True)
+    (leftover / "stale.safetensors").write_text("half a model")
+    trainer.save_final(str(out))
+    assert not leftover.exists() and not (out / "stale.safetensors").exists()
+    assert {"config.json", "trainer_state.json"} <= {f.name for f in out.iterdir()}
