@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from vlm_rl.demo import DemoConfig, ppo_learning_rate, run_demo, task_setting
+from vlm_rl.demo import DemoConfig, run_demo, task_setting
 from vlm_rl.errors import UserError
 
 
@@ -42,8 +42,9 @@ def test_demo_trains_one_policy_per_estimator_from_the_same_sft_model(tmp_path):
     configs = {name: yaml.safe_load((out / f"ppo-{name}" / "ppo_config.yaml").read_text()) for name in ("gae-separate", "grpo")}
     assert (configs["gae-separate"]["advantage_estimator"], configs["gae-separate"]["critic"]) == ("gae", "separate")
     assert (configs["grpo"]["advantage_estimator"], configs["grpo"]["num_generations"]) == ("grpo", 4)
-    for config in configs.values():  # the same start, reward, data and budget
+    for config in configs.values():  # the same start, reward, data, budget and the demo's stabilisers
         assert config["model_name_or_path"] == str(out / "sft") and config["total_episodes"] == 32 and config["reward"] == ["exact_match"]
+        assert (config["learning_rate"], config["kl_coef"], config["target_kl"]) == (cfg.ppo_learning_rate, cfg.kl_coef, cfg.target_kl)
     assert (out / "ppo-gae-separate" / "critic" / "value_head.safetensors").exists()
     assert not (out / "ppo-grpo" / "value_head.safetensors").exists()
     timings = json.loads((out / "demo.json").read_text())["timings_s"]
@@ -56,14 +57,9 @@ def test_demo_refuses_an_unknown_variant_before_writing_anything(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
-def test_the_demo_learning_rate_is_the_familys_unless_given():
-    assert [ppo_learning_rate(DemoConfig(family=f)) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")] == [1e-3, 5e-4, 5e-4, 1e-3]
-    assert ppo_learning_rate(DemoConfig(family="qwen3_vl", ppo_learning_rate=2e-3)) == 2e-3
-
-
 def test_the_demo_steps_and_episodes_are_the_tasks_unless_given():
     tasks = ("colour", "motion", "colour,motion", "appear")
-    assert [task_setting(DemoConfig(tasks=t), "sft_steps") for t in tasks] == [700, 1500, 1500, 700]
+    assert [task_setting(DemoConfig(tasks=t), "sft_steps") for t in tasks] == [1200, 1500, 1500, 1200]
     assert [task_setting(DemoConfig(tasks=t), "ppo_episodes") for t in tasks] == [4800, 1600, 4800, 4800]
     assert task_setting(DemoConfig(tasks="motion", sft_steps=20), "sft_steps") == 20
 

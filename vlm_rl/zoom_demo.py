@@ -15,8 +15,11 @@ from pathlib import Path
 # The zoom demo's own defaults, for the fields left at DemoConfig's (which are tuned for one-word colour answers):
 # a tool call is ~70 tokens of the tiny tokenizer, which sampling at 1.0 corrupts more often than not (0.5: no
 # malformed call in 32 samples of the SFT model), and PPO at the colour demo's 1e-3 broke the SFT policy in its first
-# update (KL 48 nats per trajectory, then answers without the tool).
-ZOOM_SETTINGS = {"n": 1000, "sft_steps": 1000, "ppo_episodes": 1920, "max_new_tokens": 80, "temperature": 0.5, "ppo_learning_rate": 1e-4}
+# update (KL 48 nats per trajectory, then answers without the tool). Its KL weight is the one it was measured with
+# (README: Multi-turn), not the colour demo's 0.1.
+ZOOM_SETTINGS = {
+    "n": 1000, "sft_steps": 1000, "ppo_episodes": 1920, "max_new_tokens": 80, "temperature": 0.5, "ppo_learning_rate": 1e-4, "kl_coef": 0.02,
+}  # fmt: skip
 
 
 def zoom_settings(cfg):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from trainer_helpers import completion_length, log_history, make_trainer, parameters, record_gradients, rollout_and_old, start
 
+from vlm_rl.algorithms.losses import past_target_kl
 from vlm_rl.training import trainer as trainer_module
 
 # Every coefficient distinct from every other and from its default (cliprange 0.2 = cliprange_value 0.2, gamma 1,
@@ -150,3 +151,36 @@ def test_a_finite_loss_with_a_non_finite_gradient_skips_the_step(trainer):
     assert [float(s) for s in stats["train/skipped_steps"]] == [1.0] and trainer.skipped_in_a_row == 1
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     assert all(p.grad is None or not p.grad.any() for p in trainer.model.parameters())  # the bad gradient is gone
+
+
+def one_iteration_of_8_steps(tmp_path, model_dir, data_dir, target_kl: float) -> tuple[list[float], dict, int]:
+    """One iteration (8 prompts, 4 mini-batches of 2, 2 epochs: 8 steps at most) by hand; returns each step's
+    returned approximate KL, the iteration's statistics and the number of optimiser steps taken."""
+    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=1, num_mini_batches=4, num_ppo_epochs=2, total_episodes=8,
+                    learning_rate=3e-2, target_kl=target_kl)  # fmt: skip
+    trainer = make_trainer(tmp_path, model_dir, data_dir, reward=[completion_length], **settings)
+    start(trainer)
+    _, rollout, old = rollout_and_old(trainer, seed=5)
+    kls, real_step = [], trainer.optimiser_step
+
+    def recording_step(*args):
+        kls.append(real_step(*args))
+        return kls[-1]
+
+    trainer.optimiser_step = recording_step
+    stats = trainer.optimise(rollout, old)
+    return kls, stats, {int(s["step"]) for s in trainer.optimizer.state.values()}.pop()
+
+
+def test_target_kl_makes_the_step_that_passes_it_the_iterations_last(tmp_path, tiny_model_dir, synthetic_data_dir):
+    assert past_target_kl(0.151, 0.1) and not past_target_kl(0.149, 0.1) and not past_target_kl(1e9, None)  # 1.5 x, as TRL and SB3
+    # A target no step reaches: all 8 steps, each returning the mean of its micro-batches' approxkl.
+    kls, stats, steps = one_iteration_of_8_steps(tmp_path / "free", tiny_model_dir, synthetic_data_dir, target_kl=1e9)
+    assert steps == 8 and len(kls) == 8 and [float(s) for s in stats["train/stopped_early"]] == [0.0]
+    assert kls == pytest.approx([float(k) for k in stats["policy/approxkl_avg"]])  # one micro-batch per step here
+    # A target between two steps' KLs: the first step above 1.5 x target is the last one taken (same run until then).
+    j = next(i for i in (1, 2) if kls[i] > 1.2 * max(kls[:i]))  # within the first epoch, clearly past every step before it
+    target = (kls[j] + max(kls[:j])) / 2 / 1.5
+    stopped, stats, steps = one_iteration_of_8_steps(tmp_path / "stopped", tiny_model_dir, synthetic_data_dir, target_kl=target)
+    assert steps == j + 1 and stopped == pytest.approx(kls[: j + 1], rel=1e-4)
+    assert [float(s) for s in stats["train/stopped_early"]] == [1.0]

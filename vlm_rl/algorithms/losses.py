@@ -222,3 +222,12 @@ def value_loss(
     loss = 0.5 * aggregate(torch.maximum(unclipped, clipped), mask, loss_type, normaliser, max_completion_length)
     stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).detach()}
     return loss, stats
+
+
+EARLY_STOP_FACTOR = 1.5  # TRL's early_stopping and Stable-Baselines3's target_kl stop at 1.5 x the target
+
+
+def past_target_kl(approxkl: float | None, target_kl: float | None) -> bool:
+    """Whether a mini-batch whose approximate KL to the rollout policy was `approxkl` ends its iteration's
+    optimisation: above EARLY_STOP_FACTOR x `target_kl`; never without a target."""
+    return target_kl is not None and approxkl is not None and approxkl > EARLY_STOP_FACTOR * target_kl

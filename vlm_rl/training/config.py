@@ -118,6 +118,12 @@ class PPOConfig(DataOptions, TrainingArguments):
     num_mini_batches: int = field(default=1, metadata={"help": "Optimiser steps per PPO epoch."})
     cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip: 1 - cliprange below (and above unless epsilon_high is set); TRL's epsilon."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
+    target_kl: float | None = field(
+        default=None,
+        metadata={"help": "Early stop: once a mini-batch's approximate KL to the rollout policy (policy/approxkl_avg, measured "
+                  "in its forwards, over all ranks) exceeds 1.5 x target_kl, its step is the iteration's last (TRL's "
+                  "early_stopping, Stable-Baselines3's target_kl). None: every step runs."},
+    )
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
     kl_coef: float = field(
         default=0.05,
@@ -330,6 +336,8 @@ class PPOConfig(DataOptions, TrainingArguments):
         for name in ("temperature", "cliprange", "cliprange_value"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ConfigError(f"target_kl must be > 0 (or unset: no early stop), got {self.target_kl}")
         self.check_data_options()
         for name in ("gamma", "lam", "max_unscored_fraction"):
             if not 0 <= getattr(self, name) <= 1:

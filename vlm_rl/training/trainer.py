@@ -41,7 +41,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from reward_models.vlm_reward import learned_reward_models
 from vlm_rl.algorithms.advantages import GROUP_ESTIMATORS, compute_gae, discounted_returns, grpo_advantages, kl_penalty, rloo_advantages, shape_rewards, whiten
-from vlm_rl.algorithms.losses import LossNormaliser, high_entropy_mask, policy_loss, value_loss
+from vlm_rl.algorithms.losses import LossNormaliser, high_entropy_mask, past_target_kl, policy_loss, value_loss
 from vlm_rl.algorithms.masking import masked_mean
 from vlm_rl.atomic import atomic_file
 from vlm_rl.data.formats import PromptDataset
@@ -442,24 +442,34 @@ class PPOTrainer(RolloutMixin, OptimisersMixin, CheckpointingMixin, Trainer):
         if not self.training_shares_prompts:  # each training forward runs every row whole: planned so too
             rollout = replace(rollout, prompt_ids=None)
         self.model_wrapped.train()
+        stopped = False
         for _ in range(self.args.num_ppo_epochs):
             order = torch.randperm(len(rollout))
             for start in range(0, len(rollout), self.args.local_mini_batch_size):
-                self.optimiser_step(rollout, old, order[start : start + self.args.local_mini_batch_size], stats)
+                approxkl = self.optimiser_step(rollout, old, order[start : start + self.args.local_mini_batch_size], stats)
+                stopped = past_target_kl(approxkl, self.args.target_kl)
+                if stopped:
+                    break
+            if stopped:
+                break
+        if self.args.target_kl is not None:
+            stats["train/stopped_early"].append(torch.tensor(float(stopped), device=self.accelerator.device))
         self.model_wrapped.eval()
         return stats
 
-    def optimiser_step(self, rollout: Rollout, old: dict[str, torch.Tensor], mini: torch.Tensor, stats: dict) -> None:
+    def optimiser_step(self, rollout: Rollout, old: dict[str, torch.Tensor], mini: torch.Tensor, stats: dict) -> float | None:
         """One optimiser step on the mini-batch `mini`: its micro-batches' gradients accumulated without
         synchronising, each micro-batch's loss its share of the mini-batch's (normalised by the mini-batch's counts on
         all ranks, as the loss type says), then one all-reduce, one clip and one step (skipped when the loss or the
-        gradient norm is not finite)."""
+        gradient norm is not finite). Returns, with `target_kl` set, the mini-batch's approximate KL to the rollout
+        policy over all ranks (the mean of its micro-batches'; 0 when nothing took part in the loss), else None."""
         args, accelerator = self.args, self.accelerator
         micro_batches = self.micro_batches(rollout, mini.tolist(), args.per_device_train_batch_size)
         counts = torch.stack([old["loss_mask"][mini].sum(), (~old["unscored"][mini]).sum()]).float().to(accelerator.device)
         tokens, sequences = self.sum_over_ranks(counts)
         if tokens == 0:  # no sample of this mini-batch takes part in the loss (unscored, or masked), on any rank
-            return
+            return None if args.target_kl is None else 0.0
+        measured = len(stats["policy/approxkl_avg"])
         normaliser = LossNormaliser(tokens=tokens, sequences=sequences, local_batches=len(micro_batches) * accelerator.num_processes)
         totals = torch.zeros(2, device=accelerator.device)  # this rank's share of the mini-batch's policy and value losses
         finite = True
@@ -480,6 +490,12 @@ class PPOTrainer(RolloutMixin, OptimisersMixin, CheckpointingMixin, Trainer):
                 if name not in critic_names:
                     p.grad = None
         self.apply_step(totals, finite, stats)
+        if args.target_kl is None:
+            return None
+        kls = stats["policy/approxkl_avg"][measured:]  # this mini-batch's micro-batches on this rank
+        local = torch.stack([torch.stack(kls).float().sum(), torch.tensor(float(len(kls)))]) if kls else torch.zeros(2)
+        total, count = self.sum_over_ranks(local.to(accelerator.device)).tolist()  # every rank, whatever its data
+        return total / count if count else 0.0
 
     def micro_batch_backward(self, rollout: Rollout, old: dict, idx: list[int], normaliser: LossNormaliser, stats: dict) -> tuple[torch.Tensor, bool]:
         """One training forward and backward over the micro-batch `idx`: the policy loss of `args.policy_objective`
@@ -578,7 +594,8 @@ class PPOTrainer(RolloutMixin, OptimisersMixin, CheckpointingMixin, Trainer):
             "policy/approxkl_avg", "policy/clipfrac_avg", "policy/clipfrac_low", "policy/clipfrac_high", "policy/entropy_avg",
             "val/ratio", "loss/policy_avg", "train/grad_norm", "train/skipped_steps",
         )  # fmt: skip
-        return names + (("val/clipfrac_avg", "loss/value_avg") if self.args.uses_critic else ())
+        names += ("val/clipfrac_avg", "loss/value_avg") if self.args.uses_critic else ()
+        return names + (("train/stopped_early",) if self.args.target_kl is not None else ())
 
     @torch.no_grad()
     def evaluate_policy(self) -> dict[str, float]:
