@@ -293,3 +293,26 @@ def test_a_row_with_two_problems_lists_both(data_dir, tiny_processor):
     report = check_data(path, "ppo", processor=tiny_processor, required_columns={"answer": "exact_match"})
     assert sorted((p.line, p.field) for p in report.problems) == [(1, "answer"), (1, "image")]
     assert report.rows == 3 and report.bad_rows == 1
+
+
+def test_a_dataset_directory_is_read_at_its_train_split_unless_told(data_dir, tmp_path, capsys):
+    import datasets
+
+    rows = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["image"] = str(data_dir / row["image"])
+    folder = tmp_path / "ds"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]), "test": datasets.Dataset.from_list(rows[3:])}).save_to_disk(str(folder))
+    assert cli_main(["validate-data", str(folder), "--reward", "exact_match"]) is None
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{folder}: 3 row(s) checked for ppo: no problems"
+    assert cli_main(["validate-data", str(folder), "--split", "test", "--reward", "exact_match"]) is None
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{folder}: {len(rows) - 3} row(s) checked for ppo: no problems"
+
+
+def test_the_row_as_loaded_is_shown_in_its_own_characters(data_dir, tmp_path, capsys):
+    row = json.loads((data_dir / "test.jsonl").read_text().splitlines()[0])
+    row["image"], row["prompt"] = str(data_dir / row["image"]), "Quelle couleur a le carré ? 正方形"
+    path = tmp_path / "accents.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert cli_main(["validate-data", str(path)]) is None
+    assert "Quelle couleur a le carré ? 正方形" in capsys.readouterr().out

@@ -221,3 +221,6 @@ def test_limits_must_be_positive_numbers(capsys):
         assert f"argument {flag}: must be > 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="timeout must be a finite number > 0"):
         make_server(Fingerprint(), timeout=float("inf"))
+    from reward_models.server import _positive
+
+    assert (_positive(int)("1"), _positive(float)("0.5")) == (1, 0.5)  # the flags' smallest values are allowed
