@@ -224,3 +224,12 @@ def test_limits_must_be_positive_numbers(capsys):
     from reward_models.server import _positive
 
     assert (_positive(int)("1"), _positive(float)("0.5")) == (1, 0.5)  # the flags' smallest values are allowed
+
+
+def test_the_command_serves_the_sum_of_several_specs(monkeypatch):
+    import reward_models.server as server
+
+    served = []
+    monkeypatch.setattr(server, "serve", lambda spec, *args, **kwargs: served.append(spec))
+    server.main(["exact_match", "length:0.5", "--port", "8123"])
+    assert served == [["exact_match", "length:0.5"]]
