@@ -58,6 +58,9 @@ def test_fixed_size_micro_batches_keep_a_prompts_rows_next_to_each_other():
     assert by_count([5, 1, 6, 2], 2, lengths) == [[5, 1], [6, 2]]  # 6 and 2 share prompt 0: next to each other
     alone = RowLengths(prompt=[10] * 4, response=[1] * 4)
     assert by_count([3, 1, 0, 2], 2, alone) == [[3, 1], [0, 2]]  # no shared prompt: the given order
+    assert by_count([3, 1], 1, alone) == [[3], [1]]  # one row at a time (per_device_train_batch_size 1) is a size
+    with pytest.raises(ValueError, match="must be >= 1"):
+        by_count([3, 1], 0, alone)
 
 
 def test_a_long_tail_of_lengths_computes_far_less_padding_under_a_budget():
