@@ -28,8 +28,8 @@ def run_command(command: str, main: Callable[[list[str]], object], argv: Sequenc
     """Run `main(argv)` as `vlm-rl COMMAND`: a UserError becomes `vlm-rl COMMAND: error: MESSAGE` on stderr and
     exit status 2. `--debug` anywhere in `argv` (removed before `main` sees it) or VLM_RL_DEBUG=1 lets it
     propagate with its traceback. The hub is not asked unless HF_HUB_OFFLINE is set to 0. A distributed run's
-    process group is destroyed before the command returns or exits."""
-    from vlm_rl.process_group import end_process_group
+    process group is destroyed before the command exits; a finished rank of one exits here (`exit_finished_rank`)."""
+    from vlm_rl.process_group import end_process_group, exit_finished_rank
 
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time (set HF_HUB_OFFLINE=0 to allow it)
@@ -43,4 +43,6 @@ def run_command(command: str, main: Callable[[list[str]], object], argv: Sequenc
         print(f"vlm-rl {command}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        end_process_group(wait=finished)
+        distributed = end_process_group(wait=finished)
+    if distributed:  # finished on every rank (a failure raised above)
+        exit_finished_rank()

@@ -4,8 +4,9 @@ and recipes too), then each rank records what it saw (its first prompts, each ro
 unscored), what it ended with (a checksum of every weight of the policy and critic, gathered whole on the rank under
 ZeRO-3 and FSDP2), and the samples, scores, advantages and mask of one more rollout (to check that advantages are
 whitened over the global batch, not per rank, and what dynamic sampling kept) in rank{r}.json; and, once the command
-has returned, how the process is left (process group, threads, signal handlers) in rank{r}_exit.json."""
+has returned, at exit, how the process is left (process group, threads, signal handlers) in rank{r}_exit.json."""
 
+import atexit
 import json
 import os
 import runpy
@@ -97,9 +98,14 @@ def main(argv: list[str]) -> None:
     }))  # fmt: skip
 
 
+def record_exit() -> None:
+    """How the process is left once the command has returned (run at exit: a finished rank exits in run_command)."""
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    (Path(RUN["output_dir"]) / f"rank{RUN['rank']}_exit.json").write_text(json.dumps({
+        "process_group": dist.is_initialized(), "threads": threads,
+        "handlers": [signal.getsignal(s) == signal.SIG_DFL or signal.getsignal(s) == signal.default_int_handler for s in (signal.SIGTERM, signal.SIGINT)],
+    }))  # fmt: skip
+
+
+atexit.register(record_exit)
 run_command("ppo", main, sys.argv[1:])
-threads = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-(Path(RUN["output_dir"]) / f"rank{RUN['rank']}_exit.json").write_text(json.dumps({
-    "process_group": dist.is_initialized(), "threads": threads,
-    "handlers": [signal.getsignal(s) == signal.SIG_DFL or signal.getsignal(s) == signal.default_int_handler for s in (signal.SIGTERM, signal.SIGINT)],
-}))  # fmt: skip
