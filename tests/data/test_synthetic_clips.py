@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from vlm_rl.data.synthetic import COLOURS, RGB, make_synthetic_data
+from vlm_rl.data.shape_words import COLOURS, RGB
+from vlm_rl.data.synthetic import make_synthetic_data
 from vlm_rl.data.synthetic_clips import BACKGROUND, DIRECTIONS, FRAMES, SIZE, Clip, draw_clip, random_clip
 
 

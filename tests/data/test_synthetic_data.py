@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_rl.data.synthetic import COLOURS, COUNT_WORDS, IMAGE_TASKS, POSITIONS, RGB, SHAPES, make_synthetic_data
+from vlm_rl.data.shape_words import COLOURS, COUNT_WORDS, POSITIONS, RGB, SHAPES
+from vlm_rl.data.synthetic import IMAGE_TASKS, make_synthetic_data
 
 BACKGROUND = (250, 250, 250)
 FILES = ["train.jsonl", "test.jsonl", "preferences.jsonl", "preferences_test.jsonl"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from vlm_rl.atomic import atomic_dir
-from vlm_rl.data.shape_words import COLOURS, COUNT_WORDS, POSITIONS, RGB, SHAPES
+from vlm_rl.data.shape_words import COLOURS, COUNT_WORDS, POSITIONS, SHAPES, draw_shape
 
 IMAGE_TASKS = ["colour", "shape", "count", "position"]
 VIDEO_TASKS = ["motion", "appear"]  # vlm_rl.data.synthetic_clips.CLIP_TASKS
@@ -83,14 +83,7 @@ def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
     for cx, cy in centres:
         cx += rng.randint(-1, 1)
         cy += rng.randint(-1, 1)
-        box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-        fill = RGB[scene.colour]
-        if scene.shape == "square":
-            draw.rectangle(box, fill=fill)
-        elif scene.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        else:
-            draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+        draw_shape(draw, scene.shape, scene.colour, cx, cy, side)
     return image
 
 

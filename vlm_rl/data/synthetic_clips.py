@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlm_rl.data.shape_words import COLOURS, POSITIONS, RGB, SHAPES
+from vlm_rl.data.shape_words import COLOURS, POSITIONS, SHAPES, draw_shape
 
 CLIP_TASKS = ["motion", "appear"]
 DIRECTIONS = POSITIONS  # left, right, top, bottom: the side a moving shape moves to
@@ -74,17 +74,6 @@ def random_clip(task: str, rng: random.Random) -> Clip:
     raise ValueError(f"unknown clip task {task!r}; choose from {CLIP_TASKS}")
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float) -> None:
-    box = (cx - SIDE / 2, cy - SIDE / 2, cx + SIDE / 2, cy + SIDE / 2)
-    fill = RGB[colour]
-    if shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "circle":
-        draw.ellipse(box, fill=fill)
-    else:
-        draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
-
-
 def draw_clip(clip: Clip) -> list[Image.Image]:
     """The clip's `FRAMES` frames, `SIZE` x `SIZE` RGB."""
     frames = []
@@ -95,11 +84,11 @@ def draw_clip(clip: Clip) -> list[Image.Image]:
             dx, dy = _MOVES[clip.direction]
             cx = SIZE / 2 + clip.jitter[0] + dx * STEP * t
             cy = SIZE / 2 + clip.jitter[1] + dy * STEP * t
-            _draw_shape(draw, clip.shapes[0], clip.colours[0], cx, cy)
+            draw_shape(draw, clip.shapes[0], clip.colours[0], cx, cy, SIDE)
         else:
             for colour, shape, place, start in zip(clip.colours, clip.shapes, clip.places, clip.starts):
                 if t >= start:
-                    _draw_shape(draw, shape, colour, *_QUARTERS[place])
+                    draw_shape(draw, shape, colour, *_QUARTERS[place], SIDE)
         frames.append(image)
     return frames
 

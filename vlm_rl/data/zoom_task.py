@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from vlm_rl.atomic import atomic_dir
-from vlm_rl.data.synthetic import COLOURS, RGB, SHAPES
+from vlm_rl.data.shape_words import COLOURS, SHAPES, draw_shape
 
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 SIZE = 224
@@ -36,16 +36,6 @@ def corner_box(width: int, height: int, corner: str) -> tuple[int, int, int, int
     return left, top, left + w, top + h
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], colour: str) -> None:
-    fill = RGB[colour]
-    if shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "circle":
-        draw.ellipse(box, fill=fill)
-    else:
-        draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
-
-
 def draw_zoom_scene(rng: random.Random) -> tuple[Image.Image, dict[str, str], str]:
     """(the picture, each corner's colour, the middle shape's colour)."""
     image = Image.new("RGB", (SIZE, SIZE), (235, 235, 235))
@@ -54,13 +44,13 @@ def draw_zoom_scene(rng: random.Random) -> tuple[Image.Image, dict[str, str], st
     middle, corners = colours[0], dict(zip(CORNERS, colours[1:]))
     side = rng.randint(80, 100)
     c = SIZE / 2
-    _draw(draw, rng.choice(SHAPES), (c - side / 2, c - side / 2, c + side / 2, c + side / 2), middle)
+    draw_shape(draw, rng.choice(SHAPES), middle, c, c, side)
     for corner, colour in corners.items():
         left, top, right, bottom = corner_box(SIZE, SIZE, corner)
         side = rng.randint(34, 42)
         x = (left + right) / 2 + rng.randint(-3, 3)
         y = (top + bottom) / 2 + rng.randint(-3, 3)
-        _draw(draw, rng.choice(SHAPES), (x - side / 2, y - side / 2, x + side / 2, y + side / 2), colour)
+        draw_shape(draw, rng.choice(SHAPES), colour, x, y, side)
     return image, corners, middle
 
 
