@@ -43,7 +43,6 @@ import importlib
 import inspect
 import os
 import re
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,6 +58,7 @@ from reward_models.base import (
     registered_names,
     registered_reward,
 )
+from vlm_rl.user_code import import_attribute
 
 
 def available_rewards() -> list[str]:
@@ -172,18 +172,12 @@ def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], what: str
 
 
 def _load_module_attr(module: str, attr: str, args: str | None, spec: str) -> Reward:
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:  # a console script's sys.path lacks the current directory
-        sys.path.append(cwd)
     try:
-        obj: Any = importlib.import_module(module)
+        obj = import_attribute(module, attr)
     except ImportError as e:
         raise RewardSpecError(f"reward spec {spec!r}: cannot import module {module!r}: {e}") from e
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as e:
-            raise RewardSpecError(f"reward spec {spec!r}: module {module!r} has no attribute {attr!r}") from e
+    except AttributeError as e:
+        raise RewardSpecError(f"reward spec {spec!r}: module {module!r} has no attribute {attr!r}") from e
     if args is not None:
         obj = _call_factory(obj, parse_args(args), f"{module}:{attr}")
     elif inspect.isclass(obj):

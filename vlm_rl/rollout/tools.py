@@ -9,10 +9,7 @@ resolution (the zoom task's tool: vlm_rl/data/zoom_task.py).
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +18,7 @@ from transformers.utils import get_json_schema
 
 from vlm_rl.data.zoom_task import CORNERS, corner_box
 from vlm_rl.errors import ConfigError
+from vlm_rl.user_code import import_attribute
 
 CONTEXT_PARAMETERS = ("images",)  # filled by the environment from the sample, left out of the schema
 
@@ -84,18 +82,12 @@ def load_tools(spec: str) -> list[Callable]:
 def load_object(spec: str, field: str) -> Any:
     """The object `module:attribute` names (the current directory importable, as for rewards)."""
     module, _, attr = spec.partition(":")
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:  # a console script's sys.path lacks the current directory
-        sys.path.append(cwd)
     try:
-        obj: Any = importlib.import_module(module)
+        return import_attribute(module, attr)
     except ImportError as e:
         raise ConfigError(f"{field}: cannot import module {module!r} of {spec!r}: {e}") from e
-    for name in attr.split("."):
-        if not hasattr(obj, name):
-            raise ConfigError(f"{field}: module {module!r} has no attribute {attr!r}")
-        obj = getattr(obj, name)
-    return obj
+    except AttributeError as e:
+        raise ConfigError(f"{field}: module {module!r} has no attribute {attr!r}") from e
 
 
 def call_tool(tool: Callable, arguments: dict, images: list) -> list[dict]:
